@@ -1,0 +1,47 @@
+"""KV cache events in vLLM's wire layout, so stock vLLM/SGLang workers and Turbine's agree.
+
+On the wire (ZMQ PUB): frames ``[topic, seq (8-byte big-endian), msgpack(KVEventBatch)]``.
+Engines queue these events; the worker drains them, batches them and numbers the batches.
+``block_hashes`` are sequence (chained) hashes; the router recomputes local hashes from
+``token_ids``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base class of the three KV events."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[int]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(EventBatch):
+    events: list[KVEvent]  # type: ignore[assignment]

@@ -1,0 +1,1 @@
+"""KV-aware routing: block hashing, the prefix indexer, load tracking and selection policies."""
