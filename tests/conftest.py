@@ -1,0 +1,90 @@
+"""Shared fixtures: a generated tiny model, and Turbine servers running on a background loop."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from turbine.model_maker.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-test", preset="tiny")
+
+
+class ServerThread:
+    """An all-in-one Turbine deployment on its own event loop thread, for sync test clients."""
+
+    def __init__(self, model_dir: Path, *, workers: int = 2, speedup: float = 50.0, **mocker_kw: object):
+        self.model_dir = model_dir
+        self.workers = workers
+        self.speedup = speedup
+        self.mocker_kw = mocker_kw
+        self.max_inflight = int(mocker_kw.pop("max_inflight", 0))  # type: ignore[call-overload]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.dep = None
+
+    def __enter__(self) -> ServerThread:
+        from turbine.launch import WorkerOptions, start_all_in_one
+        from turbine.mocker.engine import MockerConfig
+
+        self.thread.start()
+        opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
+                             mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
+        fut = asyncio.run_coroutine_threadsafe(
+            start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight),
+            self.loop)
+        self.dep = fut.result(timeout=60)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.dep is not None and self.dep.frontend is not None
+        return self.dep.frontend.url
+
+    def call(self, fn):  # type: ignore[no-untyped-def]
+        """Run a plain function on the server's loop thread (to read state safely)."""
+        async def run():  # type: ignore[no-untyped-def]
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dep is not None:
+            asyncio.run_coroutine_threadsafe(self.dep.stop(), self.loop).result(timeout=30)
+        pending = asyncio.run_coroutine_threadsafe(_pending_tasks(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+        assert not pending, f"tasks left running after shutdown: {pending}"
+
+
+async def _pending_tasks() -> list[str]:
+    await asyncio.sleep(0.05)
+    me = asyncio.current_task()
+    return [repr(t.get_coro()) for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[ServerThread]:
+    with ServerThread(model_dir, workers=2, speedup=50.0) as s:
+        yield s
+
+
+def metric_values(text: str, name: str) -> list[float]:
+    """All sample values of one Prometheus series family in /metrics text."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> type[ServerThread]:
+    """Start a differently configured server: ``with server_factory(model_dir, workers=1) as s``."""
+    return ServerThread

@@ -1,0 +1,92 @@
+"""`turbine frontend` + two `turbine worker` processes on file discovery; one is SIGKILLed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def wait_workers(url: str, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if len(health(url).get("models", {}).get("tiny", [])) == n:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} workers within {timeout} s, health={health(url)}")
+
+
+@pytest.fixture
+def procs():  # type: ignore[no-untyped-def]
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in started:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def spawn(procs: list, *args: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "turbine", "--log-level", "WARNING", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    procs.append(p)
+    return p
+
+
+def test_sigkilled_worker_leaves_and_survivor_serves(tmp_path: Path, model_dir: Path, procs) -> None:  # type: ignore[no-untyped-def]
+    disc = tmp_path / "discovery"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spawn(procs, "frontend", "--discovery-dir", str(disc), "--port", str(port))
+    workers = [spawn(procs, "worker", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny",
+                     "--discovery-dir", str(disc), "--speedup-ratio", "20") for _ in range(2)]
+    wait_workers(url, 2, timeout=60)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=10)
+    for _ in range(4):  # round-robin: both workers serve
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens == 4
+
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].wait()
+    t_kill = time.monotonic()
+    ok = 0
+    while time.monotonic() - t_kill < 5.0:
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}], max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        ok += 1
+        if len(health(url).get("models", {}).get("tiny", [])) == 1:
+            break
+    assert ok >= 1
+    assert len(health(url)["models"]["tiny"]) == 1, "the killed worker must leave discovery within 5 s"
+
+    # A new worker is used as soon as it registers.
+    spawn(procs, "worker", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny",
+          "--discovery-dir", str(disc), "--speedup-ratio", "20")
+    wait_workers(url, 2, timeout=60)

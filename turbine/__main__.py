@@ -1,0 +1,3 @@
+from turbine.cli import main
+
+main()

@@ -1,0 +1,157 @@
+"""The ``turbine`` command: serve, frontend, worker, make-model, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from turbine.router.policies import POLICIES
+
+
+def _add_mocker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mocker engine")
+    g.add_argument("--speedup-ratio", type=float, default=1.0,
+                   help="divide simulated step times by this (1000 = near-zero GPU time)")
+    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
+    g.add_argument("--num-gpu-blocks", type=int, default=16384, help="KV blocks per worker")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="max tokens per step")
+    g.add_argument("--context-length", type=int, default=None,
+                   help="max prompt+output tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--profile", default=None, help="measured step-time profile (JSON) instead of the default model")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--engine", default="mock", choices=["mock"], help="inference engine (mock = simulated)")
+    p.add_argument("--model", type=Path, required=required, default=None,
+                   help="HF-format model directory (tokenizer.json, config.json)"
+                   + ("" if required else "; default: a tiny generated model"))
+    p.add_argument("--model-name", default=None, help="served model name (default: the directory name)")
+    _add_mocker_args(p)
+
+
+def _add_frontend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--router", default="round-robin", choices=POLICIES, help="routing policy")
+    p.add_argument("--max-inflight", type=int, default=0,
+                   help="answer 429 beyond this many concurrent requests (0 = no limit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbine", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="frontend + router + workers in one process (embedded discovery)")
+    _add_model_args(p, required=False)
+    _add_frontend_args(p)
+    p.add_argument("--workers", type=int, default=1, help="number of workers")
+
+    p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
+    _add_frontend_args(p)
+    p.add_argument("--discovery-dir", type=Path, required=True, help="file-discovery directory shared with workers")
+    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT, to run several frontends on one port")
+
+    p = sub.add_parser("worker", help="serve a model as worker(s) registered in discovery")
+    _add_model_args(p, required=True)
+    p.add_argument("--discovery-dir", type=Path, required=True)
+    p.add_argument("--num-workers", type=int, default=1, help="simulated workers in this process (mock engine)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the request and event planes")
+
+    p = sub.add_parser("make-model", help="write an HF-format model directory (tokenizer trained locally)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("bench", help="drive an OpenAI-compatible endpoint and report latencies")
+    from turbine.bench.loadgen import add_loadgen_args
+
+    add_loadgen_args(p)
+    return parser
+
+
+def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from turbine.launch import WorkerOptions, default_model_dir
+    from turbine.mocker.engine import MockerConfig
+
+    model_dir = args.model if args.model is not None else default_model_dir()
+    if not model_dir.is_dir():
+        raise SystemExit(f"turbine: model directory {model_dir} does not exist")
+    for name, v in (("--workers", getattr(args, "workers", 1)), ("--num-workers", getattr(args, "num_workers", 1)),
+                    ("--block-size", args.block_size), ("--num-gpu-blocks", args.num_gpu_blocks),
+                    ("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if v < 1:
+            raise SystemExit(f"turbine: {name} must be at least 1")
+    if args.speedup_ratio <= 0:
+        raise SystemExit("turbine: --speedup-ratio must be positive")
+    kw = dict(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, speedup_ratio=args.speedup_ratio,
+              profile=args.profile)
+    if args.context_length:
+        kw["context_length"] = args.context_length
+    return WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine,
+                         mocker=MockerConfig(**kw), host=getattr(args, "host", "127.0.0.1"))
+
+
+async def _run(args: argparse.Namespace) -> None:
+    from turbine import launch
+
+    if args.cmd == "serve":
+        dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers, host=args.host,
+                                            port=args.port, router=args.router, max_inflight=args.max_inflight)
+        assert dep.frontend is not None
+        names = ", ".join(m.name for m in dep.frontend.registry.served())
+        print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
+    elif args.cmd == "frontend":
+        dep = await launch.start_frontend(discovery_dir=args.discovery_dir, host=args.host, port=args.port,
+                                          router=args.router, max_inflight=args.max_inflight,
+                                          reuse_port=args.reuse_port)
+        assert dep.frontend is not None
+        print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
+    else:
+        dep = await launch.start_worker_process(_worker_options(args), discovery_dir=args.discovery_dir,
+                                                num_workers=args.num_workers)
+        print(f"Turbine worker(s) {', '.join(w.worker_id for w in dep.workers)} ready", flush=True)
+    try:
+        await launch.wait_for_signal()
+    finally:
+        await dep.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "make-model":
+        from turbine.model_maker.make_model import make_model
+
+        try:
+            path = make_model(args.dir, preset=args.preset, overwrite=args.overwrite)
+        except (ValueError, FileExistsError) as e:
+            raise SystemExit(f"turbine make-model: {e}") from None
+        print(f"wrote {path}")
+        return
+    if args.cmd == "bench":
+        from turbine.bench.loadgen import main_from_args
+
+        main_from_args(args)
+        return
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_run(args))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        raise SystemExit(f"turbine: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP frontend: validation, preprocessing, streaming, metrics."""

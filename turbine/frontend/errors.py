@@ -1,0 +1,47 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+from __future__ import annotations
+
+import msgspec
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class _ErrorInfo(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: int | str | None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorInfo
+
+
+def error_body(status: int, message: str, param: str | None = None, code: int | str | None = None) -> bytes:
+    info = _ErrorInfo(message, _TYPES.get(status, "invalid_request_error"), param,
+                      code if code is not None else status)
+    return msgspec.json.encode(_ErrorBody(info))
+
+
+class ApiError(Exception):
+    """Raised anywhere in request handling; turned into an OpenAI error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: int | str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> bytes:
+        return error_body(self.status, self.message, self.param, self.code)

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the frontend and, relayed from their load events, of its workers.
+
+Each frontend owns its own registry (tests run several in one process). Labelled children are
+resolved once per model so the per-token path is a bare ``observe``.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from turbine.protocols.load import WorkerLoad
+
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ModelMetrics:
+    """The children of every per-model series, resolved once."""
+
+    __slots__ = ("inflight", "ttft", "itl", "e2e", "prompt_tokens", "output_tokens", "cached_tokens")
+
+    def __init__(self, m: FrontendMetrics, model: str):
+        self.inflight = m.inflight.labels(model)
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.e2e = m.e2e.labels(model)
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.output_tokens = m.output_tokens.labels(model)
+        self.cached_tokens = m.cached_tokens.labels(model)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("turbine_frontend_requests", "HTTP requests served",
+                                ["model", "endpoint", "status"], registry=r)
+        self.inflight = Gauge("turbine_frontend_inflight_requests", "Requests being served", ["model"], registry=r)
+        self.ttft = Histogram("turbine_frontend_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("turbine_frontend_inter_token_latency_seconds", "Time between streamed tokens",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("turbine_frontend_request_duration_seconds", "End-to-end request latency",
+                             ["model"], buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("turbine_frontend_prompt_tokens", "Prompt tokens", ["model"], registry=r)
+        self.output_tokens = Counter("turbine_frontend_output_tokens", "Generated tokens", ["model"], registry=r)
+        self.cached_tokens = Counter("turbine_frontend_cached_tokens", "Prompt tokens served from prefix cache",
+                                     ["model"], registry=r)
+        self.kv_active = Gauge("turbine_worker_kv_active_blocks", "KV blocks referenced by running requests",
+                               ["model", "worker"], registry=r)
+        self.kv_total = Gauge("turbine_worker_kv_total_blocks", "KV blocks of the worker", ["model", "worker"], registry=r)
+        self.running = Gauge("turbine_worker_requests_running", "Requests running on the worker",
+                             ["model", "worker"], registry=r)
+        self.waiting = Gauge("turbine_worker_requests_waiting", "Requests queued on the worker",
+                             ["model", "worker"], registry=r)
+        self.workers = Gauge("turbine_frontend_workers", "Workers serving the model", ["model"], registry=r)
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        mm = self._models.get(name)
+        if mm is None:
+            mm = self._models[name] = ModelMetrics(self, name)
+        return mm
+
+    def count(self, model: str, endpoint: str, status: int) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
+
+    def worker_load(self, load: WorkerLoad) -> None:
+        key = (load.model_name, load.worker_id)
+        self.kv_active.labels(*key).set(load.kv_active_blocks)
+        self.kv_total.labels(*key).set(load.kv_total_blocks)
+        self.running.labels(*key).set(load.num_running)
+        self.waiting.labels(*key).set(load.num_waiting)
+
+    def worker_gone(self, model: str, worker_id: str) -> None:
+        for g in (self.kv_active, self.kv_total, self.running, self.waiting):
+            try:
+                g.remove(model, worker_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,161 @@
+"""Which models are served and by which workers, as discovery reports it.
+
+The frontend never configures models by hand: a worker registers a model card, the registry
+loads that model's tokenizer once (off the event loop) and subscribes to the worker's events.
+A worker that leaves discovery, or whose connection just broke, stops receiving requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from turbine.frontend.errors import ApiError
+from turbine.frontend.metrics import FrontendMetrics
+from turbine.frontend.tokenizer import TurbineTokenizer
+from turbine.protocols.load import WorkerLoad
+from turbine.protocols.model_card import ModelCard
+from turbine.runtime.discovery import Discovery, Instance
+from turbine.runtime.events import EventSubscriber
+
+log = logging.getLogger("turbine.frontend")
+
+SUSPECT_S = 5.0  # how long a worker whose stream broke is skipped unless discovery re-adds it
+
+
+@dataclass
+class ServedModel:
+    name: str
+    card: ModelCard
+    tokenizer: TurbineTokenizer | None = None
+    workers: dict[str, Instance] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class ModelRegistry:
+    def __init__(self, discovery: Discovery, metrics: FrontendMetrics,
+                 subscriber: EventSubscriber | None = None,
+                 on_worker_removed: Callable[[str], None] | None = None):
+        self.discovery = discovery
+        self.metrics = metrics
+        self.subscriber = subscriber
+        self.models: dict[str, ServedModel] = {}
+        self._suspect: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tokenizer_loads: dict[str, asyncio.Task[None]] = {}
+        self._on_worker_removed = on_worker_removed
+        self._load_decoder = msgspec.msgpack.Decoder(WorkerLoad)
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._spawn(self._watch_discovery())
+        if self.subscriber is not None:
+            self._spawn(self._watch_events())
+
+    async def close(self) -> None:
+        for t in list(self._tasks) + list(self._tokenizer_loads.values()):
+            t.cancel()
+        for t in list(self._tasks) + list(self._tokenizer_loads.values()):
+            with contextlib.suppress(BaseException):
+                await t
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # --- discovery ------------------------------------------------------------------------
+    async def _watch_discovery(self) -> None:
+        async for ev in self.discovery.watch():
+            inst = ev.instance
+            if inst.component != "worker" or inst.endpoint != "generate" or inst.model_card is None:
+                continue
+            if ev.kind == "added":
+                self._add(inst)
+            else:
+                self._remove(inst)
+
+    def _add(self, inst: Instance) -> None:
+        card = inst.model_card
+        assert card is not None
+        m = self.models.get(card.model_name)
+        if m is None:
+            m = self.models[card.model_name] = ServedModel(card.model_name, card)
+        elif card.block_size != m.card.block_size:
+            log.warning("worker %s serves %s with block size %d, others use %d: prefix routing across them "
+                        "will not match", inst.instance_id, card.model_name, card.block_size, m.card.block_size)
+        m.workers[inst.instance_id] = inst
+        self._suspect.pop(inst.instance_id, None)
+        self.metrics.workers.labels(m.name).set(len(m.workers))
+        if inst.event_address and self.subscriber is not None:
+            self.subscriber.connect(inst.event_address)
+        if m.tokenizer is None and m.name not in self._tokenizer_loads:
+            self._tokenizer_loads[m.name] = asyncio.get_running_loop().create_task(self._load_tokenizer(m))
+        log.info("worker %s joined model %s at %s", inst.instance_id, m.name, inst.address)
+
+    def _remove(self, inst: Instance) -> None:
+        card = inst.model_card
+        assert card is not None
+        m = self.models.get(card.model_name)
+        if m is None or m.workers.pop(inst.instance_id, None) is None:
+            return
+        self.metrics.workers.labels(m.name).set(len(m.workers))
+        self.metrics.worker_gone(m.name, inst.instance_id)
+        if inst.event_address and self.subscriber is not None:
+            self.subscriber.disconnect(inst.event_address)
+        if self._on_worker_removed is not None:
+            self._on_worker_removed(inst.instance_id)
+        log.info("worker %s left model %s", inst.instance_id, m.name)
+
+    async def _load_tokenizer(self, m: ServedModel) -> None:
+        try:
+            m.tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, m.card.tokenizer_source)
+            self.ready.set()
+        except Exception:
+            log.exception("cannot load the tokenizer of %s from %s", m.name, m.card.tokenizer_source)
+        finally:
+            self._tokenizer_loads.pop(m.name, None)
+
+    # --- events ----------------------------------------------------------------------------
+    async def _watch_events(self) -> None:
+        assert self.subscriber is not None
+        async for ev in self.subscriber:
+            if ev.topic == "load":
+                try:
+                    load = self._load_decoder.decode(ev.payload)
+                except msgspec.DecodeError:
+                    log.warning("undecodable load event from %s", ev.address)
+                    continue
+                m = self.models.get(load.model_name)
+                if m is not None and load.worker_id in m.workers:
+                    self.metrics.worker_load(load)
+
+    # --- lookups -----------------------------------------------------------------------------
+    def get(self, name: str) -> ServedModel:
+        m = self.models.get(name)
+        if m is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ApiError(404, f"The model `{name}` does not exist. Models served: {known}.",
+                           param="model", code="model_not_found")
+        return m
+
+    def candidates(self, m: ServedModel) -> list[str]:
+        """Workers that may take a request now; raises 503 when there are none."""
+        if m.tokenizer is None:
+            raise ApiError(503, f"model `{m.name}` is still loading its tokenizer; retry shortly")
+        now = time.monotonic()
+        ids = [w for w in m.workers if self._suspect.get(w, 0.0) <= now]
+        if not ids:
+            raise ApiError(503, f"no worker is serving model `{m.name}` right now")
+        return ids
+
+    def mark_suspect(self, worker_id: str) -> None:
+        self._suspect[worker_id] = time.monotonic() + SUSPECT_S
+
+    def served(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.workers]

@@ -1,0 +1,203 @@
+"""OpenAI request schemas (msgspec does parsing and type checks) and their semantic validation.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; fields whose feature Turbine does
+not implement are rejected with a 400 when set to a non-default value, never silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from turbine.frontend.errors import ApiError
+
+MAX_N = 128
+MAX_STOP = 16
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingFields(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    seed: int | None = None
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: NonNegInt = 0
+    stop_token_ids: list[NonNegInt] | None = None
+    user: str | None = None
+    # Accepted only at their no-op values (see validate_common).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    best_of: int | None = None
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+
+
+def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    if not body:
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.rsplit("at `$.", 1)[1].rstrip("`").split("[")[0] if "at `$." in msg else None
+        raise ApiError(400, f"invalid request: {msg}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP:
+        raise ApiError(400, f"at most {MAX_STOP} stop sequences are allowed", param="stop")
+    if any(not s for s in stops):
+        raise ApiError(400, "stop sequences must be non-empty strings", param="stop")
+    return stops
+
+
+def validate_common(req: _SamplingFields) -> None:
+    if req.presence_penalty or req.frequency_penalty:
+        raise ApiError(400, "presence_penalty and frequency_penalty are not supported yet", param="presence_penalty")
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias is not supported yet", param="logit_bias")
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported yet", param="logprobs")
+    if req.best_of not in (None, 1):
+        raise ApiError(400, "best_of is not supported; use n", param="best_of")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def validate_chat(req: ChatCompletionRequest) -> None:
+    validate_common(req)
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; set one", param="max_completion_tokens")
+    if req.tools or (req.tool_choice not in (None, "none")):
+        raise ApiError(400, "tool calling is not supported yet", param="tools")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
+    if req.top_logprobs:
+        raise ApiError(400, "logprobs are not supported yet", param="top_logprobs")
+    for i, m in enumerate(req.messages):
+        if m.role not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, f"messages[{i}].role must be system, user, assistant, tool or developer", param="messages")
+        if isinstance(m.content, list):
+            for part in m.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+
+
+def validate_completion(req: CompletionRequest) -> None:
+    validate_common(req)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    p = req.prompt
+    if isinstance(p, list):
+        if not p:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        if isinstance(p[0], list) and any(not x for x in p):
+            raise ApiError(400, "prompt token lists must not be empty", param="prompt")
+        if isinstance(p[0], int) and any(t < 0 for t in p):
+            raise ApiError(400, "prompt token ids must be non-negative", param="prompt")
+    elif p == "":
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+
+
+# --- responses ---------------------------------------------------------------------------
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ChatResponseMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class Completion(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelInfo(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[ModelInfo]

@@ -1,0 +1,161 @@
+"""Assemble the deployment shapes from parts: all-in-one ``serve``, ``frontend``, ``worker``.
+
+Keeping assembly here (not in the CLI) lets tests start the same shapes in-process.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from turbine.frontend.service import Frontend
+from turbine.frontend.tokenizer import TurbineTokenizer
+from turbine.mocker.engine import MockEngine, MockerConfig
+from turbine.protocols.model_card import ModelCard
+from turbine.runtime.discovery import Discovery, MemoryDiscovery, MemoryStore, make_discovery
+from turbine.runtime.events import (
+    EventPublisher,
+    EventSubscriber,
+    InProcEventBus,
+    ZmqEventPublisher,
+    ZmqEventSubscriber,
+)
+from turbine.runtime.inproc import InProcClient, InProcServer
+from turbine.runtime.tcp import TcpClient, TcpServer
+from turbine.worker.worker import Worker
+
+log = logging.getLogger("turbine")
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("TURBINE_HOME", Path.home() / ".cache" / "turbine")) / "models" / "tiny"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a tiny HF-format directory generated locally on first use."""
+    if not (DEFAULT_MODEL_DIR / "tokenizer.json").exists():
+        from turbine.model_maker.make_model import make_model
+
+        log.info("generating the default tiny model in %s (first run only)", DEFAULT_MODEL_DIR)
+        make_model(DEFAULT_MODEL_DIR, preset="tiny", overwrite=True)
+    return DEFAULT_MODEL_DIR
+
+
+@dataclass
+class WorkerOptions:
+    model_dir: Path
+    model_name: str | None = None
+    engine: str = "mock"
+    mocker: MockerConfig = field(default_factory=MockerConfig)
+    host: str = "127.0.0.1"
+
+
+def model_context_length(model_dir: Path, fallback: int) -> int:
+    cfg = model_dir / "config.json"
+    if cfg.exists():
+        with contextlib.suppress(ValueError, OSError):
+            return int(json.loads(cfg.read_text()).get("max_position_embeddings") or fallback)
+    return fallback
+
+
+def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[MockEngine, ModelCard]:
+    if opts.engine != "mock":
+        raise SystemExit(f"turbine: engine {opts.engine!r} is not available; this build has: mock")
+    if not (opts.model_dir / "tokenizer.json").exists():
+        raise SystemExit(f"turbine: {opts.model_dir} has no tokenizer.json (make one: turbine make-model DIR)")
+    cfg = opts.mocker
+    ctx = min(cfg.context_length, model_context_length(opts.model_dir, cfg.context_length))
+    engine = MockEngine(cfg, vocab_size=tokenizer.vocab_size,
+                        special_token_ids=tuple(sorted(tokenizer.special_token_ids)),
+                        eos_token_ids=tuple(tokenizer.eos_token_ids))
+    card = ModelCard(model_name=opts.model_name or opts.model_dir.name, tokenizer_source=str(opts.model_dir),
+                     block_size=cfg.block_size, total_kv_blocks=cfg.num_gpu_blocks, max_num_seqs=cfg.max_num_seqs,
+                     context_length=ctx, engine="mock")
+    return engine, card
+
+
+async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, inproc: bool,
+                        bus: InProcEventBus | None = None) -> list[Worker]:
+    tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, opts.model_dir)
+    workers = []
+    for _ in range(n):
+        engine, card = build_engine(opts, tokenizer)
+        if inproc:
+            assert bus is not None
+            server, publisher = InProcServer(), bus.publisher()
+        else:
+            server, publisher = TcpServer(host=opts.host), ZmqEventPublisher(host=opts.host)
+        w = Worker(engine, card, discovery=discovery, server=server, publisher=publisher)
+        await w.start()
+        workers.append(w)
+    return workers
+
+
+async def wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+@dataclass
+class Deployment:
+    """Everything one process runs; ``stop`` tears it down in the reverse order."""
+
+    frontend: Frontend | None = None
+    workers: list[Worker] = field(default_factory=list)
+    discovery: Discovery | None = None
+
+    async def stop(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                await w.stop()
+        if self.frontend is not None:
+            await self.frontend.stop()
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await self.discovery.close()
+
+
+async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port: int,
+                           router: str = "round-robin", max_inflight: int = 0) -> Deployment:
+    """Frontend, router and ``workers`` workers in this process, on embedded discovery."""
+    store = MemoryStore()
+    bus = InProcEventBus()
+    dep = Deployment(discovery=MemoryDiscovery(store))
+    subscriber = bus.subscriber()
+    dep.frontend = Frontend(discovery=MemoryDiscovery(store), client=InProcClient(), subscriber=subscriber,
+                            host=host, port=port, router_policy=router, max_inflight=max_inflight)
+    await dep.frontend.start()
+    dep.workers = await start_workers(opts, workers, dep.discovery, inproc=True, bus=bus)
+    await dep.frontend.registry.ready.wait()
+    return dep
+
+
+async def start_frontend(*, discovery_dir: Path, host: str, port: int, router: str = "round-robin",
+                         max_inflight: int = 0, reuse_port: bool = False) -> Deployment:
+    discovery = make_discovery("file", discovery_dir)
+    fe = Frontend(discovery=discovery, client=TcpClient(), subscriber=ZmqEventSubscriber(),
+                  host=host, port=port, router_policy=router, max_inflight=max_inflight, reuse_port=reuse_port)
+    await fe.start()
+    return Deployment(frontend=fe, discovery=discovery)
+
+
+async def start_worker_process(opts: WorkerOptions, *, discovery_dir: Path, num_workers: int = 1) -> Deployment:
+    discovery = make_discovery("file", discovery_dir)
+    workers = await start_workers(opts, num_workers, discovery, inproc=False)
+    return Deployment(workers=workers, discovery=discovery)
+
+
+__all__ = [
+    "Deployment", "EventPublisher", "EventSubscriber", "WorkerOptions", "default_model_dir", "start_all_in_one",
+    "start_frontend", "start_worker_process", "wait_for_signal",
+]

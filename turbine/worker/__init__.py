@@ -1,0 +1,1 @@
+"""Workers: an engine wrapped as a runtime component (generate endpoint, KV events, model card)."""

@@ -1,0 +1,117 @@
+"""A worker: one engine served as a runtime component.
+
+It serves the ``generate`` endpoint (GenerateRequest in, GenerateDelta stream out), publishes
+the engine's KV events (vLLM wire layout, topic ``kv``) and its load (topic ``load``) on the
+event plane, and registers its model card in discovery so frontends find it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from turbine.engine.base import Engine
+from turbine.protocols.generate import GenerateDelta, GenerateRequest
+from turbine.protocols.kv_events import KVEvent, KVEventBatch
+from turbine.protocols.load import WorkerLoad
+from turbine.protocols.model_card import ModelCard
+from turbine.runtime.discovery import Discovery, Instance
+from turbine.runtime.events import EventPublisher
+from turbine.runtime.request_plane import RequestContext, RequestPlaneServer
+
+log = logging.getLogger("turbine.worker")
+
+LOAD_MIN_INTERVAL_S = 0.05  # coalesce load updates; a heartbeat every LOAD_HEARTBEAT_S regardless
+LOAD_HEARTBEAT_S = 1.0
+
+_req_decoder = msgspec.msgpack.Decoder(GenerateRequest)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Worker:
+    def __init__(self, engine: Engine, card: ModelCard, *, discovery: Discovery, server: RequestPlaneServer,
+                 publisher: EventPublisher | None = None, worker_id: str | None = None,
+                 own_server: bool = True):
+        self.engine = engine
+        self.card = card
+        self.discovery = discovery
+        self.server = server
+        self.publisher = publisher
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self.own_server = own_server
+        self.address = ""
+        self._load_dirty = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        self.instance: Instance | None = None
+
+    async def start(self, address: str | None = None) -> Instance:
+        await self.engine.start()
+        self.server.register("generate", self._generate)
+        self.address = address or await self.server.start()
+        event_address = None
+        if self.publisher is not None:
+            event_address = await self.publisher.start()
+            self.engine.set_kv_event_sink(self._publish_kv)
+            self._load_task = asyncio.get_running_loop().create_task(self._publish_load_loop())
+        self.instance = Instance(instance_id=self.worker_id, component="worker", endpoint="generate",
+                                 address=self.address, event_address=event_address, model_card=self.card)
+        await self.discovery.register(self.instance)
+        log.info("worker %s serving %s at %s", self.worker_id, self.card.model_name, self.address)
+        return self.instance
+
+    async def stop(self) -> None:
+        """Leave discovery first (no new requests), then abort what runs, then close."""
+        with contextlib.suppress(Exception):
+            await self.discovery.unregister(self.worker_id)
+        await self.engine.stop()
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._load_task
+        if self.own_server:
+            await self.server.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    async def _generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            req = _req_decoder.decode(payload)
+        except msgspec.DecodeError as e:
+            yield _encoder.encode(GenerateDelta(finish_reason="error", error=f"bad generate request: {e}"))
+            return
+        self._load_dirty.set()
+        stream = self.engine.generate(req)
+        try:
+            async for delta in stream:
+                yield _encoder.encode(delta)
+        except ValueError as e:  # the engine refused the request (e.g. it can never fit)
+            yield _encoder.encode(GenerateDelta(finish_reason="error", error=str(e)))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+            self._load_dirty.set()
+
+    # --- event plane ---------------------------------------------------------------------------
+    def _publish_kv(self, events: list[KVEvent]) -> None:
+        if self.publisher is not None and events:
+            self.publisher.publish("kv", _encoder.encode(KVEventBatch(ts=time.time(), events=events)))
+        self._load_dirty.set()
+
+    def current_load(self) -> WorkerLoad:
+        s = self.engine.stats()
+        return WorkerLoad(worker_id=self.worker_id, model_name=self.card.model_name,
+                          kv_active_blocks=s.kv_active_blocks, kv_total_blocks=s.kv_total_blocks,
+                          num_running=s.num_running, num_waiting=s.num_waiting, ts=time.time())
+
+    async def _publish_load_loop(self) -> None:
+        assert self.publisher is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._load_dirty.wait(), LOAD_HEARTBEAT_S)
+            self._load_dirty.clear()
+            self.publisher.publish("load", _encoder.encode(self.current_load()))
+            await asyncio.sleep(LOAD_MIN_INTERVAL_S)
