@@ -1,0 +1,417 @@
+"""Load generator for any OpenAI-compatible endpoint (`/v1/chat/completions` or `/v1/completions`).
+
+Closed loop (fixed concurrency: C workers, each sends its next request when the last finishes)
+or open loop (Poisson arrivals at a fixed rate, seeded, never waiting for responses). Every
+request asks for exactly `max_tokens` tokens (`ignore_eos`, `min_tokens`), so runs against
+different servers do the same work. Bodies are serialised once, up front, and sent as bytes:
+aiohttp's `json=` path writes headers and body separately and meets ~40 ms Nagle/delayed-ACK
+stalls on loopback.
+
+    python -m turbine.bench.loadgen --url http://127.0.0.1:8000 --concurrency 16 -n 200 \
+        --prompt-tokens 500 --max-tokens 50 --pids frontend=1234
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from turbine.bench.cpu import CpuMeter, Target, parse_pids
+from turbine.bench.prompts import build_prompts
+from turbine.bench.stats import LoadReport, RequestResult, format_table, summarize
+
+_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+@dataclass
+class LoadConfig:
+    """One load phase. Exactly one of `concurrency` (closed loop) or `rate` (open loop, req/s)."""
+
+    url: str = "http://127.0.0.1:8000"  # base URL, or a full .../v1/... endpoint URL
+    model: str | None = None  # None: the first model listed by GET /v1/models
+    num_requests: int = 200
+    concurrency: int | None = 16
+    rate: float | None = None
+    prompt_tokens: int = 500
+    shared_prefix_tokens: int = 0
+    max_tokens: int = 50
+    ignore_eos: bool = True
+    stream: bool = True
+    fresh_conn: bool = False  # a new TCP connection per request (Connection: close)
+    completions: bool = False  # /v1/completions with "prompt" instead of chat "messages"
+    warmup: int | None = None  # None: one request per concurrency slot (8 in open loop)
+    seed: int = 0
+    pids: Sequence[Target] | str = ()  # servers whose CPU time is measured; see cpu.parse_pids
+    timeout_s: float = 300.0
+    tokenizer: str | None = None  # tokenizer.json (or its dir) for exact prompt lengths
+    prompts: Sequence[str] | None = None  # explicit prompts (cycled) instead of generated ones
+    label: str = ""
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
+
+    def validate(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts, when given, must not be empty")
+        if urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+
+    def endpoint(self) -> str:
+        if "/v1/" in self.url:
+            return self.url
+        return self.url.rstrip("/") + ("/v1/completions" if self.completions else "/v1/chat/completions")
+
+    def warmup_count(self) -> int:
+        if self.warmup is not None:
+            return self.warmup
+        return self.concurrency if self.concurrency is not None else 8
+
+
+# ---- response shapes (unknown fields ignored; only what is measured is decoded) -------------
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None  # chat stream chunk
+    message: _Message | None = None  # chat, no stream
+    text: str | None = None  # completions
+
+
+class _Body(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+def _has_content(body: _Body) -> bool:
+    for c in body.choices:
+        if c.text or (c.delta is not None and c.delta.content):
+            return True
+    return False
+
+
+class SseStream:
+    """Incremental parser of an OpenAI SSE stream: feed raw bytes with their arrival time.
+
+    Events are blank-line separated; `data:` lines of one event are joined with newlines (SSE
+    spec); `data: [DONE]` ends the stream. Every event carrying content is one timing point.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+        self.content_times: list[float] = []
+        self.usage: _Usage | None = None
+        self.error: str | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes, t: float) -> None:
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                self._dispatch(t)
+            elif line.startswith(b"data:"):
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            # comments (":...") and other fields (event:, id:, retry:) carry nothing we measure
+
+    def _dispatch(self, t: float) -> None:
+        if not self._data:
+            return
+        data, self._data = b"\n".join(self._data), []
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            body = _decode_body(data)
+        except msgspec.DecodeError as e:
+            self.error = self.error or f"bad SSE data: {e}"
+            return
+        if body.error is not None:
+            self.error = self.error or f"error event: {str(body.error)[:200]}"
+        if body.usage is not None:
+            self.usage = body.usage
+        if _has_content(body):
+            self.content_times.append(t)
+
+
+def _usage_fields(u: _Usage | None) -> dict[str, int | None]:
+    if u is None:
+        return {}
+    details = u.prompt_tokens_details
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "output_tokens": u.completion_tokens,
+        "cached_tokens": details.cached_tokens if details is not None else None,
+    }
+
+
+async def send_request(
+    session: aiohttp.ClientSession, url: str, body: bytes, stream: bool
+) -> RequestResult:
+    """Send one request and measure it; never raises (failures become an error result)."""
+    t0 = perf_counter()
+    try:
+        async with session.post(url, data=body, headers=_HEADERS) as resp:
+            if resp.status != 200:
+                text = (await resp.text(errors="replace"))[:200]
+                return RequestResult(ok=False, error=f"HTTP {resp.status}: {text}")
+            if not stream:
+                raw = await resp.read()
+                e2e = perf_counter() - t0
+                full = _decode_body(raw)
+                if full.error is not None or not full.choices:
+                    return RequestResult(ok=False, error=f"bad response: {raw[:200]!r}")
+                return RequestResult(ok=True, e2e_s=e2e, **_usage_fields(full.usage))
+            sse = SseStream()
+            async for chunk in resp.content.iter_any():
+                sse.feed(chunk, perf_counter() - t0)
+            sse.feed(b"\n\n", perf_counter() - t0)  # flush a final event without blank line
+            e2e = perf_counter() - t0
+    except asyncio.TimeoutError:
+        return RequestResult(ok=False, error="timeout")
+    except (aiohttp.ClientError, OSError, msgspec.DecodeError, UnicodeDecodeError) as e:
+        return RequestResult(ok=False, error=f"{type(e).__name__}: {e}"[:200])
+    if sse.error is not None:
+        return RequestResult(ok=False, error=sse.error)
+    if not sse.done:
+        return RequestResult(ok=False, error="stream ended without [DONE]")
+    times = sse.content_times
+    fields = _usage_fields(sse.usage)
+    if fields.get("output_tokens") is None:
+        fields["output_tokens"] = len(times)
+    return RequestResult(
+        ok=True,
+        ttft_s=times[0] if times else None,
+        itl_s=[b - a for a, b in zip(times, times[1:])],
+        e2e_s=e2e,
+        **fields,
+    )
+
+
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """Poisson arrivals: offsets (s) of ``n`` requests, the first at 0, exponential gaps."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+Send = Callable[[bytes], Awaitable[RequestResult]]
+
+
+async def closed_loop(send: Send, bodies: Sequence[bytes], concurrency: int) -> list[RequestResult]:
+    """``concurrency`` workers share one queue of bodies; results keep the bodies' order."""
+    results: list[RequestResult | None] = [None] * len(bodies)
+    todo = iter(enumerate(bodies))
+
+    async def worker() -> None:
+        for i, body in todo:  # one shared iterator: each body goes to exactly one worker
+            results[i] = await send(body)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(concurrency, len(bodies))):
+            tg.create_task(worker())
+    return [r for r in results if r is not None]
+
+
+async def open_loop(send: Send, bodies: Sequence[bytes], rate: float, seed: int) -> list[RequestResult]:
+    """Send each body at its Poisson arrival time, whether or not earlier ones have finished."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    async with asyncio.TaskGroup() as tg:
+        for body, at in zip(bodies, arrival_times(len(bodies), rate, seed)):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(tg.create_task(send(body)))
+    return [t.result() for t in tasks]
+
+
+def _load_tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    return Tokenizer.from_file(path)
+
+
+def build_bodies(cfg: LoadConfig, model: str, count: int) -> list[bytes]:
+    """``count`` serialised request bodies; prompts are generated unless `cfg.prompts` is set."""
+    if cfg.prompts is not None:
+        prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(count)]
+    else:
+        tok = _load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+        prompts = build_prompts(count, cfg.prompt_tokens, shared_prefix_tokens=cfg.shared_prefix_tokens,
+                                seed=cfg.seed, tokenizer=tok)
+    base: dict[str, Any] = {"model": model, "max_tokens": cfg.max_tokens, "stream": cfg.stream}
+    if cfg.ignore_eos:
+        base.update(ignore_eos=True, min_tokens=cfg.max_tokens)
+    if cfg.stream:
+        base["stream_options"] = {"include_usage": True}
+    base.update(cfg.extra_body)
+    key = "prompt" if cfg.completions else "messages"
+    enc = msgspec.json.Encoder()
+    return [
+        enc.encode({**base, key: p if cfg.completions else [{"role": "user", "content": p}]})
+        for p in prompts
+    ]
+
+
+async def first_model(session: aiohttp.ClientSession, url: str) -> str:
+    """The id of the first model the server lists (GET <base>/v1/models)."""
+    parts = urlsplit(url)
+    async with session.get(f"{parts.scheme}://{parts.netloc}/v1/models") as resp:
+        resp.raise_for_status()
+        data = msgspec.json.decode(await resp.read()).get("data") or []
+    if not data:
+        raise ValueError(f"{url} lists no models; pass model explicitly")
+    return str(data[0]["id"])
+
+
+async def run_load(cfg: LoadConfig) -> LoadReport:
+    """Warm up (unmeasured), then run one measured phase and summarise it."""
+    cfg.validate()
+    targets = parse_pids(cfg.pids) if isinstance(cfg.pids, str) else list(cfg.pids)
+    targets.append(Target("loadgen", os.getpid()))  # a saturated client skews every number
+    url = cfg.endpoint()
+    limit = cfg.concurrency if cfg.concurrency is not None else 0  # 0: no cap in open loop
+    connector = aiohttp.TCPConnector(limit=limit, force_close=cfg.fresh_conn)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        model = cfg.model or await first_model(session, url)
+        n_warm = cfg.warmup_count()
+        bodies = build_bodies(cfg, model, cfg.num_requests + n_warm)
+        measured, warm = bodies[: cfg.num_requests], bodies[cfg.num_requests :]
+
+        async def send(body: bytes) -> RequestResult:
+            return await send_request(session, url, body, cfg.stream)
+
+        if warm:
+            await closed_loop(send, warm, cfg.concurrency or min(n_warm, 8))
+        meter = CpuMeter(targets)
+        meter.start()
+        t0 = perf_counter()
+        if cfg.rate is not None:
+            results = await open_loop(send, measured, cfg.rate, cfg.seed)
+        else:
+            results = await closed_loop(send, measured, cfg.concurrency or 1)
+        duration = perf_counter() - t0
+        cpu = meter.stop()
+    return summarize(results, duration, cpu, label=cfg.label, concurrency=cfg.concurrency,
+                     rate=cfg.rate, stream=cfg.stream, fresh_conn=cfg.fresh_conn)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def add_loadgen_args(p: argparse.ArgumentParser) -> None:
+    """Add the load generator's options to ``p`` (used by `turbine bench` and `-m` alike)."""
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL or full endpoint URL")
+    p.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
+    p.add_argument("-n", "--num-requests", type=int, default=200)
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("-c", "--concurrency", type=int, default=None, help="closed loop (default 16)")
+    shape.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals, req/s")
+    p.add_argument("--prompt-tokens", type=int, default=500)
+    p.add_argument("--shared-prefix-tokens", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=50)
+    p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--fresh-conn", action="store_true", help="new TCP connection per request")
+    p.add_argument("--completions", action="store_true", help="use /v1/completions")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured requests first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pids", default="", help="CPU accounting: name=pid[,name=pid+] (+: with children)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or dir, for exact prompt length")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s")
+    p.add_argument("--label", default="")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
+
+
+def config_from_args(a: argparse.Namespace) -> LoadConfig:
+    conc = a.concurrency if a.concurrency is not None or a.rate is not None else 16
+    return LoadConfig(
+        url=a.url, model=a.model, num_requests=a.num_requests, concurrency=conc, rate=a.rate,
+        prompt_tokens=a.prompt_tokens, shared_prefix_tokens=a.shared_prefix_tokens,
+        max_tokens=a.max_tokens, ignore_eos=not a.no_ignore_eos, stream=not a.no_stream,
+        fresh_conn=a.fresh_conn, completions=a.completions, warmup=a.warmup, seed=a.seed,
+        pids=a.pids, timeout_s=a.timeout, tokenizer=a.tokenizer, label=a.label,
+    )
+
+
+def _run(coro: Awaitable[LoadReport]) -> LoadReport:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+def main_from_args(a: argparse.Namespace) -> int:
+    """Run one phase from parsed args, print its table (and JSON file); 1 if nothing succeeded."""
+    try:
+        cfg = config_from_args(a)
+        cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = _run(run_load(cfg))
+    print(format_table([report]))
+    for err in report.first_errors:
+        print(f"  error: {err}", file=sys.stderr)
+    if a.json:
+        with open(a.json, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(report.to_dict()), indent=2) + b"\n")
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m turbine.bench.loadgen", description=__doc__.split("\n")[0])
+    add_loadgen_args(p)
+    return main_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
