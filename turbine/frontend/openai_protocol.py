@@ -65,7 +65,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # str | list[str] | list[int] | list[list[int]]: msgspec takes one list type, validate_completion the rest
+    prompt: str | list[Any]
     echo: bool = False
     suffix: str | None = None
 
@@ -131,15 +132,20 @@ def validate_completion(req: CompletionRequest) -> None:
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     p = req.prompt
-    if isinstance(p, list):
+    if isinstance(p, str):
         if not p:
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        if isinstance(p[0], list) and any(not x for x in p):
-            raise ApiError(400, "prompt token lists must not be empty", param="prompt")
-        if isinstance(p[0], int) and any(t < 0 for t in p):
-            raise ApiError(400, "prompt token ids must be non-negative", param="prompt")
-    elif p == "":
+        return
+    if not p:
         raise ApiError(400, "prompt must not be empty", param="prompt")
+
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
+
+    if all(isinstance(x, str) and x for x in p) or is_ids(p) or all(is_ids(x) for x in p):
+        return
+    raise ApiError(400, "prompt must be a non-empty string, a list of strings, a list of non-negative token ids, "
+                        "or a list of such lists", param="prompt")
 
 
 # --- responses ---------------------------------------------------------------------------
