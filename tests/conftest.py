@@ -25,6 +25,7 @@ class ServerThread:
         self.speedup = speedup
         self.mocker_kw = mocker_kw
         self.max_inflight = int(mocker_kw.pop("max_inflight", 0))  # type: ignore[call-overload]
+        self.request_timeout_s = mocker_kw.pop("request_timeout_s", None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.dep = None
@@ -37,7 +38,8 @@ class ServerThread:
         opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
                              mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
         fut = asyncio.run_coroutine_threadsafe(
-            start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight),
+            start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight,
+                             request_timeout_s=self.request_timeout_s),  # type: ignore[arg-type]
             self.loop)
         self.dep = fut.result(timeout=60)
         return self

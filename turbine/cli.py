@@ -38,6 +38,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default="round-robin", choices=POLICIES, help="routing policy")
     p.add_argument("--max-inflight", type=int, default=0,
                    help="answer 429 beyond this many concurrent requests (0 = no limit)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take end to end before it is cancelled (504)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,14 +103,15 @@ async def _run(args: argparse.Namespace) -> None:
 
     if args.cmd == "serve":
         dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers, host=args.host,
-                                            port=args.port, router=args.router, max_inflight=args.max_inflight)
+                                            port=args.port, router=args.router, max_inflight=args.max_inflight,
+                                            request_timeout_s=args.request_timeout)
         assert dep.frontend is not None
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     elif args.cmd == "frontend":
         dep = await launch.start_frontend(discovery_dir=args.discovery_dir, host=args.host, port=args.port,
                                           router=args.router, max_inflight=args.max_inflight,
-                                          reuse_port=args.reuse_port)
+                                          reuse_port=args.reuse_port, request_timeout_s=args.request_timeout)
         assert dep.frontend is not None
         print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     else:

@@ -126,14 +126,16 @@ class Deployment:
 
 
 async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port: int,
-                           router: str = "round-robin", max_inflight: int = 0) -> Deployment:
+                           router: str = "round-robin", max_inflight: int = 0,
+                           request_timeout_s: float | None = None) -> Deployment:
     """Frontend, router and ``workers`` workers in this process, on embedded discovery."""
     store = MemoryStore()
     bus = InProcEventBus()
     dep = Deployment(discovery=MemoryDiscovery(store))
     subscriber = bus.subscriber()
     dep.frontend = Frontend(discovery=MemoryDiscovery(store), client=InProcClient(), subscriber=subscriber,
-                            host=host, port=port, router_policy=router, max_inflight=max_inflight)
+                            host=host, port=port, router_policy=router, max_inflight=max_inflight,
+                            request_timeout_s=request_timeout_s)
     await dep.frontend.start()
     dep.workers = await start_workers(opts, workers, dep.discovery, inproc=True, bus=bus)
     await dep.frontend.registry.ready.wait()
@@ -141,10 +143,12 @@ async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port
 
 
 async def start_frontend(*, discovery_dir: Path, host: str, port: int, router: str = "round-robin",
-                         max_inflight: int = 0, reuse_port: bool = False) -> Deployment:
+                         max_inflight: int = 0, reuse_port: bool = False,
+                         request_timeout_s: float | None = None) -> Deployment:
     discovery = make_discovery("file", discovery_dir)
     fe = Frontend(discovery=discovery, client=TcpClient(), subscriber=ZmqEventSubscriber(),
-                  host=host, port=port, router_policy=router, max_inflight=max_inflight, reuse_port=reuse_port)
+                  host=host, port=port, router_policy=router, max_inflight=max_inflight, reuse_port=reuse_port,
+                  request_timeout_s=request_timeout_s)
     await fe.start()
     return Deployment(frontend=fe, discovery=discovery)
 

@@ -155,3 +155,15 @@ def test_inflight_limit_gives_429(model_dir, server_factory) -> None:  # type: i
         assert_error(status, body, 429)
         slow.join(timeout=30)
         assert_still_serving(s.url)
+
+
+def test_request_timeout_is_504_and_frees_the_worker(model_dir, server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory(model_dir, workers=1, speedup=1.0, request_timeout_s=0.3) as s:
+        status, body = post(s.url, "/v1/chat/completions", chat(max_tokens=2000))
+        assert_error(status, body, 504)
+        import time
+
+        deadline = time.monotonic() + 2
+        while (stats := s.call(lambda: s.dep.workers[0].engine.stats())).num_running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stats.num_running == 0 and stats.kv_active_blocks == 0
