@@ -1,0 +1,279 @@
+"""Continuous batching in the style of vLLM v1: one token budget per step, chunked prefill,
+LIFO preemption by recomputation. Engine-independent: a real model runner and the mocker both
+execute the steps it plans.
+
+    schedule():   running first (decode: 1 token; an unfinished prefill continues, chunked)
+                  ──▶ then waiting, FCFS, while seats (max_num_seqs) and tokens
+                      (max_num_batched_tokens) last; none admitted in a step that preempted
+    out of blocks: preempt the newest running sequence (free blocks, computed = 0, to the
+                  front of waiting); it recomputes prompt + output later, the prefix cache helps
+    postprocess(): count computed tokens, register full blocks, append sampled tokens,
+                  apply stop conditions, free finished sequences
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import msgspec
+
+from turbine.engine.block_manager import KVBlockManager
+from turbine.engine.sequence import Sequence, SequenceStatus
+from turbine.protocols.generate import FinishReason
+
+_RUNNING = SequenceStatus.RUNNING
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    # Cap on one prefill's tokens per step, so a long prompt cannot monopolize a step.
+    long_prefill_token_threshold: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # Context length: prompts must be shorter; generation stops with "length" when reached.
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold <= 0:
+            raise ValueError("long_prefill_token_threshold must be positive when set")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+class ScheduledSeq(NamedTuple):
+    seq: Sequence
+    num_new_tokens: int  # tokens whose KV this step computes
+    is_prefill: bool  # False only for a one-token decode of a sequence that has output
+    produces_token: bool  # this step finishes the sequence's pending tokens: sample one
+
+
+class SchedulerOutput(NamedTuple):
+    scheduled: list[ScheduledSeq]
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    preempted: list[Sequence]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_seqs
+
+
+class SeqResult(NamedTuple):
+    seq: Sequence
+    token_id: int | None  # None: a prefill chunk that produced no token
+    finish_reason: FinishReason | None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self.num_preemptions = 0
+        self._seqs: dict[str, Sequence] = {}
+        self._eos = frozenset(config.eos_token_ids)
+        self._chunk_cap = config.long_prefill_token_threshold or config.max_num_batched_tokens
+
+    # -- queue ------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; ValueError if it is malformed or could never fit."""
+        cfg = self.config
+        rid = seq.request_id
+        if rid in self._seqs:
+            raise ValueError(f"request id {rid!r} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_output_tokens:
+            raise ValueError(f"request {rid!r} is not a new sequence")
+        stop = seq.stop
+        if stop.max_tokens < 1:
+            raise ValueError(f"request {rid!r}: max_tokens must be at least 1, got {stop.max_tokens}")
+        if not 0 <= stop.min_tokens <= stop.max_tokens:
+            raise ValueError(
+                f"request {rid!r}: min_tokens must be in [0, max_tokens={stop.max_tokens}], "
+                f"got {stop.min_tokens}"
+            )
+        n_prompt = seq.num_prompt_tokens
+        final_len = n_prompt + stop.max_tokens
+        if cfg.max_model_len is not None:
+            if n_prompt >= cfg.max_model_len:
+                raise ValueError(
+                    f"request {rid!r}: prompt of {n_prompt} tokens leaves no room to generate "
+                    f"within the context length of {cfg.max_model_len}"
+                )
+            final_len = min(final_len, cfg.max_model_len)
+        bm = self.block_manager
+        blocks = -(-(final_len - 1) // bm.block_size)  # the last sampled token needs no KV
+        if blocks > bm.num_blocks:
+            raise ValueError(
+                f"request {rid!r}: {n_prompt} prompt + {stop.max_tokens} max tokens need "
+                f"{blocks} KV blocks, more than the whole cache ({bm.num_blocks} blocks of "
+                f"{bm.block_size} tokens)"
+            )
+        if not cfg.enable_chunked_prefill and n_prompt > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"request {rid!r}: prompt of {n_prompt} tokens exceeds max_num_batched_tokens="
+                f"{cfg.max_num_batched_tokens} and chunked prefill is off"
+            )
+        self._seqs[rid] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state and free its blocks now. False if it is unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status is _RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        return True
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        bm = self.block_manager
+        budget = cfg.max_num_batched_tokens
+        cap = self._chunk_cap
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        n_prefill = 0
+        n_decode = 0
+
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = len(seq.token_ids) - seq.num_computed_tokens
+            if n > 1:  # an unfinished prefill (chunked, or a resumed over-long sequence)
+                n = min(n, cap, budget)
+            while not bm.allocate_slots(seq, n):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                entry = self._entry(seq, n)
+                scheduled.append(entry)
+                if entry.is_prefill:
+                    n_prefill += n
+                else:
+                    n_decode += 1
+                budget -= n
+                i += 1
+
+        waiting = self.waiting
+        while not preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+            seq = waiting[0]
+            cached = bm.match_prefix(seq)
+            n = seq.num_tokens - cached
+            if cfg.enable_chunked_prefill:
+                n = min(n, cap, budget)
+            elif n > budget:
+                # Without chunked prefill a prefill runs whole; a resumed sequence longer than
+                # any step's budget is the exception (it could never run otherwise).
+                if n <= cfg.max_num_batched_tokens:
+                    break
+                n = budget
+            if not bm.allocate_slots(seq, n, cached):
+                break
+            waiting.popleft()
+            seq.status = _RUNNING
+            seq.num_computed_tokens = cached
+            if not seq.num_preemptions:  # first admission; a resumed one recomputes
+                seq.num_cached_tokens = cached
+            running.append(seq)
+            entry = self._entry(seq, n)
+            scheduled.append(entry)
+            if entry.is_prefill:
+                n_prefill += n
+            else:
+                n_decode += 1
+            budget -= n
+        return SchedulerOutput(scheduled, n_prefill, n_decode, preempted)
+
+    def postprocess(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[SeqResult]:
+        """Apply a step's results; ``sampled`` maps request id -> token for ``produces_token``."""
+        bm = self.block_manager
+        bs = bm.block_size
+        results: list[SeqResult] = []
+        any_finished = False
+        for entry in output.scheduled:
+            seq = entry.seq
+            if seq.status is not _RUNNING:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += entry.num_new_tokens
+            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                bm.register_full_blocks(seq)
+            if not entry.produces_token:
+                results.append(SeqResult(seq, None, None))
+                continue
+            try:
+                token = sampled[seq.request_id]
+            except KeyError:
+                raise ValueError(f"no sampled token for request {seq.request_id!r}") from None
+            seq.token_ids.append(token)
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = reason
+                bm.free(seq)
+                del self._seqs[seq.request_id]
+                any_finished = True
+            results.append(SeqResult(seq, token, reason))
+        if any_finished:
+            self.running = [s for s in self.running if s.status is _RUNNING]
+        return results
+
+    # -- internals ----------------------------------------------------------------------------
+    @staticmethod
+    def _entry(seq: Sequence, n: int) -> ScheduledSeq:
+        num_tokens = len(seq.token_ids)
+        produces = seq.num_computed_tokens + n == num_tokens
+        is_decode = n == 1 and produces and num_tokens > seq.num_prompt_tokens
+        return ScheduledSeq(seq, n, not is_decode, produces)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
+        """A stop token wins over the length cap when both apply to the same token."""
+        stop = seq.stop
+        num_tokens = len(seq.token_ids)
+        n_out = num_tokens - seq.num_prompt_tokens
+        if n_out >= stop.min_tokens and (
+            (token in self._eos and not stop.ignore_eos) or token in stop.stop_token_ids
+        ):
+            return "stop"
+        max_len = self.config.max_model_len
+        if n_out >= stop.max_tokens or (max_len is not None and num_tokens >= max_len):
+            return "length"
+        return None

@@ -1,0 +1,136 @@
+"""`Sequence`: the only per-request state the scheduler and the KV block manager share.
+
+    token_ids:  [ prompt ........................ | output ....... ]
+                 ^0                 num_prompt_tokens             ^num_tokens
+    KV written: [ 0 .. num_computed_tokens )       (the last sampled token has no KV yet)
+    blocks:     block_table[i] holds tokens [i*B, (i+1)*B)
+    hashes:     one chained SequenceHash per *full* block of token_ids, computed incrementally
+
+A preempted sequence keeps ``token_ids`` (prompt and output so far) and its hashes; only its
+blocks and ``num_computed_tokens`` are dropped, so recomputation re-derives the same state.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
+from turbine.router.hashing import SequenceHash, chain_hash, local_block_hash, lora_seed
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new or preempted); holds no KV blocks
+    RUNNING = "running"  # admitted; block_table covers num_computed_tokens (+ this step's tokens)
+    FINISHED = "finished"  # done (stop, length or abort); blocks freed
+
+
+class Sequence:
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "sampling",
+        "stop",
+        "lora_name",
+        "arrival_time",
+        "status",
+        "finish_reason",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "num_preemptions",
+        "block_table",
+        "num_registered_blocks",
+        "_hash_block_size",
+        "_hash_seed",
+        "_block_hashes",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        *,
+        stop: StopConditions,
+        sampling: SamplingOptions | None = None,
+        lora_name: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt must hold at least one token")
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling = sampling if sampling is not None else SamplingOptions()
+        self.stop = stop
+        self.lora_name = lora_name
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed_tokens = 0  # tokens whose KV is in block_table
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission (usage.cached_tokens)
+        self.num_preemptions = 0
+        self.block_table: list[int] = []
+        # Leading blocks of block_table already offered to the prefix cache (owned by the
+        # block manager: matched at admission, or registered once their tokens were computed).
+        self.num_registered_blocks = 0
+        self._hash_block_size = 0
+        self._hash_seed = lora_seed(lora_name)
+        self._block_hashes: list[SequenceHash] = []
+
+    # -- tokens ---------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    # -- block hashes ---------------------------------------------------------------------
+    def block_hashes(self, block_size: int) -> list[SequenceHash]:
+        """Chained hashes of every full block of ``token_ids``; only new blocks are hashed.
+
+        The returned list is the sequence's cache: callers must not mutate it.
+        """
+        if block_size != self._hash_block_size:
+            if self._hash_block_size:
+                raise ValueError(
+                    f"sequence {self.request_id!r} was hashed with block size "
+                    f"{self._hash_block_size}, not {block_size}"
+                )
+            self._hash_block_size = block_size
+        hashes = self._block_hashes
+        n_full = len(self.token_ids) // block_size
+        if len(hashes) < n_full:
+            tokens = self.token_ids
+            parent = hashes[-1] if hashes else None
+            for i in range(len(hashes), n_full):
+                local = local_block_hash(tokens[i * block_size : (i + 1) * block_size], self._hash_seed)
+                parent = chain_hash(parent, local)
+                hashes.append(parent)
+        return hashes
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,237 @@
+"""The mocker's step logic: the real scheduler and block manager, a timing model instead of a
+forward pass, and synthetic tokens. Synchronous, no clock, no asyncio: ``MockEngine`` drives it
+in real time, a discrete-event fleet simulator can drive it on a virtual clock.
+
+    t ──step()──▶ StepResult(duration_s, outputs, kv_events)
+                  the outputs and events become visible at t + duration_s;
+                  requests added meanwhile join the next step
+"""
+from __future__ import annotations
+
+import random
+import struct
+from array import array
+from bisect import bisect_right
+from typing import NamedTuple
+
+import msgspec
+import xxhash
+
+from turbine.engine.base import EngineStats
+from turbine.engine.block_manager import KVBlockManager
+from turbine.engine.scheduler import Scheduler, SchedulerConfig
+from turbine.engine.sequence import Sequence
+from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
+from turbine.protocols.generate import FinishReason, GenerateRequest
+from turbine.protocols.kv_events import BlockStored, KVEvent
+
+_U64 = (1 << 64) - 1
+_GREEDY_SEED = 0x9E3779B97F4A7C15  # greedy tokens depend on the prompt only, never on a seed
+_PACK2 = struct.Struct("<QQ").pack
+
+
+class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    block_size: int = 64
+    num_gpu_blocks: int = 16384
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    speedup_ratio: float = 1.0  # divides every step time: 10 = ten times faster than modeled
+    context_length: int = 8192
+    profile: str | None = None  # measured timing profile (JSON); None = Dynamo's polynomial
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.speedup_ratio > 0:
+            raise ValueError(f"speedup_ratio must be positive, got {self.speedup_ratio}")
+        if self.context_length <= 1:
+            raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+
+    def make_timing(self) -> TimingModel:
+        if self.profile:
+            return ProfileTiming.from_file(self.profile, self.speedup_ratio)
+        return PolynomialTiming(self.speedup_ratio)
+
+
+class StepOutput(NamedTuple):
+    request_id: str
+    token_id: int | None  # None: a prefill chunk that produced no token yet
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_tokens: int  # prefix-cache hit at admission
+    completion_tokens: int
+
+
+class StepResult(NamedTuple):
+    duration_s: float
+    outputs: list[StepOutput]  # one per scheduled sequence, in batch order
+    kv_events: list[KVEvent]  # in order; the caller numbers them
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_preempted: int
+
+
+class MockerCore:
+    def __init__(
+        self,
+        config: MockerConfig,
+        *,
+        vocab_size: int,
+        special_token_ids: tuple[int, ...] | list[int] = (),
+        eos_token_ids: tuple[int, ...] | list[int] = (),
+        timing: TimingModel | None = None,
+        rng_seed: int | None = None,
+    ) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.block_manager = KVBlockManager(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                eos_token_ids=tuple(eos_token_ids),
+                max_model_len=config.context_length,
+            ),
+            self.block_manager,
+        )
+        self.timing = timing if timing is not None else config.make_timing()
+        self.num_steps = 0
+        self._random = random.Random(rng_seed).random
+        self._keys: dict[str, int | None] = {}  # request id -> token key; None = random
+        # Generated tokens avoid special and EOS ids: the k-th allowed id lies in the run of
+        # allowed ids starting at id _run_ids[j], which holds allowed ids k - _run_ks[j] on.
+        excluded = sorted({t for t in (*special_token_ids, *eos_token_ids) if 0 <= t < vocab_size})
+        self._run_ks: list[int] = []
+        self._run_ids: list[int] = []
+        k = prev = 0
+        for s in (*excluded, vocab_size):
+            if s > prev:
+                self._run_ks.append(k)
+                self._run_ids.append(prev)
+                k += s - prev
+            prev = s + 1
+        if k == 0:
+            raise ValueError("every token id of the vocabulary is special: nothing to generate")
+        self._num_allowed = k
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request: GenerateRequest, arrival_time: float | None = None) -> None:
+        """Queue a request; ValueError if it is malformed or can never fit this engine."""
+        tokens = request.token_ids
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            raise ValueError(
+                f"request {request.request_id!r}: token ids must lie in [0, {self.vocab_size})"
+            )
+        seq = Sequence(
+            request.request_id,
+            tokens,
+            stop=request.stop,
+            sampling=request.sampling,
+            lora_name=request.lora_name,
+            arrival_time=arrival_time,
+        )
+        self.scheduler.add(seq)
+        self._keys[request.request_id] = self._token_key(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state; its blocks are free when this returns."""
+        self._keys.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self.scheduler.get(request_id)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        sched = self.scheduler
+        bm = self.block_manager
+        out = sched.schedule()
+        if not out.scheduled:
+            return StepResult(0.0, [], bm.take_events(), 0, 0, len(out.preempted))
+        self.num_steps += 1
+        sampled: dict[str, int] = {}
+        prefill_ctx = n_prefill = decode_ctx = 0
+        for entry in out.scheduled:
+            seq = entry.seq
+            if entry.is_prefill:
+                prefill_ctx += seq.num_computed_tokens
+                n_prefill += 1
+            else:
+                decode_ctx += len(seq.token_ids)
+            if entry.produces_token:
+                sampled[seq.request_id] = self._sample(seq)
+        n_decode = out.num_decode_seqs
+        duration = self.timing.step_seconds(
+            out.num_prefill_tokens,
+            n_decode,
+            bm.usage,
+            mean_prefill_context=prefill_ctx / n_prefill if n_prefill else 0.0,
+            mean_decode_context=decode_ctx / n_decode if n_decode else 0.0,
+        )
+        outputs: list[StepOutput] = []
+        keys = self._keys
+        for seq, token, reason in sched.postprocess(out, sampled):
+            if reason is not None:
+                keys.pop(seq.request_id, None)
+            outputs.append(
+                StepOutput(
+                    seq.request_id,
+                    token,
+                    reason,
+                    seq.num_prompt_tokens,
+                    seq.num_cached_tokens,
+                    len(seq.token_ids) - seq.num_prompt_tokens,
+                )
+            )
+        return StepResult(
+            duration, outputs, bm.take_events(), out.num_prefill_tokens, n_decode, len(out.preempted)
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_active_blocks=self.block_manager.num_active_blocks,
+            kv_total_blocks=self.block_manager.num_blocks,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+        )
+
+    def kv_snapshot(self) -> list[BlockStored]:
+        """BlockStored events rebuilding the current prefix cache (a router's resync)."""
+        return self.block_manager.stored_blocks_snapshot()
+
+    # -- tokens -------------------------------------------------------------------------------------
+    def _token_key(self, request: GenerateRequest) -> int | None:
+        """Greedy (temperature 0) or seeded requests get a key that fixes every token."""
+        sampling = request.sampling
+        if sampling.temperature == 0:
+            seed = _GREEDY_SEED
+        elif sampling.seed is not None:
+            seed = sampling.seed & _U64
+        else:
+            return None
+        return xxhash.xxh3_64_intdigest(array("I", request.token_ids).tobytes(), seed=seed)
+
+    def _sample(self, seq: Sequence) -> int:
+        """A token uniform over the allowed ids: a function of (key, output position) when
+        the request has a key, so recomputation after preemption yields the same tokens."""
+        key = self._keys.get(seq.request_id)
+        if key is None:
+            k = int(self._random() * self._num_allowed)
+        else:
+            k = xxhash.xxh3_64_intdigest(_PACK2(key, seq.num_output_tokens)) % self._num_allowed
+        run_ks = self._run_ks
+        if len(run_ks) == 1:
+            return self._run_ids[0] + k
+        j = bisect_right(run_ks, k) - 1
+        return self._run_ids[j] + k - run_ks[j]

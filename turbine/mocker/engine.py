@@ -1,0 +1,214 @@
+"""`MockEngine`: ``MockerCore`` on a real clock, behind the ``Engine`` interface.
+
+One asyncio task per engine runs the step loop:
+
+    idle ──(request)──▶ step ─▶ sleep until deadline += duration ─▶ deliver ─▶ step ...
+      ▲                                                               │
+      └───────────────────────── no work left ◀───────────────────────┘
+
+Idle engines wait on an event (no polling), so thousands can share one process. Sleeping
+until an absolute deadline keeps the simulated rate exact even when one sleep overshoots
+(a timer tick is ~1 ms; a step at speedup 1000 is ~16 µs): later steps catch up, up to
+``_MAX_LAG_S`` behind; beyond that the loop stalled and the deadline restarts from now.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+from turbine.engine.base import EngineStats, KVEventSink
+from turbine.mocker.core import MockerConfig, MockerCore, StepResult
+from turbine.mocker.timing import TimingModel
+from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
+from turbine.protocols.kv_events import BlockStored
+
+__all__ = ["MockEngine", "MockerConfig"]
+
+log = logging.getLogger(__name__)
+
+_MAX_LAG_S = 0.05
+
+
+class _Stream:
+    """One request's pending deltas and the consumer's wake-up future."""
+
+    __slots__ = ("deltas", "waiter")
+
+    def __init__(self) -> None:
+        self.deltas: deque[GenerateDelta] = deque()  # at most max_tokens + 1 entries
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, delta: GenerateDelta) -> None:
+        self.deltas.append(delta)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class MockEngine:
+    def __init__(
+        self,
+        config: MockerConfig,
+        *,
+        vocab_size: int,
+        special_token_ids: tuple[int, ...] | list[int] = (),
+        eos_token_ids: tuple[int, ...] | list[int] = (),
+        timing: TimingModel | None = None,
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.num_kv_blocks = config.num_gpu_blocks
+        self.max_num_seqs = config.max_num_seqs
+        self.context_length = config.context_length
+        self.core = MockerCore(
+            config,
+            vocab_size=vocab_size,
+            special_token_ids=special_token_ids,
+            eos_token_ids=eos_token_ids,
+            timing=timing,
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._sink: KVEventSink | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        self._wake = asyncio.Event()  # bound to the running loop on first use
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mock-engine-steps")
+        self._task.add_done_callback(self._on_loop_done)
+
+    async def stop(self) -> None:
+        """Cancel the step loop; every open stream ends with finish_reason "abort"."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():  # stop() itself was cancelled
+                    raise
+        self._finish_all("abort")
+
+    def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
+        self._sink = sink
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def kv_snapshot(self) -> list[BlockStored]:
+        """BlockStored events that rebuild this engine's prefix cache (for a router's resync)."""
+        return self.core.kv_snapshot()
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        """One delta per step that produced a token; the last carries finish_reason and usage.
+
+        Raises ValueError for a request this engine can never serve, RuntimeError if stopped.
+        Closing or cancelling the stream aborts the request and frees its blocks at once.
+        """
+        if self._task is None or self._task.done():
+            raise RuntimeError("MockEngine is not running: await start() first")
+        rid = request.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already streaming")
+        self.core.add_request(request, asyncio.get_running_loop().time())
+        stream = _Stream()
+        self._streams[rid] = stream
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        finished = False
+        try:
+            while True:
+                deltas = stream.deltas
+                while deltas:
+                    delta = deltas.popleft()
+                    finished = delta.finish_reason is not None
+                    yield delta
+                    if finished:
+                        return
+                stream.waiter = loop.create_future()
+                await stream.waiter
+        finally:
+            if self._streams.get(rid) is stream:
+                del self._streams[rid]
+            if not finished and self.core.abort(rid):
+                self._wake.set()  # freed blocks may let a stuck queue move
+
+    # -- the step loop ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        core = self.core
+        wake = self._wake
+        deadline = loop.time()
+        while True:
+            if not core.has_work():
+                wake.clear()
+                await wake.wait()
+                deadline = loop.time()
+                continue
+            result = core.step()
+            if not result.outputs:  # nothing could run; wait for the queue to change
+                self._deliver(result)
+                wake.clear()
+                await wake.wait()
+                deadline = loop.time()
+                continue
+            deadline += result.duration_s
+            now = loop.time()
+            if deadline < now - _MAX_LAG_S:
+                deadline = now
+            await asyncio.sleep(max(deadline - now, 0.0))
+            self._deliver(result)
+
+    def _deliver(self, result: StepResult) -> None:
+        if result.kv_events and self._sink is not None:
+            try:
+                self._sink(result.kv_events)
+            except Exception:
+                log.exception("KV event sink failed; events of this step are lost")
+        streams = self._streams
+        for out in result.outputs:
+            token, reason = out.token_id, out.finish_reason
+            if token is None and reason is None:
+                continue
+            stream = streams.get(out.request_id)
+            if stream is None:  # the consumer left while the step ran
+                continue
+            if reason is None:
+                stream.push(GenerateDelta(token_ids=[token]))
+            else:
+                stream.push(
+                    GenerateDelta(
+                        token_ids=[token] if token is not None else [],
+                        finish_reason=reason,
+                        prompt_tokens=out.prompt_tokens,
+                        cached_tokens=out.cached_tokens,
+                        completion_tokens=out.completion_tokens,
+                    )
+                )
+
+    def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """End every open stream with ``reason`` and free its request's blocks."""
+        streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            seq = self.core.get(rid)
+            delta = GenerateDelta(finish_reason=reason, error=error)
+            if seq is not None:
+                delta.prompt_tokens = seq.num_prompt_tokens
+                delta.cached_tokens = seq.num_cached_tokens
+                delta.completion_tokens = seq.num_output_tokens
+            self.core.abort(rid)
+            stream.push(delta)
+
+    def _on_loop_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("mock engine step loop crashed", exc_info=exc)
+            self._finish_all("error", error=f"engine failure: {exc!r}")
