@@ -13,6 +13,8 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from turbine.frontend.service import Frontend
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
@@ -68,6 +70,7 @@ def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Mock
         raise SystemExit(f"turbine: {opts.model_dir} has no tokenizer.json (make one: turbine make-model DIR)")
     cfg = opts.mocker
     ctx = min(cfg.context_length, model_context_length(opts.model_dir, cfg.context_length))
+    cfg = msgspec.structs.replace(cfg, context_length=ctx)
     engine = MockEngine(cfg, vocab_size=tokenizer.vocab_size,
                         special_token_ids=tuple(sorted(tokenizer.special_token_ids)),
                         eos_token_ids=tuple(tokenizer.eos_token_ids))

@@ -180,7 +180,11 @@ class MockEngine:
             if stream is None:  # the consumer left while the step ran
                 continue
             if reason is None:
-                stream.push(GenerateDelta(token_ids=[token]))
+                if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
+                    stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
+                                              cached_tokens=out.cached_tokens))
+                else:
+                    stream.push(GenerateDelta(token_ids=[token]))
             else:
                 stream.push(
                     GenerateDelta(
