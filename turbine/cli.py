@@ -19,7 +19,8 @@ def _add_mocker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="max tokens per step")
     g.add_argument("--context-length", type=int, default=None,
-                   help="max prompt+output tokens (default: the model's max_position_embeddings)")
+                   help="max prompt+output tokens (default: the model's max_position_embeddings; "
+                   "the mocker may simulate longer contexts than its tokenizer's model)")
     g.add_argument("--profile", default=None, help="measured step-time profile (JSON) instead of the default model")
 
 
@@ -92,10 +93,11 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     kw = dict(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, speedup_ratio=args.speedup_ratio,
               profile=args.profile)
-    if args.context_length:
-        kw["context_length"] = args.context_length
+    if args.context_length is not None and args.context_length < 2:
+        raise SystemExit("turbine: --context-length must be at least 2")
     return WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine,
-                         mocker=MockerConfig(**kw), host=getattr(args, "host", "127.0.0.1"))
+                         mocker=MockerConfig(**kw), host=getattr(args, "host", "127.0.0.1"),
+                         context_length=args.context_length)
 
 
 async def _run(args: argparse.Namespace) -> None:

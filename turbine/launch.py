@@ -53,6 +53,7 @@ class WorkerOptions:
     engine: str = "mock"
     mocker: MockerConfig = field(default_factory=MockerConfig)
     host: str = "127.0.0.1"
+    context_length: int | None = None  # None: the model's max_position_embeddings
 
 
 def model_context_length(model_dir: Path, fallback: int) -> int:
@@ -69,7 +70,7 @@ def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Mock
     if not (opts.model_dir / "tokenizer.json").exists():
         raise SystemExit(f"turbine: {opts.model_dir} has no tokenizer.json (make one: turbine make-model DIR)")
     cfg = opts.mocker
-    ctx = min(cfg.context_length, model_context_length(opts.model_dir, cfg.context_length))
+    ctx = opts.context_length or model_context_length(opts.model_dir, cfg.context_length)
     cfg = msgspec.structs.replace(cfg, context_length=ctx)
     engine = MockEngine(cfg, vocab_size=tokenizer.vocab_size,
                         special_token_ids=tuple(sorted(tokenizer.special_token_ids)),
