@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "bench":
         from turbine.bench.loadgen import main_from_args
 
-        main_from_args(args)
-        return
+        sys.exit(main_from_args(args))
     try:
         import uvloop
 
