@@ -62,11 +62,9 @@ def select(view: dict[str, Instance], component: str | None) -> list[Instance]:
                   key=lambda i: i.instance_id)
 
 
-_CLOSED = None  # queue sentinel that ends a watch
-
-
 class Watchers:
-    """The watch queues of one view. Unbounded: discovery changes are rare and small."""
+    """The watch queues of one view (None in a queue ends that watch). Unbounded: discovery
+    changes are rare and small."""
 
     def __init__(self) -> None:
         self._queues: set[asyncio.Queue[DiscoveryEvent | None]] = set()
