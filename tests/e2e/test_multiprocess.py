@@ -90,3 +90,20 @@ def test_sigkilled_worker_leaves_and_survivor_serves(tmp_path: Path, model_dir: 
     spawn(procs, "worker", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny",
           "--discovery-dir", str(disc), "--speedup-ratio", "20")
     wait_workers(url, 2, timeout=60)
+
+
+def test_one_mocker_process_simulates_many_workers(tmp_path: Path, model_dir: Path, procs) -> None:  # type: ignore[no-untyped-def]
+    disc = tmp_path / "discovery"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spawn(procs, "frontend", "--discovery-dir", str(disc), "--port", str(port))
+    spawn(procs, "worker", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny",
+          "--discovery-dir", str(disc), "--num-workers", "16", "--speedup-ratio", "50")
+    wait_workers(url, 16, timeout=60)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=10)
+    for _ in range(20):
+        r = client.completions.create(model="tiny", prompt="x = 1", max_tokens=2)
+        assert r.usage.completion_tokens == 2
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert metrics.count("turbine_worker_kv_total_blocks{") == 16
