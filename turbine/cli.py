@@ -1,4 +1,4 @@
-"""The ``turbine`` command: serve, frontend, worker, make-model, bench."""
+"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate."""
 from __future__ import annotations
 
 import argparse
@@ -69,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("bench", help="drive an OpenAI-compatible endpoint and report latencies")
+    p = sub.add_parser("bench", help="drive an OpenAI-compatible endpoint and report latencies "
+                       "(--trace FILE: replay a Mooncake trace)")
     from turbine.bench.loadgen import add_loadgen_args
+    from turbine.bench.replay import add_trace_args
 
     add_loadgen_args(p)
+    add_trace_args(p.add_argument_group("trace replay (with --trace)"))
+
+    p = sub.add_parser("simulate", help="replay a trace through a simulated fleet (router + mocker, virtual clock)")
+    from turbine.sim.command import add_simulate_args
+
+    add_simulate_args(p)
+    _add_mocker_args(p)
     return parser
 
 
@@ -139,9 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
         return
     if args.cmd == "bench":
+        if args.trace is not None:
+            from turbine.bench.replay import main_from_args as replay_main
+
+            sys.exit(replay_main(args))
         from turbine.bench.loadgen import main_from_args
 
         sys.exit(main_from_args(args))
+    if args.cmd == "simulate":
+        from turbine.sim.command import main_from_args as simulate_main
+
+        sys.exit(simulate_main(args))
     try:
         import uvloop
 

@@ -1,0 +1,70 @@
+"""`turbine simulate`: a trace through a simulated fleet, reported like a live replay.
+
+    turbine simulate --trace trace.jsonl --workers 8 --router kv --speed 2 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from turbine.bench.replay import add_trace_args, write_outputs
+from turbine.bench.report import summarize_trace
+from turbine.bench.trace import TokenSynth, ideal_hit_rate, load_trace
+from turbine.mocker.core import MockerConfig
+from turbine.sim.simulator import ROUTERS, SimConfig, simulate
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    """Options beyond the mocker's (the caller adds those: same flags as `turbine serve`)."""
+    add_trace_args(p, trace_required=True)
+    p.add_argument("--workers", type=int, default=8, help="simulated workers")
+    p.add_argument("--router", default="kv", choices=ROUTERS, help="routing policy")
+    p.add_argument("--router-approx", action="store_true",
+                   help="kv routing without KV events (the router predicts caches from its own decisions)")
+    p.add_argument("--router-temperature", type=float, default=0.0,
+                   help="kv routing: sample workers by softmax over costs (0 = pick the cheapest)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the summary as JSON")
+    p.add_argument("--seed", type=int, default=0, help="seeds routing ties, sampling and prompt tokens")
+    p.add_argument("--label", default="", help="row label in the printed table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_from_args(a: argparse.Namespace) -> int:
+    """Run one simulation from parsed args; 0 if every request finished, 1 if not, 2 on bad input."""
+    try:
+        requests = load_trace(a.trace, a.max_requests)
+        ctx = a.context_length or max(r.input_length + r.output_length for r in requests)
+        mocker = MockerConfig(block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
+                              max_num_batched_tokens=a.max_num_batched_tokens, speedup_ratio=a.speedup_ratio,
+                              context_length=max(ctx, 2), profile=a.profile)
+        cfg = SimConfig(workers=a.workers, router=a.router, router_approx=a.router_approx,
+                        router_temperature=a.router_temperature, speed=a.speed, vocab_size=a.vocab_size,
+                        seed=a.seed, mocker=mocker)
+        TokenSynth(cfg.vocab_size)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    with tqdm(total=len(requests), unit="req", desc="simulate", disable=a.no_progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        try:
+            res = simulate(requests, cfg, on_finish=lambda: bar.update(1))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    meta = {"mode": "sim", "trace": str(a.trace), "router": cfg.label(), "workers": cfg.workers, "speed": cfg.speed,
+            "mocker": {"block_size": mocker.block_size, "num_gpu_blocks": mocker.num_gpu_blocks,
+                       "max_num_seqs": mocker.max_num_seqs, "max_num_batched_tokens": mocker.max_num_batched_tokens,
+                       "speedup_ratio": mocker.speedup_ratio, "profile": mocker.profile},
+            "sim": res.stats.to_dict()}
+    report = summarize_trace(res.results, res.duration_s, slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl,
+                             ideal_hit_rate=ideal_hit_rate(requests), meta=meta)
+    label = a.label or f"sim {cfg.label()} x{cfg.workers} @{cfg.speed:g}x"
+    write_outputs(report, label, a.json, a.plot, res.results, res.arrivals_s)
+    print(f"simulated {report.duration_s:.1f} s of fleet time in {res.stats.wall_s:.2f} s "
+          f"({res.stats.steps} engine steps)", file=sys.stderr)
+    return 0 if report.errors == 0 else 1
+
+
+__all__ = ["add_simulate_args", "main_from_args"]
