@@ -29,6 +29,8 @@ class BlockStored(KVCacheEvent):
     block_size: int
     lora_id: int | None = None
     medium: str | None = None
+    # Newer vLLM appends the adapter name (array position 7); it salts the router's local hashes.
+    lora_name: str | None = None
 
 
 class BlockRemoved(KVCacheEvent):

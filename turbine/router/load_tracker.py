@@ -38,6 +38,8 @@ class LoadTracker:
             del self._requests[rid]
 
     def routed(self, request_id: str, worker_id: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
+        if request_id in self._requests:  # routed again without finishing: release the first reservation
+            self.finished(request_id)
         load = self.workers.setdefault(worker_id, WorkerLoad())
         new_tokens = max(prompt_tokens - cached_tokens, 0)
         blocks = -(-prompt_tokens // self.block_size)

@@ -1,4 +1,7 @@
-"""Load-only routing policies: pure choices over a snapshot of candidate loads."""
+"""Load-only routing policies: pure choices over a snapshot of candidate loads.
+
+``kv`` (prefix-aware) is chosen in ``selector.py``; the policy names all live here.
+"""
 from __future__ import annotations
 
 import random
@@ -6,7 +9,8 @@ from collections.abc import Sequence
 
 from turbine.router.load_tracker import WorkerLoad
 
-POLICIES = ("round-robin", "random", "least-loaded", "power-of-two")
+LOAD_POLICIES = ("round-robin", "random", "least-loaded", "power-of-two")
+POLICIES = ("kv", *LOAD_POLICIES)
 
 
 def _cost(load: WorkerLoad | None) -> tuple[int, int]:
@@ -32,8 +36,8 @@ class LoadPolicy:
     """Picks a worker by policy name; round-robin keeps its cursor here."""
 
     def __init__(self, name: str, seed: int | None = None):
-        if name not in POLICIES:
-            raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+        if name not in LOAD_POLICIES:
+            raise ValueError(f"unknown load policy {name!r}; choose one of {', '.join(LOAD_POLICIES)}")
         self.name = name
         self.rng = random.Random(seed)
         self._cursor = 0

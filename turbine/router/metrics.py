@@ -1,0 +1,142 @@
+"""Router metrics as plain counters, plus an optional Prometheus collector that reads them.
+
+The router's modules stay free of any metrics library: they bump the fields of ``RouterStats``.
+The frontend owns its Prometheus registry and calls ``register_prometheus`` once per model; the
+collector reads the counters (and the index size) at scrape time, so routing pays nothing extra.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from turbine.router.router import Router
+
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class LagStats:
+    """Seconds between a KV event batch's timestamp and when the router applied it."""
+
+    count: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS) + 1))  # last: +Inf
+
+    def observe(self, lag_s: float) -> None:
+        lag_s = max(lag_s, 0.0)  # clocks of two machines: never report negative lag
+        self.count += 1
+        self.total_s += lag_s
+        self.max_s = max(self.max_s, lag_s)
+        self.buckets[bisect_left(LAG_BUCKETS, lag_s)] += 1
+
+
+@dataclass
+class RouterStats:
+    block_size: int = 16
+    decisions: dict[str, int] = field(default_factory=dict)  # policy -> requests routed
+    # predicted vs actual prefix hits, for requests whose usage came back (observe_actual)
+    observed: int = 0
+    predicted_blocks: int = 0
+    actual_cached_blocks: int = 0
+    overlap_abs_error_blocks: int = 0
+    # KV events
+    events_applied: dict[str, int] = field(default_factory=dict)  # event type -> count
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    events_unplaced: int = 0  # a BlockStored whose parent the index did not know (resync needed)
+    events_rejected: int = 0  # events that contradict the index (e.g. another block size)
+    events_ignored: int = 0  # events reaching a router in approximate mode
+    resyncs: int = 0  # reset_worker calls
+    lag: LagStats = field(default_factory=LagStats)
+
+    def decided(self, policy: str) -> None:
+        self.decisions[policy] = self.decisions.get(policy, 0) + 1
+
+    def observe_actual(self, predicted_blocks: int, actual_cached_tokens: int) -> None:
+        actual = actual_cached_tokens // self.block_size
+        self.observed += 1
+        self.predicted_blocks += predicted_blocks
+        self.actual_cached_blocks += actual
+        self.overlap_abs_error_blocks += abs(predicted_blocks - actual)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as one plain dict (for JSON reports, logs and tests)."""
+        return {
+            "decisions": dict(self.decisions),
+            "observed": self.observed,
+            "predicted_blocks": self.predicted_blocks,
+            "actual_cached_blocks": self.actual_cached_blocks,
+            "overlap_abs_error_blocks": self.overlap_abs_error_blocks,
+            "events_applied": dict(self.events_applied),
+            "blocks_stored": self.blocks_stored,
+            "blocks_removed": self.blocks_removed,
+            "events_unplaced": self.events_unplaced,
+            "events_rejected": self.events_rejected,
+            "events_ignored": self.events_ignored,
+            "resyncs": self.resyncs,
+            "event_lag_count": self.lag.count,
+            "event_lag_mean_s": self.lag.total_s / self.lag.count if self.lag.count else 0.0,
+            "event_lag_max_s": self.lag.max_s,
+        }
+
+
+class RouterCollector:
+    """A Prometheus collector over one router's stats, labelled with the model it routes."""
+
+    def __init__(self, router: Router, model: str):
+        self.router = router
+        self.model = model
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        s, m = self.router.stats, self.model
+        dec = CounterMetricFamily("turbine_router_decisions", "Requests routed", labels=["model", "policy"])
+        for policy, n in s.decisions.items():
+            dec.add_metric([m, policy], n)
+        yield dec
+        for name, doc, value in (
+            ("turbine_router_predicted_overlap_blocks", "Predicted prefix-cache hits (blocks) of observed requests",
+             s.predicted_blocks),
+            ("turbine_router_actual_cached_blocks", "Actual prefix-cache hits (blocks) of observed requests",
+             s.actual_cached_blocks),
+            ("turbine_router_overlap_error_blocks", "Sum of |predicted - actual| hit blocks", s.overlap_abs_error_blocks),
+            ("turbine_router_overlap_observations", "Requests with predicted and actual hits", s.observed),
+            ("turbine_router_kv_blocks_stored", "Blocks in BlockStored events applied", s.blocks_stored),
+            ("turbine_router_kv_blocks_removed", "Blocks in BlockRemoved events applied", s.blocks_removed),
+            ("turbine_router_kv_events_unplaced", "BlockStored events whose parent was unknown", s.events_unplaced),
+            ("turbine_router_kv_events_rejected", "KV events contradicting the index", s.events_rejected),
+            ("turbine_router_resyncs", "Worker index rebuilds from a full-state dump", s.resyncs),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            c.add_metric([m], value)
+            yield c
+        ev = CounterMetricFamily("turbine_router_kv_events", "KV events applied", labels=["model", "type"])
+        for kind, n in s.events_applied.items():
+            ev.add_metric([m, kind], n)
+        yield ev
+        size = GaugeMetricFamily("turbine_router_index_blocks", "Indexed (worker, block) pairs", labels=["model"])
+        size.add_metric([m], self.router.index_blocks)
+        yield size
+        nodes = GaugeMetricFamily("turbine_router_index_nodes", "Distinct prefixes indexed", labels=["model"])
+        nodes.add_metric([m], self.router.index_nodes)
+        yield nodes
+        lag = HistogramMetricFamily("turbine_router_kv_event_lag_seconds", "KV event batch age when applied",
+                                    labels=["model"])
+        cum, buckets = 0, []
+        for bound, n in zip((*LAG_BUCKETS, float("inf")), s.lag.buckets):
+            cum += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+        lag.add_metric([m], buckets, s.lag.total_s)
+        yield lag
+
+
+def register_prometheus(registry: Any, router: Router, model: str) -> RouterCollector:
+    """Expose ``router``'s stats in ``registry`` (a prometheus_client CollectorRegistry)."""
+    collector = RouterCollector(router, model)
+    registry.register(collector)
+    return collector
