@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +97,49 @@ def metric_values(text: str, name: str) -> list[float]:
 def server_factory() -> type[ServerThread]:
     """Start a differently configured server: ``with server_factory(model_dir, workers=1) as s``."""
     return ServerThread
+
+
+# --- multi-process deployments ---------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def wait_workers(url: str, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if len(health(url).get("models", {}).get("tiny", [])) == n:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} workers within {timeout} s, health={health(url)}")
+
+
+@pytest.fixture
+def procs():  # type: ignore[no-untyped-def]
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in started:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def spawn(procs: list, *args: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "turbine", "--log-level", "WARNING", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    procs.append(p)
+    return p

@@ -36,7 +36,14 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--router", default="round-robin", choices=POLICIES, help="routing policy")
+    p.add_argument("--router", default="kv", choices=POLICIES,
+                   help="routing policy: kv = the worker holding most of the prompt's KV blocks, weighed against load")
+    p.add_argument("--router-approx", action="store_true",
+                   help="kv routing without worker events: remember where prefixes were sent (TTL)")
+    p.add_argument("--router-temperature", type=float, default=0.0,
+                   help="0 = always the cheapest worker; >0 samples workers by softmax of their cost")
+    p.add_argument("--kv-overlap-weight", type=float, default=1.0,
+                   help="weight of prefill work (blocks to compute) against decode load in the kv cost")
     p.add_argument("--max-inflight", type=int, default=0,
                    help="answer 429 beyond this many concurrent requests (0 = no limit)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -109,19 +116,32 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                          context_length=args.context_length)
 
 
+def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from turbine.frontend.service import RouterConfig
+
+    if args.router_temperature < 0:
+        raise SystemExit("turbine: --router-temperature must be >= 0")
+    if args.kv_overlap_weight < 0:
+        raise SystemExit("turbine: --kv-overlap-weight must be >= 0")
+    if args.router_approx and args.router != "kv":
+        raise SystemExit("turbine: --router-approx applies to --router kv only")
+    return RouterConfig(policy=args.router, overlap_weight=args.kv_overlap_weight,
+                        temperature=args.router_temperature, approx=args.router_approx)
+
+
 async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
 
     if args.cmd == "serve":
         dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers, host=args.host,
-                                            port=args.port, router=args.router, max_inflight=args.max_inflight,
+                                            port=args.port, router=_router_config(args), max_inflight=args.max_inflight,
                                             request_timeout_s=args.request_timeout)
         assert dep.frontend is not None
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     elif args.cmd == "frontend":
         dep = await launch.start_frontend(discovery_dir=args.discovery_dir, host=args.host, port=args.port,
-                                          router=args.router, max_inflight=args.max_inflight,
+                                          router=_router_config(args), max_inflight=args.max_inflight,
                                           reuse_port=args.reuse_port, request_timeout_s=args.request_timeout)
         assert dep.frontend is not None
         print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)

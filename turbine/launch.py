@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from turbine.frontend.service import Frontend
+from turbine.frontend.service import Frontend, RouterConfig
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
 from turbine.protocols.model_card import ModelCard
@@ -130,7 +130,7 @@ class Deployment:
 
 
 async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port: int,
-                           router: str = "round-robin", max_inflight: int = 0,
+                           router: RouterConfig | None = None, max_inflight: int = 0,
                            request_timeout_s: float | None = None) -> Deployment:
     """Frontend, router and ``workers`` workers in this process, on embedded discovery."""
     store = MemoryStore()
@@ -138,7 +138,7 @@ async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port
     dep = Deployment(discovery=MemoryDiscovery(store))
     subscriber = bus.subscriber()
     dep.frontend = Frontend(discovery=MemoryDiscovery(store), client=InProcClient(), subscriber=subscriber,
-                            host=host, port=port, router_policy=router, max_inflight=max_inflight,
+                            host=host, port=port, router=router, max_inflight=max_inflight,
                             request_timeout_s=request_timeout_s)
     await dep.frontend.start()
     dep.workers = await start_workers(opts, workers, dep.discovery, inproc=True, bus=bus)
@@ -146,12 +146,12 @@ async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port
     return dep
 
 
-async def start_frontend(*, discovery_dir: Path, host: str, port: int, router: str = "round-robin",
+async def start_frontend(*, discovery_dir: Path, host: str, port: int, router: RouterConfig | None = None,
                          max_inflight: int = 0, reuse_port: bool = False,
                          request_timeout_s: float | None = None) -> Deployment:
     discovery = make_discovery("file", discovery_dir)
     fe = Frontend(discovery=discovery, client=TcpClient(), subscriber=ZmqEventSubscriber(),
-                  host=host, port=port, router_policy=router, max_inflight=max_inflight, reuse_port=reuse_port,
+                  host=host, port=port, router=router, max_inflight=max_inflight, reuse_port=reuse_port,
                   request_timeout_s=request_timeout_s)
     await fe.start()
     return Deployment(frontend=fe, discovery=discovery)

@@ -1,63 +1,15 @@
 """`turbine frontend` + two `turbine worker` processes on file discovery; one is SIGKILLed."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import openai
-import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def health(url: str) -> dict:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return json.loads(r.read())
-    except OSError:
-        return {}
-
-
-def wait_workers(url: str, n: int, timeout: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if len(health(url).get("models", {}).get("tiny", [])) == n:
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    raise AssertionError(f"expected {n} workers within {timeout} s, health={health(url)}")
-
-
-@pytest.fixture
-def procs():  # type: ignore[no-untyped-def]
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    for p in started:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def spawn(procs: list, *args: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "turbine", "--log-level", "WARNING", *args],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    procs.append(p)
-    return p
+from conftest import free_port, health, spawn, wait_workers
 
 
 def test_sigkilled_worker_leaves_and_survivor_serves(tmp_path: Path, model_dir: Path, procs) -> None:  # type: ignore[no-untyped-def]
@@ -104,6 +56,11 @@ def test_one_mocker_process_simulates_many_workers(tmp_path: Path, model_dir: Pa
     for _ in range(20):
         r = client.completions.create(model="tiny", prompt="x = 1", max_tokens=2)
         assert r.usage.completion_tokens == 2
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        metrics = resp.read().decode()
+    deadline = time.monotonic() + 3  # every worker's load arrives within its 1 s heartbeat
+    while True:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        if metrics.count("turbine_worker_kv_total_blocks{") == 16 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert metrics.count("turbine_worker_kv_total_blocks{") == 16

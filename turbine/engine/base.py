@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, Protocol
 
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
-from turbine.protocols.kv_events import KVEvent
+from turbine.protocols.kv_events import BlockStored, KVEvent
 
 KVEventSink = Callable[[list[KVEvent]], None]
 
@@ -40,3 +40,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def kv_snapshot(self) -> list[BlockStored]:
+        """BlockStored events that rebuild the engine's prefix cache now (parents first)."""
+        ...

@@ -19,7 +19,6 @@ from turbine.frontend.metrics import ModelMetrics
 from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.frontend.stop_strings import StopStringMatcher
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, SamplingOptions, StopConditions
-from turbine.router.router import Router
 from turbine.runtime.request_plane import (
     DeadlineExceeded,
     RemoteError,
@@ -51,10 +50,9 @@ class ChoiceSpec(NamedTuple):
 class Generation:
     """Shared by all requests of a frontend: the routing, transport and metric handles."""
 
-    def __init__(self, registry: ModelRegistry, router: Router, client: RequestPlaneClient,
+    def __init__(self, registry: ModelRegistry, client: RequestPlaneClient,
                  request_timeout_s: float | None = None):
         self.registry = registry
-        self.router = router
         self.client = client
         self.request_timeout_s = request_timeout_s
 
@@ -71,12 +69,14 @@ class Generation:
         cached = 0
         finish: str | None = None
         stop_hit = False
+        router = m.router
         t_last = time.perf_counter()
         first_token = True
         for attempt in range(MAX_MIGRATIONS + 1):
             tokens = spec.prompt_ids + generated if generated else spec.prompt_ids
             sub_id = f"{spec.request_id}.{attempt}" if attempt else spec.request_id
-            worker_id = self.router.route(sub_id, self.registry.candidates(m), tokens).worker_id
+            decision = router.route(sub_id, self.registry.candidates(m), tokens)
+            worker_id = decision.worker_id
             inst = m.workers[worker_id]
             req = GenerateRequest(
                 request_id=sub_id, token_ids=tokens, sampling=spec.sampling,
@@ -87,7 +87,7 @@ class Generation:
             )
             stream = self.client.stream(inst.address, "generate", _req_encoder.encode(req),
                                         timeout=self.request_timeout_s)
-            routed_first = False
+            routed_first = observed = False
             try:
                 async for raw in stream:
                     d = _delta_decoder.decode(raw)
@@ -95,9 +95,12 @@ class Generation:
                         raise ApiError(500, f"worker error: {d.error}")
                     if not routed_first:
                         routed_first = True
-                        self.router.first_token(sub_id)
-                    if d.cached_tokens is not None and attempt == 0:
-                        cached = d.cached_tokens
+                        router.first_token(sub_id)
+                    if d.cached_tokens is not None and not observed:
+                        observed = True
+                        router.observe_actual(sub_id, decision.overlap_blocks, d.cached_tokens)
+                        if attempt == 0:
+                            cached = d.cached_tokens
                     if d.token_ids:
                         now = time.perf_counter()
                         if mm is not None:
@@ -126,7 +129,7 @@ class Generation:
             except (RemoteError, UnknownEndpoint) as e:
                 raise ApiError(500, f"worker error: {e}") from None
             finally:
-                self.router.finished(sub_id)
+                router.finished(sub_id)
                 with contextlib.suppress(Exception):
                     await stream.aclose()  # type: ignore[attr-defined]
             if finish == "abort":  # the worker shut down under us: continue elsewhere

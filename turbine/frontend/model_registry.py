@@ -20,8 +20,11 @@ from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
+from turbine.router.event_sync import KvEventSync
+from turbine.router.router import Router
 from turbine.runtime.discovery import Discovery, Instance
 from turbine.runtime.events import EventSubscriber
+from turbine.runtime.request_plane import RequestPlaneClient
 
 log = logging.getLogger("turbine.frontend")
 
@@ -32,24 +35,28 @@ SUSPECT_S = 5.0  # how long a worker whose stream broke is skipped unless discov
 class ServedModel:
     name: str
     card: ModelCard
+    router: Router
     tokenizer: TurbineTokenizer | None = None
     workers: dict[str, Instance] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 class ModelRegistry:
-    def __init__(self, discovery: Discovery, metrics: FrontendMetrics,
+    def __init__(self, discovery: Discovery, metrics: FrontendMetrics, client: RequestPlaneClient,
+                 router_factory: Callable[[ModelCard], Router],
                  subscriber: EventSubscriber | None = None,
-                 on_worker_removed: Callable[[str], None] | None = None):
+                 on_model_added: Callable[[ServedModel], None] | None = None):
         self.discovery = discovery
         self.metrics = metrics
         self.subscriber = subscriber
+        self.router_factory = router_factory
         self.models: dict[str, ServedModel] = {}
         self._suspect: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tokenizer_loads: dict[str, asyncio.Task[None]] = {}
-        self._on_worker_removed = on_worker_removed
+        self._on_model_added = on_model_added
         self._load_decoder = msgspec.msgpack.Decoder(WorkerLoad)
+        self.kv_sync = KvEventSync(client, on_load=self._on_load)
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -58,6 +65,7 @@ class ModelRegistry:
             self._spawn(self._watch_events())
 
     async def close(self) -> None:
+        await self.kv_sync.close()
         for t in list(self._tasks) + list(self._tokenizer_loads.values()):
             t.cancel()
         for t in list(self._tasks) + list(self._tokenizer_loads.values()):
@@ -85,7 +93,9 @@ class ModelRegistry:
         assert card is not None
         m = self.models.get(card.model_name)
         if m is None:
-            m = self.models[card.model_name] = ServedModel(card.model_name, card)
+            m = self.models[card.model_name] = ServedModel(card.model_name, card, self.router_factory(card))
+            if self._on_model_added is not None:
+                self._on_model_added(m)
         elif card.block_size != m.card.block_size:
             log.warning("worker %s serves %s with block size %d, others use %d: prefix routing across them "
                         "will not match", inst.instance_id, card.model_name, card.block_size, m.card.block_size)
@@ -94,6 +104,7 @@ class ModelRegistry:
         self.metrics.workers.labels(m.name).set(len(m.workers))
         if inst.event_address and self.subscriber is not None:
             self.subscriber.connect(inst.event_address)
+            self.kv_sync.add_worker(inst.event_address, inst.instance_id, inst.address, m.router)
         if m.tokenizer is None and m.name not in self._tokenizer_loads:
             self._tokenizer_loads[m.name] = asyncio.get_running_loop().create_task(self._load_tokenizer(m))
         log.info("worker %s joined model %s at %s", inst.instance_id, m.name, inst.address)
@@ -107,9 +118,9 @@ class ModelRegistry:
         self.metrics.workers.labels(m.name).set(len(m.workers))
         self.metrics.worker_gone(m.name, inst.instance_id)
         if inst.event_address and self.subscriber is not None:
+            self.kv_sync.remove_worker(inst.event_address)
             self.subscriber.disconnect(inst.event_address)
-        if self._on_worker_removed is not None:
-            self._on_worker_removed(inst.instance_id)
+        m.router.worker_removed(inst.instance_id)
         log.info("worker %s left model %s", inst.instance_id, m.name)
 
     async def _load_tokenizer(self, m: ServedModel) -> None:
@@ -124,16 +135,19 @@ class ModelRegistry:
     # --- events ----------------------------------------------------------------------------
     async def _watch_events(self) -> None:
         assert self.subscriber is not None
+        on_event = self.kv_sync.on_event
         async for ev in self.subscriber:
-            if ev.topic == "load":
-                try:
-                    load = self._load_decoder.decode(ev.payload)
-                except msgspec.DecodeError:
-                    log.warning("undecodable load event from %s", ev.address)
-                    continue
-                m = self.models.get(load.model_name)
-                if m is not None and load.worker_id in m.workers:
-                    self.metrics.worker_load(load)
+            on_event(ev)
+
+    def _on_load(self, payload: bytes) -> None:
+        try:
+            load = self._load_decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("undecodable load event")
+            return
+        m = self.models.get(load.model_name)
+        if m is not None and load.worker_id in m.workers:
+            self.metrics.worker_load(load)
 
     # --- lookups -----------------------------------------------------------------------------
     def get(self, name: str) -> ServedModel:

@@ -47,3 +47,14 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 class KVEventBatch(EventBatch):
     events: list[KVEvent]  # type: ignore[assignment]
+
+
+class KvStateSnapshot(msgspec.Struct, kw_only=True, gc=False):
+    """A worker's full prefix-cache state, for a router that missed events (``kv_state`` endpoint).
+
+    ``last_seq`` is the event-plane sequence number of the last batch the worker had published
+    when it took the snapshot: later batches are not in ``blocks`` and must be applied on top.
+    """
+
+    last_seq: int
+    blocks: list[BlockStored]

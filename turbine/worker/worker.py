@@ -17,7 +17,7 @@ import msgspec
 
 from turbine.engine.base import Engine
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
-from turbine.protocols.kv_events import KVEvent, KVEventBatch
+from turbine.protocols.kv_events import KVEvent, KVEventBatch, KvStateSnapshot
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
 from turbine.runtime.discovery import Discovery, Instance
@@ -48,10 +48,12 @@ class Worker:
         self._load_dirty = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self.instance: Instance | None = None
+        self._last_seq = -1  # event-plane sequence number of the last batch this worker published
 
     async def start(self, address: str | None = None) -> Instance:
         await self.engine.start()
         self.server.register("generate", self._generate)
+        self.server.register("kv_state", self._kv_state)
         self.address = address or await self.server.start()
         event_address = None
         if self.publisher is not None:
@@ -95,10 +97,14 @@ class Worker:
             await stream.aclose()  # type: ignore[attr-defined]
             self._load_dirty.set()
 
+    async def _kv_state(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        """The full prefix-cache state and the sequence number it is current to (one frame)."""
+        yield _encoder.encode(KvStateSnapshot(last_seq=self._last_seq, blocks=self.engine.kv_snapshot()))
+
     # --- event plane ---------------------------------------------------------------------------
     def _publish_kv(self, events: list[KVEvent]) -> None:
         if self.publisher is not None and events:
-            self.publisher.publish("kv", _encoder.encode(KVEventBatch(ts=time.time(), events=events)))
+            self._last_seq = self.publisher.publish("kv", _encoder.encode(KVEventBatch(ts=time.time(), events=events)))
         self._load_dirty.set()
 
     def current_load(self) -> WorkerLoad:
@@ -113,5 +119,5 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._load_dirty.wait(), LOAD_HEARTBEAT_S)
             self._load_dirty.clear()
-            self.publisher.publish("load", _encoder.encode(self.current_load()))
+            self._last_seq = self.publisher.publish("load", _encoder.encode(self.current_load()))
             await asyncio.sleep(LOAD_MIN_INTERVAL_S)
