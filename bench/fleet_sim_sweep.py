@@ -38,7 +38,7 @@ from turbine.sim import SimConfig, simulate  # noqa: E402
 
 DEFAULT_TRACE = Path("/work/shared/data/mooncake_synthetic_trace.jsonl")
 POLICIES = ("kv", "kv-approx", "round-robin", "random", "least-loaded", "power-of-two")
-EXTRA_SPEEDS = (5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
+EXTRA_SPEEDS = (5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 10.0, 12.0, 16.0)
 RR_LIMIT_MS = 2000.0
 
 # Dynamo 1.6.1 `dynamo.replay.run_trace_replay` on the same trace, 8 workers, default mocker

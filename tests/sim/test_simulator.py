@@ -28,8 +28,9 @@ def flat_profile(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(p)
 
 
-def _cfg(profile: str, workers: int = 1, router: str = "round-robin", **kw: Any) -> SimConfig:
-    return SimConfig(workers=workers, router=router, mocker=MockerConfig(profile=profile, num_gpu_blocks=1024, **kw))
+def _cfg(profile: str, workers: int = 1, router: str = "round-robin", approx: bool = False, **kw: Any) -> SimConfig:
+    return SimConfig(workers=workers, router=router, router_approx=approx,
+                     mocker=MockerConfig(profile=profile, num_gpu_blocks=1024, **kw))
 
 
 def _req(ms: float, n_in: int, n_out: int, ids: list[int]) -> TraceRequest:
@@ -95,10 +96,10 @@ def test_prefix_cache_hit_on_the_same_worker(flat_profile: str) -> None:
 
 
 class RecordingRouter:
-    """The real Router, with every call the simulator makes logged with the virtual time."""
+    """The real kv Router, with every call the simulator makes logged with the virtual time."""
 
     def __init__(self, sim_now: Any) -> None:
-        self.inner = Router("round-robin", block_size=64, seed=0)
+        self.inner = Router("kv", block_size=64, seed=0)
         self.now = sim_now
         self.log: list[tuple[float, str, str]] = []
 
@@ -116,11 +117,11 @@ class RecordingRouter:
 
     def apply_kv_events(self, worker: str, events: list[Any], ts: float | None = None) -> bool:
         self.log.append((self.now(), "kv_events", worker))
-        return True
+        return self.inner.apply_kv_events(worker, events)
 
 
 def test_router_sees_events_and_tokens_at_step_end(flat_profile: str) -> None:
-    sim = Simulator([_req(0, 2 * B, 2, [1, 2]), _req(3, 100, 1, [9])], _cfg(flat_profile))
+    sim = Simulator([_req(0, 2 * B, 2, [1, 2]), _req(3, 100, 1, [9])], _cfg(flat_profile, router="kv"))
     rec = RecordingRouter(lambda: sim.now)
     sim.router = rec  # type: ignore[assignment]
     sim.run()
@@ -165,3 +166,19 @@ def test_config_validation() -> None:
         SimConfig(router="random", router_approx=True)
     with pytest.raises(ValueError, match="speed"):
         SimConfig(speed=0)
+
+
+def test_kv_routing_follows_the_cached_prefix(flat_profile: str) -> None:
+    # A stores blocks [1, 2] on some worker; B arrives after A ended and shares them. kv must
+    # send B there (the router learned it from KV events); round-robin sends it to the other.
+    reqs = [_req(0, 2 * B, 2, [1, 2]), _req(100, 3 * B, 2, [1, 2, 3])]
+    kv = simulate(reqs, _cfg(flat_profile, workers=2, router="kv"))
+    assert [r.cached_tokens for r in kv.results] == [0, 2 * B]
+    assert sorted(kv.stats.requests_per_worker) == [0, 2]
+    assert kv.stats.kv_event_batches >= 2
+    rr = simulate(reqs, _cfg(flat_profile, workers=2, router="round-robin"))
+    assert [r.cached_tokens for r in rr.results] == [0, 0]
+    assert rr.stats.requests_per_worker == [1, 1]
+    approx = simulate(reqs, _cfg(flat_profile, workers=2, router="kv", approx=True))
+    assert [r.cached_tokens for r in approx.results] == [0, 2 * B]  # remembered its own decision
+    assert approx.stats.kv_event_batches == 0
