@@ -79,9 +79,13 @@ class OpenAIApi:
         resp.send(200, _json.encode(ModelList("list", data)))
 
     async def health(self, req: HttpRequest, resp: HttpResponse) -> None:
-        models = {m.name: sorted(m.workers) for m in self.registry.served()}
+        served = self.registry.served()
+        models = {m.name: sorted(m.workers) for m in served}
+        workers = {i.instance_id: {"model": m.name, "address": i.address, **i.metadata}
+                   for m in served for i in m.workers.values()}
         status = "ok" if models else "no_workers"
-        resp.send(200, _json.encode({"status": status, "models": models, "inflight": self.inflight}))
+        resp.send(200, _json.encode({"status": status, "models": models, "workers": workers,
+                                     "inflight": self.inflight}))
 
     async def prometheus(self, req: HttpRequest, resp: HttpResponse) -> None:
         resp.send(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")

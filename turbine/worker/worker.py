@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -61,7 +62,8 @@ class Worker:
             self.engine.set_kv_event_sink(self._publish_kv)
             self._load_task = asyncio.get_running_loop().create_task(self._publish_load_loop())
         self.instance = Instance(instance_id=self.worker_id, component="worker", endpoint="generate",
-                                 address=self.address, event_address=event_address, model_card=self.card)
+                                 address=self.address, event_address=event_address, model_card=self.card,
+                                 metadata={"pid": str(os.getpid())})
         await self.discovery.register(self.instance)
         log.info("worker %s serving %s at %s", self.worker_id, self.card.model_name, self.address)
         return self.instance
