@@ -168,16 +168,16 @@ def append_results(path: Path, a: argparse.Namespace, rows: dict[tuple[float, st
     lines = [
         header, f"## fleet_sim_sweep — {when}", "",
         f"- machine: {machine()}",
-        f"- workload: `turbine simulate`, {a.workers} workers, {Path(a.trace).name} "
-        f"({any_row['requests']} requests), arrival times divided by the speed; mocker defaults (block size 64, "
-        "16,384 blocks/worker, max_num_seqs 256, max_num_batched_tokens 8192, speedup 1, Dynamo's polynomial timing)",
-        f"- goodput SLO: TTFT <= {any_row['slo']['ttft_ms']:g} ms and mean ITL <= {any_row['slo']['itl_ms']:g} ms; "
-        f"latencies in ms; trace's ideal reuse {100 * any_row['ideal_hit_rate']:.1f}% (hash-id blocks seen before)",
+        (f"- workload: `turbine simulate`, {a.workers} workers, {Path(a.trace).name} "
+         f"({any_row['requests']} requests), arrival times divided by the speed; mocker defaults (block size 64, "
+         "16,384 blocks/worker, max_num_seqs 256, max_num_batched_tokens 8192, speedup 1, Dynamo's polynomial timing)"),
+        (f"- goodput SLO: TTFT <= {any_row['slo']['ttft_ms']:g} ms and mean ITL <= {any_row['slo']['itl_ms']:g} ms; "
+         f"latencies in ms; trace's ideal reuse {100 * any_row['ideal_hit_rate']:.1f}% (hash-id blocks seen before)"),
         f"- simulator wall time for the whole sweep: {total_wall:.0f} s ({a.jobs} processes)",
         *([f"- plot: {plot}"] if plot else []), "",
         results_table(rows, markdown=True), "",
-        "Side by side with Dynamo 1.6.1's offline replay (`dynamo.replay.run_trace_replay`, Rust mocker + KV "
-        "router, same trace, 8 workers, default mocker; numbers from ../shared/anchors/dynamo/README.md):", "",
+        ("Side by side with Dynamo 1.6.1's offline replay (`dynamo.replay.run_trace_replay`, Rust mocker + KV "
+         "router, same trace, 8 workers, default mocker; numbers from ../shared/anchors/dynamo/README.md):"), "",
         dynamo_table(rows), "",
         f"Target check: {check}", "",
     ]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
-
 from turbine.bench.replay import ReplayConfig, replay
 from turbine.bench.trace import MOONCAKE_BLOCK_TOKENS as B
 from turbine.bench.trace import TraceRequest

@@ -6,7 +6,6 @@ A timing profile with constant step times (prefill 10 ms, decode 2 ms, a step wi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -33,7 +33,14 @@ from turbine.bench.report import (
     try_plot,
 )
 from turbine.bench.stats import RequestResult
-from turbine.bench.trace import DEFAULT_VOCAB_SIZE, TokenSynth, TraceRequest, arrival_offsets_s, ideal_hit_rate, load_trace
+from turbine.bench.trace import (
+    DEFAULT_VOCAB_SIZE,
+    TokenSynth,
+    TraceRequest,
+    arrival_offsets_s,
+    ideal_hit_rate,
+    load_trace,
+)
 
 
 @dataclass

@@ -92,11 +92,10 @@ class SimResult:
 class _Track:
     """One request's timeline as the client would see it (times in virtual seconds)."""
 
-    __slots__ = ("arrival", "first", "last", "itl", "worker")
+    __slots__ = ("arrival", "first", "itl", "last")
 
-    def __init__(self, arrival: float, worker: int) -> None:
+    def __init__(self, arrival: float) -> None:
         self.arrival = arrival
-        self.worker = worker
         self.first = -1.0
         self.last = -1.0
         self.itl: list[float] = []
@@ -182,7 +181,7 @@ class Simulator:
             self._results[i] = RequestResult(ok=False, error=str(e)[:200])
             self._finished()
             return -1
-        self._tracks[rid] = _Track(t, w)
+        self._tracks[rid] = _Track(t)
         self.stats.requests_per_worker[w] += 1
         return w
 
