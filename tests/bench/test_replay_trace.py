@@ -78,10 +78,11 @@ async def test_replay_sends_token_prompts_at_trace_times() -> None:
         assert body["ignore_eos"] is True and body["stream"] is True
         assert body["stream_options"] == {"include_usage": True}
         assert body["model"] == "fake-model"
-    # Arrivals 200 ms apart in the trace, so 100 ms apart at speed 2 (loose upper bound).
-    gaps = [b - a for a, b in zip(fake.recv, fake.recv[1:])]
-    assert all(0.08 <= g <= 0.5 for g in gaps), gaps
-    assert out.sent_at_s[-1] == pytest.approx(0.4, abs=0.15)
+    # Arrivals 200 ms apart in the trace, so 100 ms apart at speed 2: never early (the schedule
+    # is absolute), late only by a loose bound on a busy machine.
+    for i, at in enumerate(out.sent_at_s):
+        assert 0.1 * i - 0.005 <= at <= 0.1 * i + 0.3, out.sent_at_s
+    assert fake.recv[-1] - fake.recv[0] >= 0.39
     rep = out.report
     assert (rep.requests, rep.ok, rep.errors) == (5, 4, 1)  # output_length 13 fails
     assert rep.hit_rate == pytest.approx(sum(r.prompt_tokens // 2 for r in out.results if r.ok)
