@@ -82,7 +82,6 @@ async def test_replay_sends_token_prompts_at_trace_times() -> None:
     # is absolute), late only by a loose bound on a busy machine.
     for i, at in enumerate(out.sent_at_s):
         assert 0.1 * i - 0.005 <= at <= 0.1 * i + 0.3, out.sent_at_s
-    assert fake.recv[-1] - fake.recv[0] >= 0.39
     rep = out.report
     assert (rep.requests, rep.ok, rep.errors) == (5, 4, 1)  # output_length 13 fails
     assert rep.hit_rate == pytest.approx(sum(r.prompt_tokens // 2 for r in out.results if r.ok)
