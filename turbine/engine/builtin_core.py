@@ -1,0 +1,226 @@
+"""The built-in engine's step logic: the shared scheduler and block manager, a real forward pass.
+
+Synchronous like ``MockerCore`` (no asyncio, no clock), but thread-safe: ``BuiltinEngine`` runs
+``step()`` on a dedicated thread while the event loop adds and aborts requests.
+
+    step():  [lock]  schedule ─▶ runner.prepare        (reads sequences)
+             [free]  runner.run: forward + sample      (device work; add/abort may run meanwhile)
+             [lock]  postprocess ─▶ take KV events     (an aborted sequence's result is dropped)
+
+An abort during the forward frees the sequence's blocks at once; nothing reuses them before
+the next ``schedule()``, which comes after this step's device work has finished.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import msgspec
+import torch
+
+from turbine.engine.attention_api import CausalLM
+from turbine.engine.base import EngineStats
+from turbine.engine.block_manager import KVBlockManager
+from turbine.engine.kv_cache import (
+    CPU_DEFAULT_BYTES,
+    CPU_DEFAULT_MAX_TOKENS,
+    KVCache,
+    KVCacheSpec,
+    num_blocks_for_bytes,
+)
+from turbine.engine.model_runner import ModelRunner, profile_activation_bytes
+from turbine.engine.sampler import check_sampling_options
+from turbine.engine.scheduler import Scheduler, SchedulerConfig
+from turbine.engine.sequence import Sequence
+from turbine.protocols.generate import FinishReason, GenerateRequest
+from turbine.protocols.kv_events import BlockStored, KVEvent
+
+if TYPE_CHECKING:
+    from turbine.engine.models import ModelConfig
+
+__all__ = ["BuiltinConfig", "BuiltinCore", "StepOutput", "StepResult", "resolve_device"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
+
+
+class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
+    block_size: int = 16
+    num_gpu_blocks: int | None = None  # None: from gpu_memory_utilization (CUDA) or a fixed budget (CPU)
+    gpu_memory_utilization: float = 0.85  # fraction of the whole device for weights + activations + KV
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    seed: int | None = 0  # generator of unseeded sampling (None: nondeterministic)
+    decode_kernel: str = "auto"  # "auto" | "triton" | "torch" (see PagedAttention)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.context_length is not None and self.context_length <= 1:
+            raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a config asks for (auto: CUDA + bf16, else CPU + fp32)."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if dtype is not None:
+        return dev, _DTYPES[dtype]
+    return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+class StepOutput(NamedTuple):
+    request_id: str
+    token_id: int | None  # None: a prefill chunk that produced no token yet
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_tokens: int  # prefix-cache hit at admission
+    completion_tokens: int
+
+
+class StepResult(NamedTuple):
+    duration_s: float  # wall time of the step
+    outputs: list[StepOutput]  # one per scheduled sequence still running at the step's end
+    kv_events: list[KVEvent]  # in order; the caller numbers them
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_preempted: int
+
+
+class BuiltinCore:
+    def __init__(self, model: CausalLM, model_config: ModelConfig, config: BuiltinConfig | None = None) -> None:
+        """``model`` already on its device. Of ``model_config`` the core reads the shapes
+        (layers, heads, KV heads, head_dim, vocab), ``max_position_embeddings`` and ``eos_token_ids``."""
+        config = config if config is not None else BuiltinConfig()
+        self.config = config
+        self.model = model
+        self.model_config = model_config
+        self.device, self.dtype = resolve_device(config.device, config.dtype)
+        mc = model_config
+        self.vocab_size = int(mc.vocab_size)
+        num_heads = int(mc.num_attention_heads)
+        self.context_length = int(config.context_length or mc.max_position_embeddings)
+        self.eos_token_ids: tuple[int, ...] = tuple(mc.eos_token_ids)
+        spec = KVCacheSpec(num_layers=int(mc.num_hidden_layers), num_kv_heads=int(mc.num_key_value_heads),
+                           head_dim=int(mc.head_dim), block_size=config.block_size, dtype=self.dtype)
+        num_blocks = config.num_gpu_blocks or self._auto_num_blocks(spec)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            enable_chunked_prefill=config.enable_chunked_prefill,
+                            eos_token_ids=self.eos_token_ids, max_model_len=self.context_length),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(model, self.kv_cache, num_heads=num_heads, vocab_size=self.vocab_size,
+                                  eos_token_ids=self.eos_token_ids, sampler_seed=config.seed,
+                                  decode_kernel=config.decode_kernel)
+        self.num_steps = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str], config: BuiltinConfig | None = None) -> BuiltinCore:
+        """Load an HF-format checkpoint with Turbine's loader onto the configured device."""
+        from turbine.engine.loader import load_model
+
+        config = config if config is not None else BuiltinConfig()
+        device, dtype = resolve_device(config.device, config.dtype)
+        model, model_config = load_model(model_dir, dtype=dtype, device=str(device))
+        return cls(model, model_config, config)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def _auto_num_blocks(self, spec: KVCacheSpec) -> int:
+        cfg = self.config
+        if self.device.type != "cuda":
+            tokens = min(CPU_DEFAULT_BYTES // spec.bytes_per_token, CPU_DEFAULT_MAX_TOKENS)
+            return max(1, tokens // spec.block_size)
+        peak = profile_activation_bytes(self.model, num_tokens=cfg.max_num_batched_tokens,
+                                        num_seqs=cfg.max_num_seqs, vocab_size=self.vocab_size, device=self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * cfg.gpu_memory_utilization - (total - free) - peak
+        n = num_blocks_for_bytes(spec, int(budget))
+        if n < 1:
+            raise ValueError(
+                f"no room for a KV cache: {total / 2**30:.1f} GiB x {cfg.gpu_memory_utilization} leaves "
+                f"{budget / 2**30:.2f} GiB after weights and {peak / 2**30:.2f} GiB of activations; raise "
+                "gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return n
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def add_request(self, request: GenerateRequest, arrival_time: float | None = None) -> None:
+        """Queue a request; ValueError if it is malformed or can never fit this engine."""
+        tokens = request.token_ids
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            raise ValueError(f"request {request.request_id!r}: token ids must lie in [0, {self.vocab_size})")
+        try:
+            check_sampling_options(request.sampling)
+        except ValueError as e:
+            raise ValueError(f"request {request.request_id!r}: {e}") from None
+        seq = Sequence(request.request_id, tokens, stop=request.stop, sampling=request.sampling,
+                       lora_name=request.lora_name, arrival_time=arrival_time)
+        with self._lock:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state; its blocks are free when this returns."""
+        with self._lock:
+            return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self.scheduler.get(request_id)
+
+    # -- one step -------------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        t0 = time.perf_counter()
+        sched = self.scheduler
+        bm = self.block_manager
+        with self._lock:
+            out = sched.schedule()
+            if not out.scheduled:
+                return StepResult(0.0, [], bm.take_events(), 0, 0, len(out.preempted))
+            batch = self.runner.prepare(out)
+        sampled = self.runner.run(batch)
+        with self._lock:
+            results = sched.postprocess(out, sampled)
+            events = bm.take_events()
+        self.num_steps += 1
+        outputs = [
+            StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
+                       len(seq.token_ids) - seq.num_prompt_tokens)
+            for seq, token, reason in results
+        ]
+        return StepResult(time.perf_counter() - t0, outputs, events, out.num_prefill_tokens,
+                          out.num_decode_seqs, len(out.preempted))
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(kv_active_blocks=self.block_manager.num_active_blocks,
+                               kv_total_blocks=self.block_manager.num_blocks,
+                               num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting)
+
+    def kv_snapshot(self) -> list[BlockStored]:
+        """BlockStored events rebuilding the current prefix cache (a router's resync)."""
+        with self._lock:
+            return self.block_manager.stored_blocks_snapshot()

@@ -1,0 +1,236 @@
+"""`BuiltinEngine`: ``BuiltinCore`` behind the ``Engine`` interface, stepping on its own thread.
+
+    event loop                                  step thread ("turbine-engine-steps")
+    generate(): core.add_request ──wake──▶      while running:
+    stream.aclose(): core.abort                    idle? wait for wake
+                                                   result = core.step()        (forward: GIL released)
+    _deliver(result) ◀──call_soon_threadsafe──     at most _MAX_PENDING results undelivered
+      KV events to the sink, then one delta per sequence that produced a token
+
+The forward never runs on the event loop; steps follow each other back to back without a round
+trip through it. ``add_request``/``abort`` take the core's lock only around scheduling, never
+across the forward, so the loop waits at most for a scheduling pass.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+from turbine.engine.base import EngineStats, KVEventSink
+from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore, StepResult
+from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
+from turbine.protocols.kv_events import BlockStored
+
+__all__ = ["BuiltinConfig", "BuiltinEngine"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PENDING = 4  # step results the loop has not delivered yet before the step thread waits
+
+
+class _Stream:
+    """One request's pending deltas and the consumer's wake-up future."""
+
+    __slots__ = ("deltas", "waiter")
+
+    def __init__(self) -> None:
+        self.deltas: deque[GenerateDelta] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, delta: GenerateDelta) -> None:
+        self.deltas.append(delta)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class BuiltinEngine:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        block_size: int = 16,
+        num_gpu_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        context_length: int | None = None,
+        seed: int | None = 0,
+        decode_kernel: str = "auto",
+    ) -> None:
+        """Load ``model_dir`` (blocking: seconds to minutes) and size the KV cache."""
+        config = BuiltinConfig(
+            block_size=block_size, num_gpu_blocks=num_gpu_blocks, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            context_length=context_length, device=device, dtype=dtype, seed=seed, decode_kernel=decode_kernel,
+        )
+        self._init(BuiltinCore.load(model_dir, config))
+
+    @classmethod
+    def from_core(cls, core: BuiltinCore) -> BuiltinEngine:
+        """An engine over an already built core (a model loaded elsewhere, or a test model)."""
+        self = cls.__new__(cls)
+        self._init(core)
+        return self
+
+    def _init(self, core: BuiltinCore) -> None:
+        self.core = core
+        self.config = core.config
+        self.block_size = core.config.block_size
+        self.num_kv_blocks = core.num_kv_blocks
+        self.max_num_seqs = core.config.max_num_seqs
+        self.context_length = core.context_length
+        self._streams: dict[str, _Stream] = {}
+        self._sink: KVEventSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pending = threading.Semaphore(_MAX_PENDING)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._pending = threading.Semaphore(_MAX_PENDING)
+        self._thread = threading.Thread(target=self._run, name="turbine-engine-steps", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the step thread (after its current step); every open stream ends with "abort"."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            await asyncio.to_thread(thread.join)
+        self._finish_all("abort")
+
+    def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
+        self._sink = sink
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def kv_snapshot(self) -> list[BlockStored]:
+        """BlockStored events that rebuild this engine's prefix cache (for a router's resync)."""
+        return self.core.kv_snapshot()
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        """One delta per step that produced a token; the last carries finish_reason and usage.
+
+        Raises ValueError for a request this engine can never serve, RuntimeError if stopped.
+        Closing or cancelling the stream aborts the request and frees its blocks at once.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("BuiltinEngine is not running: await start() first")
+        rid = request.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already streaming")
+        loop = asyncio.get_running_loop()
+        self.core.add_request(request, loop.time())
+        stream = _Stream()
+        self._streams[rid] = stream  # before any delivery: those run as later loop callbacks
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                deltas = stream.deltas
+                while deltas:
+                    delta = deltas.popleft()
+                    finished = delta.finish_reason is not None
+                    yield delta
+                    if finished:
+                        return
+                stream.waiter = loop.create_future()
+                await stream.waiter
+        finally:
+            if self._streams.get(rid) is stream:
+                del self._streams[rid]
+            if not finished and self.core.abort(rid):
+                self._wake.set()  # freed blocks may let a stuck queue move
+
+    # -- the step thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        loop = self._loop
+        assert loop is not None
+        try:
+            while not self._stopping.is_set():
+                if not core.has_work():
+                    self._wait_for_wake()
+                    continue
+                result = core.step()
+                if not self._post(loop, result):
+                    return
+                if not result.outputs:  # nothing could run; wait for the queue to change
+                    self._wait_for_wake()
+        except BaseException as exc:
+            log.error("builtin engine step thread crashed", exc_info=exc)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._finish_all, "error", f"engine failure: {exc!r}")
+
+    def _wait_for_wake(self) -> None:
+        self._wake.wait()
+        self._wake.clear()
+
+    def _post(self, loop: asyncio.AbstractEventLoop, result: StepResult) -> bool:
+        """Hand a result to the loop; False when the engine stops or the loop is gone."""
+        while not self._pending.acquire(timeout=0.1):
+            if self._stopping.is_set() or loop.is_closed():
+                return False
+        try:
+            loop.call_soon_threadsafe(self._deliver, result)
+        except RuntimeError:  # the loop closed
+            return False
+        return True
+
+    def _deliver(self, result: StepResult) -> None:
+        self._pending.release()
+        if result.kv_events and self._sink is not None:
+            try:
+                self._sink(result.kv_events)
+            except Exception:
+                log.exception("KV event sink failed; events of this step are lost")
+        streams = self._streams
+        for out in result.outputs:
+            token, reason = out.token_id, out.finish_reason
+            if token is None and reason is None:
+                continue
+            stream = streams.get(out.request_id)
+            if stream is None:  # the consumer left while the step ran
+                continue
+            if reason is None:
+                if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
+                    stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
+                                              cached_tokens=out.cached_tokens))
+                else:
+                    stream.push(GenerateDelta(token_ids=[token]))
+            else:
+                stream.push(GenerateDelta(token_ids=[token] if token is not None else [], finish_reason=reason,
+                                          prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                          completion_tokens=out.completion_tokens))
+
+    def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """End every open stream with ``reason`` and free its request's blocks."""
+        streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            seq = self.core.get(rid)
+            delta = GenerateDelta(finish_reason=reason, error=error)
+            if seq is not None:
+                delta.prompt_tokens = seq.num_prompt_tokens
+                delta.cached_tokens = seq.num_cached_tokens
+                delta.completion_tokens = seq.num_output_tokens
+            self.core.abort(rid)
+            stream.push(delta)

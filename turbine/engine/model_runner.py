@@ -1,0 +1,167 @@
+"""Execute one scheduled step: pack every scheduled token into one forward, sample, return tokens.
+
+    SchedulerOutput ──prepare()──▶ StepBatch (host-built, one host→device copy)
+                                   input_ids / positions [T], slot mapping, block tables,
+                                   context lengths, logits rows, sampling parameters
+                    ──run()──────▶ model.forward(input_ids, positions, PagedAttention)
+                                   logits of each sequence's last token ─▶ sampler
+                                   ─▶ {request_id: token}   (the step's one device→host sync)
+
+``prepare`` reads sequences (the caller holds the scheduler's lock); ``run`` touches only the
+batch, so requests can be added or aborted while the device works. A sequence whose computed
+count was reset by a preemption is simply packed from position 0 again; a prefix-cache hit
+starts at its first uncached token. Either way the runner trusts ``num_computed_tokens`` and
+``block_table``: it owns no per-request state.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from turbine.engine.attention_api import CausalLM
+from turbine.engine.kv_cache import KVCache
+from turbine.engine.paged_attention import (
+    AttentionMetadata,
+    CausalAttention,
+    PagedAttention,
+)
+from turbine.engine.sampler import Sampler, SamplingBatch
+from turbine.engine.scheduler import SchedulerOutput
+from turbine.protocols.generate import SamplingOptions
+
+__all__ = ["ModelRunner", "StepBatch", "profile_activation_bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] int64: the packed index of each sampling sequence's last token
+    request_ids: tuple[str, ...]  # the N sampling sequences, in logits order
+    sampling: SamplingBatch | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, *, num_heads: int, vocab_size: int,
+                 eos_token_ids: Seq[int] = (), sampler_seed: int | None = 0, decode_kernel: str = "auto") -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.block_size = kv_cache.block_size
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.attn = PagedAttention(kv_cache, num_heads, decode_kernel=decode_kernel)
+        self.sampler = Sampler(self.device, sampler_seed)
+        self.num_steps = 0
+
+    # -- host side ----------------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        """Pack the step's tokens; one-token sequences first (the batched decode group)."""
+        bs = self.block_size
+        entries = [e for e in out.scheduled if e.num_new_tokens == 1]
+        num_decodes = len(entries)
+        entries += [e for e in out.scheduled if e.num_new_tokens > 1]
+        if not entries:
+            raise ValueError("an empty step has nothing to run")
+        n_seqs = len(entries)
+        ids: list[int] = []
+        starts = np.empty(n_seqs, dtype=np.int64)
+        qlens = np.empty(n_seqs, dtype=np.int64)
+        for i, e in enumerate(entries):
+            seq, n = e.seq, e.num_new_tokens
+            start = seq.num_computed_tokens
+            if start + n > len(seq.block_table) * bs:
+                raise ValueError(f"sequence {seq.request_id!r}: {start + n} tokens exceed its block table")
+            ids.extend(seq.token_ids[start:start + n])
+            starts[i] = start
+            qlens[i] = n
+        clens = starts + qlens
+        nblocks = -(-clens // bs)
+        tables = np.zeros((n_seqs, int(nblocks.max())), dtype=np.int64)
+        for i, e in enumerate(entries):
+            nb = int(nblocks[i])
+            tables[i, :nb] = e.seq.block_table[:nb]
+        qstart = np.zeros(n_seqs + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qstart[1:])
+        n_tok = int(qstart[-1])
+        seq_of_tok = np.repeat(np.arange(n_seqs), qlens)
+        positions = np.arange(n_tok, dtype=np.int64) + np.repeat(starts - qstart[:-1], qlens)
+        slots = tables[seq_of_tok, positions // bs] * bs + positions % bs
+
+        samplers = [i for i, e in enumerate(entries) if e.produces_token]
+        logits_idx = qstart[1:][samplers] - 1
+        # One host->device copy for every integer the step needs, sliced into views there.
+        parts = (np.asarray(ids, dtype=np.int64), positions, slots, qstart, clens, logits_idx, tables.ravel())
+        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        views = torch.split(flat, [len(p) for p in parts])
+        meta = AttentionMetadata(
+            slot_mapping=views[2], query_start_loc=views[3], context_lens=views[4],
+            block_tables=views[6].view(tables.shape), num_decodes=num_decodes,
+            query_lens_host=tuple(qlens.tolist()), context_lens_host=tuple(clens.tolist()),
+        )
+        sampling = None
+        if samplers:
+            seqs = [entries[i].seq for i in samplers]
+            sampling = SamplingBatch.build(
+                [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
+                vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
+            )
+        return StepBatch(views[0], views[1], meta, views[5], tuple(s.seq.request_id for s in
+                                                                  (entries[i] for i in samplers)), sampling)
+
+    def _banned(self, seq) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
+        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist."""
+        stop = seq.stop
+        if seq.num_output_tokens >= stop.min_tokens:
+            return ()
+        eos = () if stop.ignore_eos else self.eos_token_ids
+        return (*eos, *stop.stop_token_ids)
+
+    # -- device side ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> dict[str, int]:
+        """Forward and sample; returns ``{request_id: token}`` for the sequences that sample."""
+        self.num_steps += 1
+        if self.device.type == "cuda" and self.device.index is not None:  # this thread launches there
+            torch.cuda.set_device(self.device)
+        self.attn.set_metadata(batch.attn)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
+        if batch.sampling is None:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        tokens = self.sampler(logits.float(), batch.sampling)
+        return dict(zip(batch.request_ids, tokens.tolist(), strict=True))
+
+
+@torch.inference_mode()
+def profile_activation_bytes(model: CausalLM, *, num_tokens: int, num_seqs: int, vocab_size: int,
+                             device: torch.device) -> int:
+    """Peak device memory a step of ``num_tokens`` tokens (``num_seqs`` sampled rows) allocates
+    beyond what is allocated now: the KV cache is sized from what remains after this."""
+    if device.type != "cuda":
+        raise ValueError("activation profiling needs a CUDA device")
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    pos = torch.arange(num_tokens, dtype=torch.int64, device=device)
+    hidden = model.forward(ids, pos, CausalAttention([num_tokens]))
+    rows = min(num_seqs, num_tokens)
+    logits = model.compute_logits(hidden[-rows:]).float()
+    opts = [SamplingOptions(temperature=1.0, top_p=0.9, top_k=50, seed=i) for i in range(rows)]
+    batch = SamplingBatch.build(opts, [0] * rows, vocab_size=vocab_size, device=device)
+    Sampler(device, 0)(logits, batch)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del ids, pos, hidden, logits
+    torch.cuda.empty_cache()
+    return int(peak)

@@ -1,0 +1,266 @@
+"""Attention backends over the paged KV cache (the runner's side of ``attention_api``).
+
+A step packs its sequences' new tokens, one-token sequences (decodes) first:
+
+    tokens:          [ d0 | d1 | d2 | p0 p0 p0 p0 | p1 p1 ]      T = 9, S = 5, num_decodes = 3
+    query_start_loc: [ 0, 1, 2, 3, 7, 9 ]
+    context_lens:    [ 40, 17, 301, 4, 130 ]   KV tokens each sequence attends to after this step
+    block_tables:    [S, max_blocks] block ids (padded with 0); token p of sequence s sits in
+                     slot  block_tables[s, p // B] * B + p % B   (slot_mapping holds the new ones)
+
+Every layer first writes the step's k/v at ``slot_mapping`` and then attends: query i of a
+sequence with q new tokens and context c sees keys ``0 .. c - q + i`` (causal over its whole
+context, cached prefix included). The decode group runs as one batched call (SDPA over gathered
+blocks, or a Triton kernel reading blocks in place on CUDA); each prefill runs as one SDPA call.
+Lengths the host needs are host mirrors: a step never waits on the device to read its layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from turbine.engine.kv_cache import KVCache
+
+try:  # the Triton decode kernel is an accelerator, never a requirement
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "triton_available"]
+
+_GATHER_BUDGET_BYTES = 256 << 20  # portable decode: gather at most this much K+V per chunk
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_GQA = _TORCH_VERSION >= (2, 5)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """One step's token layout, built once by the runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    query_start_loc: torch.Tensor  # [S + 1] int64
+    context_lens: torch.Tensor  # [S] int64
+    block_tables: torch.Tensor  # [S, max_blocks] int64
+    num_decodes: int  # sequences 0 .. num_decodes-1 have exactly one new token
+    query_lens_host: tuple[int, ...]
+    context_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)
+
+
+def triton_available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          causal: bool, scale: float) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D].
+
+    Grouped-query heads go to SDPA as they are only without a mask (flash attention takes
+    them); with a mask they are expanded, so the memory-efficient kernel (which takes masks)
+    serves it instead of the math fallback that materializes every score.
+    """
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_GQA and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class PagedAttention:
+    """``AttentionBackend`` over a ``KVCache``; call ``set_metadata`` before each forward.
+
+    ``decode_kernel``: "auto" (Triton on CUDA when it imports, else SDPA), "triton" or "torch".
+    """
+
+    def __init__(self, kv_cache: KVCache, num_heads: int, *, scale: float | None = None,
+                 decode_kernel: str = "auto") -> None:
+        spec = kv_cache.spec
+        if num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
+        if decode_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"decode_kernel must be auto, triton or torch, got {decode_kernel!r}")
+        on_cuda = kv_cache.device.type == "cuda"
+        if decode_kernel == "triton" and triton is None:
+            raise ValueError("decode_kernel='triton' but triton is not installed")
+        self.kv_cache = kv_cache
+        self.num_heads = num_heads
+        self.scale = scale if scale is not None else spec.head_dim ** -0.5
+        self.use_triton = decode_kernel == "triton" or (decode_kernel == "auto" and on_cuda and triton is not None)
+        self.meta: AttentionMetadata | None = None
+
+    def set_metadata(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        if meta is None:
+            raise RuntimeError("PagedAttention.forward before set_metadata")
+        cache = self.kv_cache
+        cache.write(layer_idx, meta.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            k_cache, v_cache = cache.key(layer_idx), cache.value(layer_idx)
+            if self.use_triton:
+                out[:nd] = paged_decode_triton(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                               meta.context_lens[:nd], self.scale)
+            else:
+                out[:nd] = self._decode_torch(q[:nd], k_cache, v_cache, meta)
+        qlens, clens = meta.query_lens_host, meta.context_lens_host
+        start = nd
+        for s in range(nd, meta.num_seqs):
+            n, c = qlens[s], clens[s]
+            out[start:start + n] = self._prefill(layer_idx, s, q[start:start + n], k[start:start + n],
+                                                 v[start:start + n], c)
+            start += n
+        return out
+
+    # -- decode: one query per sequence, batched ----------------------------------------------------
+    def _decode_torch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        bs = k_cache.shape[1]
+        nd = q.shape[0]
+        clens = meta.context_lens_host[:nd]
+        per_token = 2 * q.shape[1] * q.shape[2] * k_cache.element_size()  # K and V, heads expanded
+        out = torch.empty_like(q)
+        i = 0
+        while i < nd:  # chunks whose gathered K/V stay within the budget
+            j, longest = i, 0
+            while j < nd:
+                longest2 = max(longest, clens[j])
+                if j > i and (j + 1 - i) * longest2 * per_token > _GATHER_BUDGET_BYTES:
+                    break
+                longest, j = longest2, j + 1
+            nb = -(-longest // bs)
+            tables = meta.block_tables[i:j, :nb]
+            kk = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, Hkv, nb*bs, D]
+            vv = v_cache[tables].flatten(1, 2).transpose(1, 2)
+            pos = torch.arange(nb * bs, device=q.device)
+            mask = (pos[None, :] < meta.context_lens[i:j, None])[:, None, None, :]
+            o = _sdpa(q[i:j].unsqueeze(2), kk, vv, mask, False, self.scale)  # [n, H, 1, D]
+            out[i:j] = o.squeeze(2)
+            i = j
+        return out
+
+    # -- prefill: many queries of one sequence --------------------------------------------------------
+    def _prefill(self, layer: int, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx: int) -> torch.Tensor:
+        n = q.shape[0]
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if ctx == n:  # nothing cached before this chunk: the step's own k/v are the whole context
+            kh = k.transpose(0, 1).unsqueeze(0)
+            vh = v.transpose(0, 1).unsqueeze(0)
+            o = _sdpa(qh, kh, vh, None, True, self.scale)
+        else:
+            cache = self.kv_cache
+            bs = cache.block_size
+            nb = -(-ctx // bs)
+            table = self.meta.block_tables[s, :nb]  # type: ignore[union-attr]
+            kh = cache.key(layer)[table].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+            vh = cache.value(layer)[table].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+            rows = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= rows[:, None]
+            o = _sdpa(qh, kh.to(q.dtype), vh.to(q.dtype), mask, False, self.scale)
+        return o.squeeze(0).transpose(0, 1)
+
+
+class CausalAttention:
+    """Attention over the step's own tokens only: every sequence starts at position 0, no cache.
+
+    ``seq_lens`` splits the packed tokens into sequences. It serves as the dense reference in
+    tests and as the memory-profiling pass (no KV cache exists yet then).
+    """
+
+    def __init__(self, seq_lens: list[int], *, scale: float | None = None) -> None:
+        self.seq_lens = list(seq_lens)
+        self.scale = scale
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        outs, start = [], 0
+        for n in self.seq_lens:
+            qh, kh, vh = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            outs.append(_sdpa(qh, kh, vh, None, True, scale).squeeze(0).transpose(0, 1))
+            start += n
+        if start != q.shape[0]:
+            raise ValueError(f"seq_lens cover {start} tokens, the step has {q.shape[0]}")
+        return torch.cat(outs)
+
+
+# -- Triton decode kernel (CUDA) -------------------------------------------------------------------------
+def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its paged context, read in place (no gather).
+
+    q [N, H, D]; k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks]; context_lens [N].
+    One program per (sequence, KV head) computes all query heads of its group with an online
+    softmax over tiles of BLOCK_N tokens.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    n, h, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    group = h // hkv
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    block_n = max(16, min(64, triton.next_power_of_2(bs) * 4))
+    _paged_decode_kernel[(n, hkv)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        HEAD_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
+                             sq_n, sq_h, sk_blk, sk_tok, sk_head, sbt_n, so_n, so_h,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        ctx = tl.load(len_ptr + seq)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_PAD)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + seq * sq_n + heads[:, None] * sq_h + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        for start in range(0, ctx, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            t_ok = tok < ctx
+            blk = tl.load(bt_ptr + seq * sbt_n + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+            row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + kvh * sk_head
+            kv_mask = t_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(out_ptr + seq * so_n + heads[:, None] * so_h + d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
