@@ -7,7 +7,8 @@
        rel_err = ||logits_turbine - logits_hf||_F / ||logits_hf||_F   (all positions)
    bounds: bf16/fp16 rel_err <= 5e-2, and Turbine's error against HF run in float32 at most
    2x HF's own bf16 error (+1e-3); float32 rel_err <= 1e-4. HF's model is freed afterwards.
-3. On CUDA with triton: the Triton paged-decode kernel against the portable SDPA path (bf16).
+3. On CUDA with triton: the Triton paged-decode kernel against the portable SDPA path (bf16),
+   elementwise |triton - sdpa| <= 1e-2 * (1 + |sdpa|).
 4. Serve a short batch through BuiltinEngine (default 8 requests, 128 in / 64 out, all at
    once, after a warm-up request): output tokens/s, TTFT, inter-token latency, KV blocks.
 
@@ -47,7 +48,7 @@ from turbine.model_maker.weights import write_random_weights
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 
 REL_BOUND = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
-KERNEL_BOUND = 2e-2
+KERNEL_BOUND = 1e-2  # |triton - sdpa| <= KERNEL_BOUND * (1 + |sdpa|), elementwise
 
 
 def log(msg: str) -> None:
@@ -143,9 +144,11 @@ def check_triton_kernel(device: torch.device) -> dict[str, Any]:
                              num_decodes=len(lens), query_lens_host=(1,) * len(lens), context_lens_host=tuple(lens))
     ref = PagedAttention(cache, h, decode_kernel="torch")._decode_torch(q, cache.key(0), cache.value(0), meta)
     out = paged_decode_triton(q, cache.key(0), cache.value(0), tables, meta.context_lens, d ** -0.5)
-    err = float((out.float() - ref.float()).abs().max())
-    log(f"triton decode kernel vs SDPA: max abs diff {err:.2e} (bound {KERNEL_BOUND})")
-    return {"max_abs_diff": err, "bound": KERNEL_BOUND, "ok": err <= KERNEL_BOUND}
+    diff = (out.float() - ref.float()).abs()
+    err = float(diff.max())
+    ok = bool((diff <= KERNEL_BOUND * (1 + ref.float().abs())).all())  # |d| <= 1e-2 + 1e-2 |ref|
+    log(f"triton decode kernel vs SDPA: max abs diff {err:.2e} (bound {KERNEL_BOUND} x (1 + |ref|)), ok={ok}")
+    return {"max_abs_diff": err, "max_abs_ref": float(ref.float().abs().max()), "bound": KERNEL_BOUND, "ok": ok}
 
 
 @torch.inference_mode()
@@ -284,8 +287,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(line + f" — {'ok' if lg['ok'] else 'FAILED'}")
     if "triton_decode" in r:
         tk = r["triton_decode"]
-        lines.append(f"- Triton paged-decode kernel vs SDPA (bf16): max abs diff {tk['max_abs_diff']:.2e} "
-                     f"(bound {tk['bound']}) — {'ok' if tk['ok'] else 'FAILED'}")
+        lines.append(f"- Triton paged-decode kernel vs SDPA (bf16, 8 sequences, contexts 1-2049): max abs diff "
+                     f"{tk['max_abs_diff']:.2e} (bound {tk['bound']} x (1 + |ref|)) — {'ok' if tk['ok'] else 'FAILED'}")
     lines.append(f"- KV cache: {eng['num_kv_blocks']} blocks x {eng['block_size']} tokens = {eng['kv_tokens']} tokens, "
                  f"{eng['kv_cache_GB']} GB; decode kernel {eng['decode_kernel']}")
     lines += ["", ("| requests | in | out | wall s | output tok/s | total tok/s | TTFT p50 ms | TTFT max ms | "
