@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "triton_available"]
+__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "paged_decode_triton", "triton_available"]
 
 _GATHER_BUDGET_BYTES = 256 << 20  # portable decode: gather at most this much K+V per chunk
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
