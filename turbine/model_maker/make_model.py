@@ -7,8 +7,9 @@
       generation_config.json  eos_token_id = [<|end_of_text|>, <|eot_id|>]
 
 Tests, the mocker and benchmarks get a real tokenizer and chat template without network
-access. Random-weight safetensors are not written here: a torch-backed writer plugs into the
-`write_weights` hook (a later change adds one behind a torch extra).
+access. Weights go through the `write_weights` hook; by default ("auto") random-weight
+safetensors are written by turbine.model_maker.weights when torch is installed (the `engine`
+extra) and skipped with a note on stderr otherwise, so this module itself never imports torch.
 
 `main(argv)` is the command-line entry point: DIR [--preset tiny] [--overwrite].
 """
@@ -17,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from turbine.model_maker.presets import PRESETS, ModelPreset, get_preset
 from turbine.model_maker.tokenizer_trainer import (
@@ -57,14 +59,16 @@ def make_model(
     preset: str | ModelPreset = "tiny",
     *,
     overwrite: bool = False,
-    write_weights: WeightWriter | None = None,
+    write_weights: WeightWriter | Literal["auto"] | None = "auto",
 ) -> Path:
     """Write the model directory for `preset` and return its path.
 
     Output is deterministic: the same preset on the same Python installation gives
     byte-identical files. A non-empty existing directory is refused unless `overwrite`, which
     rewrites the files listed in MODEL_FILES and leaves any other file in place.
-    `write_weights`, when given, is called last as write_weights(directory, config).
+    `write_weights`, when given, is called last as write_weights(directory, config); "auto"
+    writes random weights (seed 0) when torch is importable and prints a note otherwise; None
+    writes no weights.
     """
     spec = get_preset(preset) if isinstance(preset, str) else preset
     path = Path(directory)
@@ -88,9 +92,23 @@ def make_model(
         {"bos_token_id": ids[BEGIN_OF_TEXT], "eos_token_id": [ids[END_OF_TEXT], ids[EOT]]},
     )
     _write_json(path / "config.json", config)
+    if write_weights == "auto":
+        write_weights = _default_weight_writer()
     if write_weights is not None:
         write_weights(path, config)
     return path
+
+
+def _default_weight_writer() -> WeightWriter | None:
+    try:
+        from turbine.model_maker.weights import write_random_weights
+    except ModuleNotFoundError as e:
+        if e.name not in ("torch", "safetensors"):
+            raise
+        print(f"note: {e.name} is not installed, so no weights were written (config and tokenizer "
+              "only); install turbine[engine] for random-weight safetensors", file=sys.stderr)
+        return None
+    return lambda directory, config: write_random_weights(directory, config)
 
 
 def model_config(spec: ModelPreset) -> dict[str, Any]:

@@ -51,18 +51,19 @@ class ModelPreset:
 
 
 _PRESET_LIST = (
-    # Small enough for CPU tests: ~0.4M parameters, mostly embeddings. Grouped-query attention
-    # (4 query heads share 2 KV heads) so engines exercise the GQA path. float32: CPU-friendly.
+    # Small enough for CPU tests: ~0.8M parameters (3 MB in float32), mostly embeddings.
+    # Grouped-query attention (4 query heads share 2 KV heads) so engines exercise the GQA path;
+    # head_dim 32 because some attention backends (vLLM's CPU one) need at least that.
     ModelPreset(
         name="tiny",
         architecture="LlamaForCausalLM",
         model_type="llama",
-        hidden_size=64,
+        hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         vocab_size=4096,
         max_position_embeddings=4096,
         rope_theta=10000.0,
