@@ -33,20 +33,27 @@ class ServerThread:
         self.mocker_kw = mocker_kw
         self.max_inflight = int(mocker_kw.pop("max_inflight", 0))  # type: ignore[call-overload]
         self.request_timeout_s = mocker_kw.pop("request_timeout_s", None)
+        self.engine = mocker_kw.pop("engine", "mock")
+        self.router = mocker_kw.pop("router", None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.dep = None
 
     def __enter__(self) -> ServerThread:
-        from turbine.launch import WorkerOptions, start_all_in_one
+        from turbine.launch import BuiltinOptions, WorkerOptions, start_all_in_one
         from turbine.mocker.engine import MockerConfig
 
         self.thread.start()
-        opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
-                             mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
+        if self.engine == "builtin":
+            opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny", engine="builtin",
+                                 builtin=BuiltinOptions(device="cpu", **self.mocker_kw))  # type: ignore[arg-type]
+        else:
+            opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
+                                 mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
         fut = asyncio.run_coroutine_threadsafe(
             start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight,
-                             request_timeout_s=self.request_timeout_s),  # type: ignore[arg-type]
+                             request_timeout_s=self.request_timeout_s,  # type: ignore[arg-type]
+                             router=self.router),  # type: ignore[arg-type]
             self.loop)
         self.dep = fut.result(timeout=60)
         return self

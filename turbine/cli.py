@@ -10,27 +10,38 @@ from pathlib import Path
 from turbine.router.policies import POLICIES
 
 
-def _add_mocker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mocker engine")
-    g.add_argument("--speedup-ratio", type=float, default=1.0,
-                   help="divide simulated step times by this (1000 = near-zero GPU time)")
-    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
-    g.add_argument("--num-gpu-blocks", type=int, default=16384, help="KV blocks per worker")
+def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> None:
+    g = p.add_argument_group("engine (both)")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (mock: 64, builtin: 16)")
+    g.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV blocks per worker (mock: 16384; builtin: sized from free memory)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="max tokens per step")
     g.add_argument("--context-length", type=int, default=None,
                    help="max prompt+output tokens (default: the model's max_position_embeddings; "
                    "the mocker may simulate longer contexts than its tokenizer's model)")
+    g = p.add_argument_group("mock engine")
+    g.add_argument("--speedup-ratio", type=float, default=1.0,
+                   help="divide simulated step times by this (1000 = near-zero GPU time)")
     g.add_argument("--profile", default=None, help="measured step-time profile (JSON) instead of the default model")
+    if not builtin:
+        return
+    g = p.add_argument_group("builtin engine")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory for weights + activations + KV cache")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--engine", default="mock", choices=["mock"], help="inference engine (mock = simulated)")
+    p.add_argument("--engine", default="mock", choices=["mock", "builtin"],
+                   help="inference engine: mock = simulated timing; builtin = Turbine's PyTorch engine")
     p.add_argument("--model", type=Path, required=required, default=None,
                    help="HF-format model directory (tokenizer.json, config.json)"
                    + ("" if required else "; default: a tiny generated model"))
     p.add_argument("--model-name", default=None, help="served model name (default: the directory name)")
-    _add_mocker_args(p)
+    _add_engine_args(p)
 
 
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
@@ -88,12 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     from turbine.sim.command import add_simulate_args
 
     add_simulate_args(p)
-    _add_mocker_args(p)
+    _add_engine_args(p, builtin=False)
+    p.set_defaults(block_size=64, num_gpu_blocks=16384)  # the mocker's (Dynamo's) defaults
     return parser
 
 
 def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from turbine.launch import WorkerOptions, default_model_dir
+    from turbine.launch import BuiltinOptions, WorkerOptions, default_model_dir
     from turbine.mocker.engine import MockerConfig
 
     model_dir = args.model if args.model is not None else default_model_dir()
@@ -102,17 +114,22 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     for name, v in (("--workers", getattr(args, "workers", 1)), ("--num-workers", getattr(args, "num_workers", 1)),
                     ("--block-size", args.block_size), ("--num-gpu-blocks", args.num_gpu_blocks),
                     ("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
-        if v < 1:
+        if v is not None and v < 1:
             raise SystemExit(f"turbine: {name} must be at least 1")
     if args.speedup_ratio <= 0:
         raise SystemExit("turbine: --speedup-ratio must be positive")
-    kw = dict(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, speedup_ratio=args.speedup_ratio,
-              profile=args.profile)
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise SystemExit("turbine: --gpu-memory-utilization must be in (0, 1]")
     if args.context_length is not None and args.context_length < 2:
         raise SystemExit("turbine: --context-length must be at least 2")
-    return WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine,
-                         mocker=MockerConfig(**kw), host=getattr(args, "host", "127.0.0.1"),
+    shared = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    mocker = MockerConfig(block_size=args.block_size or 64, num_gpu_blocks=args.num_gpu_blocks or 16384,
+                          speedup_ratio=args.speedup_ratio, profile=args.profile, **shared)
+    builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
+                             num_gpu_blocks=args.num_gpu_blocks,
+                             gpu_memory_utilization=args.gpu_memory_utilization, **shared)
+    return WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine, mocker=mocker,
+                         builtin=builtin, host=getattr(args, "host", "127.0.0.1"),
                          context_length=args.context_length)
 
 

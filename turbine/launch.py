@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from turbine.frontend.service import Frontend, RouterConfig
+from turbine.engine.base import Engine
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
 from turbine.protocols.model_card import ModelCard
@@ -47,11 +48,28 @@ def default_model_dir() -> Path:
 
 
 @dataclass
+class BuiltinOptions:
+    """Settings of the built-in PyTorch engine (kept torch-free here; the engine imports torch)."""
+
+    device: str | None = None  # None: CUDA when available, else CPU
+    dtype: str | None = None  # None: bf16 on CUDA, float32 on CPU
+    block_size: int = 16
+    num_gpu_blocks: int | None = None  # None: sized from free memory
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+
+ENGINES = ("mock", "builtin")
+
+
+@dataclass
 class WorkerOptions:
     model_dir: Path
     model_name: str | None = None
     engine: str = "mock"
     mocker: MockerConfig = field(default_factory=MockerConfig)
+    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
     host: str = "127.0.0.1"
     context_length: int | None = None  # None: the model's max_position_embeddings
 
@@ -64,20 +82,44 @@ def model_context_length(model_dir: Path, fallback: int) -> int:
     return fallback
 
 
-def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[MockEngine, ModelCard]:
-    if opts.engine != "mock":
-        raise SystemExit(f"turbine: engine {opts.engine!r} is not available; this build has: mock")
+def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Engine, ModelCard]:
+    """Blocking (the built-in engine loads weights): call it off the event loop."""
+    if opts.engine not in ENGINES:
+        raise SystemExit(f"turbine: unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
     if not (opts.model_dir / "tokenizer.json").exists():
         raise SystemExit(f"turbine: {opts.model_dir} has no tokenizer.json (make one: turbine make-model DIR)")
+    name = opts.model_name or opts.model_dir.name
+    if opts.engine == "builtin":
+        return _build_builtin(opts, name)
     cfg = opts.mocker
     ctx = opts.context_length or model_context_length(opts.model_dir, cfg.context_length)
     cfg = msgspec.structs.replace(cfg, context_length=ctx)
     engine = MockEngine(cfg, vocab_size=tokenizer.vocab_size,
                         special_token_ids=tuple(sorted(tokenizer.special_token_ids)),
                         eos_token_ids=tuple(tokenizer.eos_token_ids))
-    card = ModelCard(model_name=opts.model_name or opts.model_dir.name, tokenizer_source=str(opts.model_dir),
+    card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir),
                      block_size=cfg.block_size, total_kv_blocks=cfg.num_gpu_blocks, max_num_seqs=cfg.max_num_seqs,
                      context_length=ctx, engine="mock")
+    return engine, card
+
+
+def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
+    try:
+        from turbine.engine.builtin_engine import BuiltinEngine  # torch is imported only here
+    except ImportError as e:
+        raise SystemExit(f"turbine: the builtin engine needs the engine extra (pip install 'turbine[engine]'): {e}") \
+            from None
+    b = opts.builtin
+    try:
+        engine = BuiltinEngine(opts.model_dir, device=b.device, dtype=b.dtype, block_size=b.block_size,
+                               num_gpu_blocks=b.num_gpu_blocks, gpu_memory_utilization=b.gpu_memory_utilization,
+                               max_num_seqs=b.max_num_seqs, max_num_batched_tokens=b.max_num_batched_tokens,
+                               context_length=opts.context_length)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"turbine: cannot start the builtin engine on {opts.model_dir}: {e}") from None
+    card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir), block_size=engine.block_size,
+                     total_kv_blocks=engine.num_kv_blocks, max_num_seqs=engine.max_num_seqs,
+                     context_length=engine.context_length, engine="builtin")
     return engine, card
 
 
@@ -86,7 +128,7 @@ async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, in
     tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, opts.model_dir)
     workers = []
     for _ in range(n):
-        engine, card = build_engine(opts, tokenizer)
+        engine, card = await asyncio.to_thread(build_engine, opts, tokenizer)
         if inproc:
             assert bus is not None
             server, publisher = InProcServer(), bus.publisher()
