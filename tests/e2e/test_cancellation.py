@@ -7,7 +7,7 @@ import time
 import urllib.request
 from urllib.parse import urlparse
 
-from conftest import metric_values
+from testkit import metric_values
 
 
 def scrape(url: str) -> str:

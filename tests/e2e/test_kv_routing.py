@@ -6,7 +6,7 @@ from pathlib import Path
 
 import openai
 
-from conftest import free_port, spawn, wait_workers
+from testkit import free_port, spawn, wait_workers
 
 BLOCK = 16
 

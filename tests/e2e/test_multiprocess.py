@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 
-from conftest import free_port, health, spawn, wait_workers
+from testkit import free_port, health, spawn, wait_workers
 
 
 def test_sigkilled_worker_leaves_and_survivor_serves(tmp_path: Path, model_dir: Path, procs) -> None:  # type: ignore[no-untyped-def]

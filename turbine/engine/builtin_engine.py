@@ -17,12 +17,12 @@ import asyncio
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import AsyncIterator
 
 from turbine.engine.base import EngineStats, KVEventSink
 from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore, StepResult
-from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
+from turbine.engine.streams import StreamHub
+from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored
 
 __all__ = ["BuiltinConfig", "BuiltinEngine"]
@@ -30,22 +30,6 @@ __all__ = ["BuiltinConfig", "BuiltinEngine"]
 log = logging.getLogger(__name__)
 
 _MAX_PENDING = 4  # step results the loop has not delivered yet before the step thread waits
-
-
-class _Stream:
-    """One request's pending deltas and the consumer's wake-up future."""
-
-    __slots__ = ("deltas", "waiter")
-
-    def __init__(self) -> None:
-        self.deltas: deque[GenerateDelta] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-
-    def push(self, delta: GenerateDelta) -> None:
-        self.deltas.append(delta)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class BuiltinEngine:
@@ -89,8 +73,7 @@ class BuiltinEngine:
         self.num_kv_blocks = core.num_kv_blocks
         self.max_num_seqs = core.config.max_num_seqs
         self.context_length = core.context_length
-        self._streams: dict[str, _Stream] = {}
-        self._sink: KVEventSink | None = None
+        self._hub = StreamHub(core, lambda: self._wake.set())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -114,10 +97,10 @@ class BuiltinEngine:
             self._stopping.set()
             self._wake.set()
             await asyncio.to_thread(thread.join)
-        self._finish_all("abort")
+        self._hub.finish_all("abort")
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
-        self._sink = sink
+        self._hub.sink = sink
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -127,7 +110,7 @@ class BuiltinEngine:
         return self.core.kv_snapshot()
 
     # -- requests ---------------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """One delta per step that produced a token; the last carries finish_reason and usage.
 
         Raises ValueError for a request this engine can never serve, RuntimeError if stopped.
@@ -135,31 +118,7 @@ class BuiltinEngine:
         """
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("BuiltinEngine is not running: await start() first")
-        rid = request.request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already streaming")
-        loop = asyncio.get_running_loop()
-        self.core.add_request(request, loop.time())
-        stream = _Stream()
-        self._streams[rid] = stream  # before any delivery: those run as later loop callbacks
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                deltas = stream.deltas
-                while deltas:
-                    delta = deltas.popleft()
-                    finished = delta.finish_reason is not None
-                    yield delta
-                    if finished:
-                        return
-                stream.waiter = loop.create_future()
-                await stream.waiter
-        finally:
-            if self._streams.get(rid) is stream:
-                del self._streams[rid]
-            if not finished and self.core.abort(rid):
-                self._wake.set()  # freed blocks may let a stuck queue move
+        return self._hub.generate(request)
 
     # -- the step thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -179,7 +138,7 @@ class BuiltinEngine:
         except BaseException as exc:
             log.error("builtin engine step thread crashed", exc_info=exc)
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._finish_all, "error", f"engine failure: {exc!r}")
+                loop.call_soon_threadsafe(self._hub.finish_all, "error", f"engine failure: {exc!r}")
 
     def _wait_for_wake(self) -> None:
         self._wake.wait()
@@ -198,39 +157,4 @@ class BuiltinEngine:
 
     def _deliver(self, result: StepResult) -> None:
         self._pending.release()
-        if result.kv_events and self._sink is not None:
-            try:
-                self._sink(result.kv_events)
-            except Exception:
-                log.exception("KV event sink failed; events of this step are lost")
-        streams = self._streams
-        for out in result.outputs:
-            token, reason = out.token_id, out.finish_reason
-            if token is None and reason is None:
-                continue
-            stream = streams.get(out.request_id)
-            if stream is None:  # the consumer left while the step ran
-                continue
-            if reason is None:
-                if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
-                    stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
-                                              cached_tokens=out.cached_tokens))
-                else:
-                    stream.push(GenerateDelta(token_ids=[token]))
-            else:
-                stream.push(GenerateDelta(token_ids=[token] if token is not None else [], finish_reason=reason,
-                                          prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                                          completion_tokens=out.completion_tokens))
-
-    def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
-        """End every open stream with ``reason`` and free its request's blocks."""
-        streams, self._streams = self._streams, {}
-        for rid, stream in streams.items():
-            seq = self.core.get(rid)
-            delta = GenerateDelta(finish_reason=reason, error=error)
-            if seq is not None:
-                delta.prompt_tokens = seq.num_prompt_tokens
-                delta.cached_tokens = seq.num_cached_tokens
-                delta.completion_tokens = seq.num_output_tokens
-            self.core.abort(rid)
-            stream.push(delta)
+        self._hub.deliver(result)

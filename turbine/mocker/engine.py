@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 
 from turbine.engine.base import EngineStats, KVEventSink
-from turbine.mocker.core import MockerConfig, MockerCore, StepResult
+from turbine.engine.streams import StreamHub
+from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.timing import TimingModel
-from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
+from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored
 
 __all__ = ["MockEngine", "MockerConfig"]
@@ -29,22 +29,6 @@ __all__ = ["MockEngine", "MockerConfig"]
 log = logging.getLogger(__name__)
 
 _MAX_LAG_S = 0.05
-
-
-class _Stream:
-    """One request's pending deltas and the consumer's wake-up future."""
-
-    __slots__ = ("deltas", "waiter")
-
-    def __init__(self) -> None:
-        self.deltas: deque[GenerateDelta] = deque()  # at most max_tokens + 1 entries
-        self.waiter: asyncio.Future[None] | None = None
-
-    def push(self, delta: GenerateDelta) -> None:
-        self.deltas.append(delta)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class MockEngine:
@@ -69,9 +53,8 @@ class MockEngine:
             eos_token_ids=eos_token_ids,
             timing=timing,
         )
-        self._streams: dict[str, _Stream] = {}
-        self._sink: KVEventSink | None = None
         self._wake = asyncio.Event()
+        self._hub = StreamHub(self.core, lambda: self._wake.set())
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -92,10 +75,10 @@ class MockEngine:
             except asyncio.CancelledError:
                 if not task.cancelled():  # stop() itself was cancelled
                     raise
-        self._finish_all("abort")
+        self._hub.finish_all("abort")
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
-        self._sink = sink
+        self._hub.sink = sink
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -105,7 +88,7 @@ class MockEngine:
         return self.core.kv_snapshot()
 
     # -- requests ---------------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """One delta per step that produced a token; the last carries finish_reason and usage.
 
         Raises ValueError for a request this engine can never serve, RuntimeError if stopped.
@@ -113,31 +96,7 @@ class MockEngine:
         """
         if self._task is None or self._task.done():
             raise RuntimeError("MockEngine is not running: await start() first")
-        rid = request.request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already streaming")
-        self.core.add_request(request, asyncio.get_running_loop().time())
-        stream = _Stream()
-        self._streams[rid] = stream
-        self._wake.set()
-        loop = asyncio.get_running_loop()
-        finished = False
-        try:
-            while True:
-                deltas = stream.deltas
-                while deltas:
-                    delta = deltas.popleft()
-                    finished = delta.finish_reason is not None
-                    yield delta
-                    if finished:
-                        return
-                stream.waiter = loop.create_future()
-                await stream.waiter
-        finally:
-            if self._streams.get(rid) is stream:
-                del self._streams[rid]
-            if not finished and self.core.abort(rid):
-                self._wake.set()  # freed blocks may let a stuck queue move
+        return self._hub.generate(request)
 
     # -- the step loop ------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -153,7 +112,7 @@ class MockEngine:
                 continue
             result = core.step()
             if not result.outputs:  # nothing could run; wait for the queue to change
-                self._deliver(result)
+                self._hub.deliver(result)
                 wake.clear()
                 await wake.wait()
                 deadline = loop.time()
@@ -163,51 +122,7 @@ class MockEngine:
             if deadline < now - _MAX_LAG_S:
                 deadline = now
             await asyncio.sleep(max(deadline - now, 0.0))
-            self._deliver(result)
-
-    def _deliver(self, result: StepResult) -> None:
-        if result.kv_events and self._sink is not None:
-            try:
-                self._sink(result.kv_events)
-            except Exception:
-                log.exception("KV event sink failed; events of this step are lost")
-        streams = self._streams
-        for out in result.outputs:
-            token, reason = out.token_id, out.finish_reason
-            if token is None and reason is None:
-                continue
-            stream = streams.get(out.request_id)
-            if stream is None:  # the consumer left while the step ran
-                continue
-            if reason is None:
-                if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
-                    stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
-                                              cached_tokens=out.cached_tokens))
-                else:
-                    stream.push(GenerateDelta(token_ids=[token]))
-            else:
-                stream.push(
-                    GenerateDelta(
-                        token_ids=[token] if token is not None else [],
-                        finish_reason=reason,
-                        prompt_tokens=out.prompt_tokens,
-                        cached_tokens=out.cached_tokens,
-                        completion_tokens=out.completion_tokens,
-                    )
-                )
-
-    def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
-        """End every open stream with ``reason`` and free its request's blocks."""
-        streams, self._streams = self._streams, {}
-        for rid, stream in streams.items():
-            seq = self.core.get(rid)
-            delta = GenerateDelta(finish_reason=reason, error=error)
-            if seq is not None:
-                delta.prompt_tokens = seq.num_prompt_tokens
-                delta.cached_tokens = seq.num_cached_tokens
-                delta.completion_tokens = seq.num_output_tokens
-            self.core.abort(rid)
-            stream.push(delta)
+            self._hub.deliver(result)
 
     def _on_loop_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -215,4 +130,4 @@ class MockEngine:
         exc = task.exception()
         if exc is not None:
             log.error("mock engine step loop crashed", exc_info=exc)
-            self._finish_all("error", error=f"engine failure: {exc!r}")
+            self._hub.finish_all("error", error=f"engine failure: {exc!r}")

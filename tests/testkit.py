@@ -1,0 +1,114 @@
+"""Helpers shared by the test suites: in-thread servers and multi-process deployments."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+class ServerThread:
+    """An all-in-one Turbine deployment on its own event loop thread, for sync test clients."""
+
+    def __init__(self, model_dir: Path, *, workers: int = 2, speedup: float = 50.0, **mocker_kw: object):
+        self.model_dir = model_dir
+        self.workers = workers
+        self.speedup = speedup
+        self.mocker_kw = mocker_kw
+        self.max_inflight = int(mocker_kw.pop("max_inflight", 0))  # type: ignore[call-overload]
+        self.request_timeout_s = mocker_kw.pop("request_timeout_s", None)
+        self.engine = mocker_kw.pop("engine", "mock")
+        self.router = mocker_kw.pop("router", None)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.dep = None
+
+    def __enter__(self) -> ServerThread:
+        from turbine.launch import BuiltinOptions, WorkerOptions, start_all_in_one
+        from turbine.mocker.engine import MockerConfig
+
+        self.thread.start()
+        if self.engine == "builtin":
+            opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny", engine="builtin",
+                                 builtin=BuiltinOptions(device="cpu", **self.mocker_kw))  # type: ignore[arg-type]
+        else:
+            opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
+                                 mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
+        fut = asyncio.run_coroutine_threadsafe(
+            start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight,
+                             request_timeout_s=self.request_timeout_s,  # type: ignore[arg-type]
+                             router=self.router),  # type: ignore[arg-type]
+            self.loop)
+        self.dep = fut.result(timeout=60)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.dep is not None and self.dep.frontend is not None
+        return self.dep.frontend.url
+
+    def call(self, fn):  # type: ignore[no-untyped-def]
+        """Run a plain function on the server's loop thread (to read state safely)."""
+        async def run():  # type: ignore[no-untyped-def]
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dep is not None:
+            asyncio.run_coroutine_threadsafe(self.dep.stop(), self.loop).result(timeout=30)
+        pending = asyncio.run_coroutine_threadsafe(_pending_tasks(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+        assert not pending, f"tasks left running after shutdown: {pending}"
+
+
+async def _pending_tasks() -> list[str]:
+    await asyncio.sleep(0.05)
+    me = asyncio.current_task()
+    return [repr(t.get_coro()) for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+
+def metric_values(text: str, name: str) -> list[float]:
+    """All sample values of one Prometheus series family in /metrics text."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+# --- multi-process deployments ---------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def wait_workers(url: str, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if len(health(url).get("models", {}).get("tiny", [])) == n:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} workers within {timeout} s, health={health(url)}")
+
+
+def spawn(procs: list, *args: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "turbine", "--log-level", "WARNING", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    procs.append(p)
+    return p

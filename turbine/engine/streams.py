@@ -1,0 +1,131 @@
+"""Token streams between a stepping core and the coroutines consuming ``Engine.generate``.
+
+Shared by every engine built on a core with ``add_request``/``abort``/``get`` and step results
+of per-sequence outputs (the mocker and the built-in engine): one queue of deltas per request,
+the first token delta carries the prefix hit, the last one finish reason and usage, and a
+consumer that leaves aborts its request at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+from turbine.engine.base import KVEventSink
+from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
+from turbine.protocols.kv_events import KVEvent
+
+log = logging.getLogger(__name__)
+
+
+class StepOutputLike(Protocol):
+    request_id: str
+    token_id: int | None
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class StepResultLike(Protocol):
+    outputs: Sequence[StepOutputLike]
+    kv_events: list[KVEvent]
+
+
+class CoreLike(Protocol):
+    def add_request(self, request: GenerateRequest, arrival_time: float | None = None) -> Any: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def get(self, request_id: str) -> Any: ...
+
+
+class _Stream:
+    """One request's pending deltas and the consumer's wake-up future."""
+
+    __slots__ = ("deltas", "waiter")
+
+    def __init__(self) -> None:
+        self.deltas: deque[GenerateDelta] = deque()  # at most max_tokens + 1 entries
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, delta: GenerateDelta) -> None:
+        self.deltas.append(delta)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class StreamHub:
+    def __init__(self, core: CoreLike, wake: Callable[[], None]):
+        self.core = core
+        self.wake = wake  # tell the stepping side that the queue changed
+        self.streams: dict[str, _Stream] = {}
+        self.sink: KVEventSink | None = None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        rid = request.request_id
+        if rid in self.streams:
+            raise ValueError(f"request id {rid!r} is already streaming")
+        loop = asyncio.get_running_loop()
+        self.core.add_request(request, loop.time())  # ValueError: this engine can never serve it
+        stream = self.streams[rid] = _Stream()  # before any delivery: those run as later loop callbacks
+        self.wake()
+        finished = False
+        try:
+            while True:
+                deltas = stream.deltas
+                while deltas:
+                    delta = deltas.popleft()
+                    finished = delta.finish_reason is not None
+                    yield delta
+                    if finished:
+                        return
+                stream.waiter = loop.create_future()
+                await stream.waiter
+        finally:
+            if self.streams.get(rid) is stream:
+                del self.streams[rid]
+            if not finished and self.core.abort(rid):
+                self.wake()  # freed blocks may let a stuck queue move
+
+    def deliver(self, result: StepResultLike) -> None:
+        """KV events to the sink first (a router sees blocks before their tokens), then deltas."""
+        if result.kv_events and self.sink is not None:
+            try:
+                self.sink(result.kv_events)
+            except Exception:
+                log.exception("KV event sink failed; events of this step are lost")
+        streams = self.streams
+        for out in result.outputs:
+            token, reason = out.token_id, out.finish_reason
+            if token is None and reason is None:
+                continue
+            stream = streams.get(out.request_id)
+            if stream is None:  # the consumer left while the step ran
+                continue
+            if reason is None:
+                if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
+                    stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
+                                              cached_tokens=out.cached_tokens))
+                else:
+                    stream.push(GenerateDelta(token_ids=[token]))  # type: ignore[list-item]
+            else:
+                stream.push(GenerateDelta(token_ids=[token] if token is not None else [], finish_reason=reason,
+                                          prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                          completion_tokens=out.completion_tokens))
+
+    def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """End every open stream with ``reason`` and free its request's blocks."""
+        streams, self.streams = self.streams, {}
+        for rid, stream in streams.items():
+            seq = self.core.get(rid)
+            delta = GenerateDelta(finish_reason=reason, error=error)
+            if seq is not None:
+                delta.prompt_tokens = seq.num_prompt_tokens
+                delta.cached_tokens = seq.num_cached_tokens
+                delta.completion_tokens = seq.num_output_tokens
+            self.core.abort(rid)
+            stream.push(delta)
