@@ -59,6 +59,8 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     seed: int | None = 0  # generator of unseeded sampling (None: nondeterministic)
     decode_kernel: str = "auto"  # "auto" | "triton" | "torch" (see PagedAttention)
+    cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
+    long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -70,6 +72,8 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.context_length is not None and self.context_length <= 1:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold <= 0:
+            raise ValueError("long_prefill_token_threshold must be positive when set")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
@@ -118,18 +122,24 @@ class BuiltinCore:
         self.eos_token_ids: tuple[int, ...] = tuple(mc.eos_token_ids)
         spec = KVCacheSpec(num_layers=int(mc.num_hidden_layers), num_kv_heads=int(mc.num_key_value_heads),
                            head_dim=int(mc.head_dim), block_size=config.block_size, dtype=self.dtype)
+        graphs = config.cuda_graphs and self.device.type == "cuda"
         num_blocks = config.num_gpu_blocks or self._auto_num_blocks(spec)
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        # With graphs one extra block, owned by no sequence, takes the padded rows' KV writes.
+        self.kv_cache = KVCache(spec, num_blocks + 1 if graphs else num_blocks, self.device)
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             enable_chunked_prefill=config.enable_chunked_prefill,
+                            long_prefill_token_threshold=config.long_prefill_token_threshold,
                             eos_token_ids=self.eos_token_ids, max_model_len=self.context_length),
             self.block_manager,
         )
         self.runner = ModelRunner(model, self.kv_cache, num_heads=num_heads, vocab_size=self.vocab_size,
                                   eos_token_ids=self.eos_token_ids, sampler_seed=config.seed,
-                                  decode_kernel=config.decode_kernel)
+                                  decode_kernel=config.decode_kernel, max_model_len=self.context_length,
+                                  pad_block=num_blocks if graphs else None)
+        if graphs and self.runner.attn.use_triton:
+            self.runner.capture_graphs(config.max_num_seqs)
         self.num_steps = 0
         self._lock = threading.Lock()
 
@@ -156,6 +166,8 @@ class BuiltinCore:
                                         num_seqs=cfg.max_num_seqs, vocab_size=self.vocab_size, device=self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * cfg.gpu_memory_utilization - (total - free) - peak
+        if cfg.cuda_graphs:  # the graphs' float32 logits at the largest batch, and the pad block
+            budget -= cfg.max_num_seqs * self.vocab_size * 4 + spec.bytes_per_block
         n = num_blocks_for_bytes(spec, int(budget))
         if n < 1:
             raise ValueError(

@@ -13,7 +13,8 @@ writing a step's k/v is one ``index_copy_`` by slot. One block of one layer is c
 (``block_size * num_kv_heads * head_dim`` elements), which is what a KV transfer copies.
 
 The cache starts zeroed: batched attention gathers padded block ids (masked out), and masked
-garbage must still be finite (NaN * 0 is NaN).
+garbage must still be finite (NaN * 0 is NaN). On CUDA a step's K and V are stored by one Triton
+kernel (one launch per layer instead of two ``index_copy_``; graph-safe).
 """
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVCache", "KVCacheSpec", "num_blocks_for_bytes"]
+try:  # the fused write is an accelerator, never a requirement
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+__all__ = ["KVCache", "KVCacheSpec", "num_blocks_for_bytes", "write_kv_triton"]
 
 # CPU has no memory fraction to size by: a fixed budget, enough for tests and small models.
 CPU_DEFAULT_BYTES = 256 << 20
@@ -90,7 +98,45 @@ class KVCache:
     def value(self, layer: int) -> torch.Tensor:
         return self._v[layer]
 
+    def key_slots(self, layer: int) -> torch.Tensor:
+        """``[num_blocks * block_size, num_kv_heads, head_dim]`` keys of ``layer`` by flat slot."""
+        return self._k_slots[layer]
+
+    def value_slots(self, layer: int) -> torch.Tensor:
+        return self._v_slots[layer]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's ``k``/``v`` ``[T, num_kv_heads, head_dim]`` at flat ``slots`` ``[T]``."""
+        if triton is not None and k.is_cuda and k.stride(-1) == 1 and v.stride(-1) == 1:
+            write_kv_triton(k, v, self._k_slots[layer], self._v_slots[layer], slots)
+            return
         self._k_slots[layer].index_copy_(0, slots, k.to(self.spec.dtype))
         self._v_slots[layer].index_copy_(0, slots, v.to(self.spec.dtype))
+
+
+def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                    slots: torch.Tensor) -> None:
+    """k/v [T, Hkv, D] (any token/head strides, D contiguous) into contiguous ``[S, Hkv, D]`` caches."""
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    _write_kv_kernel[(t,)](k, v, k_slots, v_slots, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           HKV=hkv, D=d, HKV_PAD=triton.next_power_of_2(hkv), D_PAD=triton.next_power_of_2(d),
+                           num_warps=4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h,
+                         HKV: tl.constexpr, D: tl.constexpr, HKV_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        h = tl.arange(0, HKV_PAD)
+        d = tl.arange(0, D_PAD)
+        ok = (h < HKV)[:, None] & (d < D)[None, :]
+        dst = slot * (HKV * D) + h[:, None] * D + d[None, :]
+        k = tl.load(k_ptr + t * sk_t + h[:, None] * sk_h + d[None, :], mask=ok)
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=ok)
+        v = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + d[None, :], mask=ok)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)

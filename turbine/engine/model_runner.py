@@ -7,6 +7,11 @@
                                    logits of each sequence's last token ─▶ sampler
                                    ─▶ {request_id: token}   (the step's one device→host sync)
 
+A decode-only step on CUDA replays a captured graph instead (``cuda_graphs.DecodeGraphs``):
+``prepare`` pads it to the graph's batch size on the host (pad rows write their KV to a
+reserved pad block), ``run`` copies the packed integers into the graph's static inputs (two
+device copies) and replays. Prefill and mixed steps run eagerly.
+
 ``prepare`` reads sequences (the caller holds the scheduler's lock); ``run`` touches only the
 batch, so requests can be added or aborted while the device works. A sequence whose computed
 count was reset by a preemption is simply packed from position 0 again; a prefix-cache hit
@@ -22,11 +27,13 @@ import numpy as np
 import torch
 
 from turbine.engine.attention_api import CausalLM
+from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
 from turbine.engine.kv_cache import KVCache
 from turbine.engine.paged_attention import (
     AttentionMetadata,
     CausalAttention,
     PagedAttention,
+    PrefillLayout,
 )
 from turbine.engine.sampler import Sampler, SamplingBatch
 from turbine.engine.scheduler import SchedulerOutput
@@ -43,6 +50,9 @@ class StepBatch:
     logits_indices: torch.Tensor  # [N] int64: the packed index of each sampling sequence's last token
     request_ids: tuple[str, ...]  # the N sampling sequences, in logits order
     sampling: SamplingBatch | None
+    graph_batch: int = 0  # > 0: replay the decode graph of this (padded) batch size
+    graph_ints: torch.Tensor | None = None  # [4, graph_batch]: ids | positions | slots | context lens
+    logits_all_rows: bool = False  # logits_indices is arange(N): no gather needed
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +61,10 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: KVCache, *, num_heads: int, vocab_size: int,
-                 eos_token_ids: Seq[int] = (), sampler_seed: int | None = 0, decode_kernel: str = "auto") -> None:
+                 eos_token_ids: Seq[int] = (), sampler_seed: int | None = 0, decode_kernel: str = "auto",
+                 max_model_len: int | None = None, pad_block: int | None = None) -> None:
+        """``pad_block``: a KV block no sequence owns (the decode graphs' padding writes there);
+        ``max_model_len``: the longest context, which sizes the RoPE tables and graph block tables."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
@@ -61,6 +74,26 @@ class ModelRunner:
         self.attn = PagedAttention(kv_cache, num_heads, decode_kernel=decode_kernel)
         self.sampler = Sampler(self.device, sampler_seed)
         self.num_steps = 0
+        self.max_model_len = max_model_len
+        self.pad_block = pad_block
+        self.graphs: DecodeGraphs | None = None
+        rotary = getattr(model, "rotary", None)
+        if max_model_len is not None and hasattr(rotary, "reserve"):
+            rotary.reserve(max_model_len)
+
+    def capture_graphs(self, max_num_seqs: int, buckets: Seq[int] | None = None) -> DecodeGraphs:
+        """Capture the decode graphs (CUDA, Triton decode kernel, a pad block and max_model_len needed)."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if self.pad_block is None or self.max_model_len is None:
+            raise ValueError("CUDA graphs need pad_block and max_model_len")
+        graphs = DecodeGraphs(self.model, self.attn, buckets=buckets or default_buckets(max_num_seqs),
+                              max_blocks=-(-self.max_model_len // self.block_size), pad_block=self.pad_block)
+        if self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     # -- host side ----------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepBatch:
@@ -85,7 +118,13 @@ class ModelRunner:
             qlens[i] = n
         clens = starts + qlens
         nblocks = -(-clens // bs)
-        tables = np.zeros((n_seqs, int(nblocks.max())), dtype=np.int64)
+        width = int(nblocks.max())
+        graphs = self.graphs
+        gb = 0
+        if graphs is not None and num_decodes == n_seqs and width <= graphs.max_blocks:
+            gb = graphs.bucket(n_seqs) or 0
+        rows = gb or n_seqs  # a graph step pads to its bucket: rows n_seqs.. are pad rows
+        tables = np.zeros((rows, width), dtype=np.int64)
         for i, e in enumerate(entries):
             nb = int(nblocks[i])
             tables[i, :nb] = e.seq.block_table[:nb]
@@ -98,14 +137,33 @@ class ModelRunner:
 
         samplers = [i for i, e in enumerate(entries) if e.produces_token]
         logits_idx = qstart[1:][samplers] - 1
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        if gb:  # pad rows: token 0 at position 0, KV to the pad block, context 1
+            pad = gb - n_seqs
+            tables[n_seqs:] = graphs.pad_block  # type: ignore[union-attr]
+            ids_arr = np.concatenate((ids_arr, np.zeros(pad, dtype=np.int64)))
+            positions = np.concatenate((positions, np.zeros(pad, dtype=np.int64)))
+            slots = np.concatenate((slots, np.full(pad, graphs.pad_slot, dtype=np.int64)))  # type: ignore[union-attr]
+            clens_up = np.concatenate((clens, np.ones(pad, dtype=np.int64)))
+            parts = [ids_arr, positions, slots, clens_up, logits_idx, tables.ravel(), qstart]
+        else:
+            parts = [ids_arr, positions, slots, clens, logits_idx, tables.ravel(), qstart]
+        prefill_host = self._prefill_layout(entries[num_decodes:], qlens[num_decodes:], clens[num_decodes:],
+                                            tables[num_decodes:n_seqs]) if not gb else None
+        if prefill_host is not None:
+            parts.extend(prefill_host[:3])
         # One host->device copy for every integer the step needs, sliced into views there.
-        parts = (np.asarray(ids, dtype=np.int64), positions, slots, qstart, clens, logits_idx, tables.ravel())
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
         views = torch.split(flat, [len(p) for p in parts])
+        prefill = None
+        if prefill_host is not None:
+            prefill = PrefillLayout(cu_q=views[7].to(torch.int32), cu_k=views[8].to(torch.int32),
+                                    gather=views[9] if len(prefill_host[2]) else None,
+                                    max_q=prefill_host[3], max_k=prefill_host[4])
         meta = AttentionMetadata(
-            slot_mapping=views[2], query_start_loc=views[3], context_lens=views[4],
-            block_tables=views[6].view(tables.shape), num_decodes=num_decodes,
-            query_lens_host=tuple(qlens.tolist()), context_lens_host=tuple(clens.tolist()),
+            slot_mapping=views[2], query_start_loc=views[6], context_lens=views[3],
+            block_tables=views[5].view(tables.shape), num_decodes=num_decodes,
+            query_lens_host=tuple(qlens.tolist()), context_lens_host=tuple(clens.tolist()), prefill=prefill,
         )
         sampling = None
         if samplers:
@@ -114,8 +172,28 @@ class ModelRunner:
                 [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
                 vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
             )
-        return StepBatch(views[0], views[1], meta, views[5], tuple(s.seq.request_id for s in
-                                                                  (entries[i] for i in samplers)), sampling)
+        return StepBatch(views[0], views[1], meta, views[4],
+                         tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
+                         graph_batch=gb, graph_ints=flat[:4 * gb].view(4, gb) if gb else None,
+                         logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs)
+
+    def _prefill_layout(self, entries, qlens: np.ndarray, clens: np.ndarray,  # type: ignore[no-untyped-def]
+                        tables: np.ndarray):
+        """Host arrays of ``PrefillLayout`` (cu_q, cu_k, gather slots, max_q, max_k), or None when
+        the varlen flash path is off or the step has no prefill."""
+        if not len(entries) or not self.attn.varlen_prefill:
+            return None
+        bs = self.block_size
+        cu_q = np.zeros(len(entries) + 1, dtype=np.int64)
+        np.cumsum(qlens, out=cu_q[1:])
+        if bool((clens == qlens).all()):  # no cached prefix: K/V are the step's own tokens
+            return cu_q, cu_q, np.zeros(0, dtype=np.int64), int(qlens.max()), int(qlens.max())
+        cu_k = np.zeros(len(entries) + 1, dtype=np.int64)
+        np.cumsum(clens, out=cu_k[1:])
+        seq_of = np.repeat(np.arange(len(entries)), clens)
+        pos = np.arange(int(cu_k[-1]), dtype=np.int64) - np.repeat(cu_k[:-1], clens)
+        gather = tables[seq_of, pos // bs] * bs + pos % bs
+        return cu_q, cu_k, gather, int(qlens.max()), int(clens.max())
 
     def _banned(self, seq) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
         """Stop tokens cannot be sampled before ``min_tokens`` outputs exist."""
@@ -132,11 +210,19 @@ class ModelRunner:
         self.num_steps += 1
         if self.device.type == "cuda" and self.device.index is not None:  # this thread launches there
             torch.cuda.set_device(self.device)
-        self.attn.set_metadata(batch.attn)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
-        if batch.sampling is None:
-            return {}
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if batch.graph_batch:
+            logits = self.graphs.replay(batch.graph_batch, batch.graph_ints,  # type: ignore[union-attr]
+                                        batch.attn.block_tables)
+            if batch.sampling is None:
+                return {}
+            n = len(batch.request_ids)
+            logits = logits[:n] if batch.logits_all_rows else logits.index_select(0, batch.logits_indices)
+        else:
+            self.attn.set_metadata(batch.attn)
+            hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
+            if batch.sampling is None:
+                return {}
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
         tokens = self.sampler(logits.float(), batch.sampling)
         return dict(zip(batch.request_ids, tokens.tolist(), strict=True))
 

@@ -10,8 +10,15 @@ A step packs its sequences' new tokens, one-token sequences (decodes) first:
 
 Every layer first writes the step's k/v at ``slot_mapping`` and then attends: query i of a
 sequence with q new tokens and context c sees keys ``0 .. c - q + i`` (causal over its whole
-context, cached prefix included). The decode group runs as one batched call (SDPA over gathered
-blocks, or a Triton kernel reading blocks in place on CUDA); each prefill runs as one SDPA call.
+context, cached prefix included).
+
+- Decode group: one batched call. On CUDA a Triton kernel reads blocks in place, split along the
+  context (flash-decoding) when the batch is too small to fill the GPU; its grid depends only on
+  the batch size and its loop bounds come from ``context_lens`` on the device, so it is
+  CUDA-graph safe. Elsewhere: SDPA over gathered blocks.
+- Prefills: on CUDA in 16-bit, ONE varlen flash-attention call per layer for all of them
+  (``PrefillLayout``; bottom-right causal, grouped-query heads native; a cached prefix is
+  gathered from the cache first). Elsewhere, or if that kernel is missing: one SDPA per sequence.
 Lengths the host needs are host mirrors: a step never waits on the device to read its layout.
 """
 from __future__ import annotations
@@ -30,11 +37,24 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "paged_decode_triton", "triton_available"]
+__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "PrefillLayout", "decode_num_splits",
+           "flash_varlen_available", "paged_decode_triton", "triton_available"]
 
 _GATHER_BUDGET_BYTES = 256 << 20  # portable decode: gather at most this much K+V per chunk
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_GQA = _TORCH_VERSION >= (2, 5)
+_MAX_SPLITS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillLayout:
+    """The step's prefill sequences (after the decode group) packed for one varlen call."""
+
+    cu_q: torch.Tensor  # [P + 1] int32: query offsets, relative to the first prefill token
+    cu_k: torch.Tensor  # [P + 1] int32: key offsets in the packed K/V
+    gather: torch.Tensor | None  # [cu_k[-1]] int64 flat slots of every context token; None: K/V are the step's own
+    max_q: int
+    max_k: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +68,7 @@ class AttentionMetadata:
     num_decodes: int  # sequences 0 .. num_decodes-1 have exactly one new token
     query_lens_host: tuple[int, ...]
     context_lens_host: tuple[int, ...]
+    prefill: PrefillLayout | None = None  # set when the varlen flash path serves the prefills
 
     @property
     def num_seqs(self) -> int:
@@ -75,6 +96,56 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
+# -- varlen flash attention (torch's bundled FlashAttention-2) ---------------------------------------
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """q [Tq, H, D], k/v [Tk, Hkv, D] packed; causal aligned bottom-right (a cached prefix is visible)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+_FLASH_OK: dict[tuple[str, torch.dtype, int, int, int], bool] = {}
+
+
+def flash_varlen_available(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                           head_dim: int) -> bool:
+    """Whether the varlen flash kernel runs here AND computes our semantics: probed once per shape
+    against SDPA with an explicit mask (a torch build without it, or with top-left causal
+    alignment, falls back to per-sequence SDPA instead of computing something else)."""
+    key = (str(device), dtype, num_heads, num_kv_heads, head_dim)
+    if key in _FLASH_OK:
+        return _FLASH_OK[key]
+    ok = False
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            qlens, clens = [5, 3, 33], [5, 19, 70]
+            # strided views of one buffer, as a qkv projection hands them over
+            qkv = torch.randn(sum(clens), (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype,
+                              generator=g)
+            q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+            q = q[:sum(qlens)].view(sum(qlens), num_heads, head_dim)
+            k, v = (t.view(sum(clens), num_kv_heads, head_dim) for t in (k, v))
+            cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32, device=device)
+                  for x in (qlens, clens)]
+            scale = head_dim ** -0.5
+            out = _flash_varlen(q, k, v, cu[0], cu[1], max(qlens), max(clens), scale).float()
+            err, qs, ks = 0.0, 0, 0
+            for n, c in zip(qlens, clens, strict=True):
+                qh = q[qs:qs + n].float().transpose(0, 1)[None]
+                kh = k[ks:ks + c].float().transpose(0, 1)[None].repeat_interleave(num_heads // num_kv_heads, 1)
+                vh = v[ks:ks + c].float().transpose(0, 1)[None].repeat_interleave(num_heads // num_kv_heads, 1)
+                mask = torch.arange(c, device=device)[None, :] <= torch.arange(c - n, c, device=device)[:, None]
+                ref = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)[0].transpose(0, 1)
+                err = max(err, float((out[qs:qs + n] - ref).abs().max() / ref.abs().max()))
+                qs, ks = qs + n, ks + c
+            ok = err < 2e-2
+        except Exception:  # noqa: BLE001 - any failure means: not usable here
+            ok = False
+    _FLASH_OK[key] = ok
+    return ok
+
+
 class PagedAttention:
     """``AttentionBackend`` over a ``KVCache``; call ``set_metadata`` before each forward.
 
@@ -96,6 +167,16 @@ class PagedAttention:
         self.scale = scale if scale is not None else spec.head_dim ** -0.5
         self.use_triton = decode_kernel == "triton" or (decode_kernel == "auto" and on_cuda and triton is not None)
         self.meta: AttentionMetadata | None = None
+        self._varlen: bool | None = None
+
+    @property
+    def varlen_prefill(self) -> bool:
+        """True when prefills run as one varlen flash call (the runner then builds ``PrefillLayout``)."""
+        if self._varlen is None:
+            spec = self.kv_cache.spec
+            self._varlen = flash_varlen_available(self.kv_cache.device, spec.dtype, self.num_heads,
+                                                  spec.num_kv_heads, spec.head_dim)
+        return self._varlen
 
     def set_metadata(self, meta: AttentionMetadata) -> None:
         self.meta = meta
@@ -106,15 +187,24 @@ class PagedAttention:
             raise RuntimeError("PagedAttention.forward before set_metadata")
         cache = self.kv_cache
         cache.write(layer_idx, meta.slot_mapping, k, v)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        only_decodes = nd == meta.num_seqs
+        if only_decodes and self.use_triton:  # the CUDA-graph path: no host-side branching on lengths
+            return paged_decode_triton(q, cache.key(layer_idx), cache.value(layer_idx), meta.block_tables,
+                                       meta.context_lens, self.scale)
+        if nd == 0 and meta.prefill is not None:
+            return self._prefill_varlen(layer_idx, q, k, v, meta.prefill)
+        out = torch.empty_like(q)
         if nd:
             k_cache, v_cache = cache.key(layer_idx), cache.value(layer_idx)
             if self.use_triton:
-                out[:nd] = paged_decode_triton(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                               meta.context_lens[:nd], self.scale)
+                paged_decode_triton(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
+                                    self.scale, out=out[:nd])
             else:
                 out[:nd] = self._decode_torch(q[:nd], k_cache, v_cache, meta)
+        if meta.prefill is not None:
+            out[nd:] = self._prefill_varlen(layer_idx, q[nd:], k[nd:], v[nd:], meta.prefill)
+            return out
         qlens, clens = meta.query_lens_host, meta.context_lens_host
         start = nd
         for s in range(nd, meta.num_seqs):
@@ -151,7 +241,14 @@ class PagedAttention:
             i = j
         return out
 
-    # -- prefill: many queries of one sequence --------------------------------------------------------
+    # -- prefill: many queries per sequence ------------------------------------------------------------
+    def _prefill_varlen(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        lay: PrefillLayout) -> torch.Tensor:
+        if lay.gather is not None:  # some sequence has a cached prefix: its whole context from the cache
+            k = self.kv_cache.key_slots(layer).index_select(0, lay.gather)
+            v = self.kv_cache.value_slots(layer).index_select(0, lay.gather)
+        return _flash_varlen(q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, self.scale)
+
     def _prefill(self, layer: int, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ctx: int) -> torch.Tensor:
         n = q.shape[0]
@@ -197,46 +294,90 @@ class CausalAttention:
 
 
 # -- Triton decode kernel (CUDA) -------------------------------------------------------------------------
+_SM_COUNT: dict[int, int] = {}
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Context splits per (sequence, KV head): enough programs to cover the SMs twice, a power of
+    two up to 16; 1 once the batch alone fills the GPU. Depends on the batch size only, so a
+    CUDA graph captured for a batch size keeps a valid grid for any context lengths."""
+    if device.type != "cuda":
+        sms = 8
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        sms = _SM_COUNT[idx]
+    splits = 1
+    while splits < _MAX_SPLITS and num_seqs * num_kv_heads * splits * 2 <= 2 * sms:
+        splits *= 2
+    return splits
+
+
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
+                        out: torch.Tensor | None = None, num_splits: int | None = None,
+                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One query per sequence over its paged context, read in place (no gather).
 
-    q [N, H, D]; k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks]; context_lens [N].
-    One program per (sequence, KV head) computes all query heads of its group with an online
-    softmax over tiles of BLOCK_N tokens.
+    q [N, H, D] (D contiguous); k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks];
+    context_lens [N] (>= 1 each). One program per (sequence, KV head, split) computes all query
+    heads of its group with an online softmax over tiles of BLOCK_N tokens; with several splits a
+    second kernel merges the partial results by their log-sum-exp.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     n, h, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     group = h // hkv
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
     if n == 0:
         return out
-    block_n = max(16, min(64, triton.next_power_of_2(bs) * 4))
-    _paged_decode_kernel[(n, hkv)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+    splits = num_splits or decode_num_splits(n, hkv, q.device)
+    block_n = block_n or max(16, min(64, triton.next_power_of_2(bs) * 4))
+    if splits > 1:
+        part_o = torch.empty((n, h, splits, d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((n, h, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out  # unused
+    _paged_decode_kernel[(n, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_ml, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        HEAD_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n,
+        NUM_HEADS=h, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        HEAD_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=splits,
         # fp32 caches get exact fp32 dots (Triton would use TF32 and lose ~3 digits); 16-bit use tensor cores.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
+    if splits > 1:
+        _merge_splits_kernel[(n, h)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), NUM_HEADS=h, NUM_SPLITS=splits,
+            HEAD_DIM=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), num_warps=1,
+        )
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, po_ptr, pml_ptr, scale,
                              sq_n, sq_h, sk_blk, sk_tok, sk_head, sbt_n, so_n, so_h,
-                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
-        seq = tl.program_id(0)
+                             NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        seq = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
-        ctx = tl.load(len_ptr + seq)
+        split = tl.program_id(2)
+        ctx = tl.load(len_ptr + seq).to(tl.int32)
+        if NUM_SPLITS == 1:
+            lo = 0
+            hi = ctx
+        else:
+            per = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            lo = split * per
+            hi = tl.minimum(lo + per, ctx)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_PAD)
         g_ok = g < GROUP
@@ -248,9 +389,9 @@ if triton is not None:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
         qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-        for start in range(0, ctx, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
-            t_ok = tok < ctx
+            t_ok = tok < hi
             blk = tl.load(bt_ptr + seq * sbt_n + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
             row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + kvh * sk_head
             kv_mask = t_ok[:, None] & d_ok[None, :]
@@ -264,6 +405,30 @@ if triton is not None:
             v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
             m_i = m_new
-        acc = acc / l_i[:, None]
-        tl.store(out_ptr + seq * so_n + heads[:, None] * so_h + d[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
+        hd_ok = g_ok[:, None] & d_ok[None, :]
+        if NUM_SPLITS == 1:
+            acc = acc / l_i[:, None]
+            tl.store(out_ptr + seq * so_n + heads[:, None] * so_h + d[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=hd_ok)
+        else:  # partial results: unnormalized acc, running max (log2 units) and sum
+            part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+            tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=hd_ok)
+            tl.store(pml_ptr + part * 2, m_i, mask=g_ok)
+            tl.store(pml_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+    @triton.jit
+    def _merge_splits_kernel(po_ptr, pml_ptr, out_ptr, so_n, so_h, NUM_HEADS: tl.constexpr,
+                             NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        sp = tl.arange(0, NUM_SPLITS)
+        d = tl.arange(0, HEAD_PAD)
+        d_ok = d < HEAD_DIM
+        part = (seq * NUM_HEADS + head) * NUM_SPLITS + sp
+        m = tl.load(pml_ptr + part * 2)
+        lsum = tl.load(pml_ptr + part * 2 + 1)
+        m_max = tl.max(m, 0)  # finite: split 0 always holds a token
+        w = tl.math.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
+        o = tl.load(po_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = tl.sum(w[:, None] * o, 0) / tl.sum(w * lsum, 0)
+        tl.store(out_ptr + seq * so_n + head * so_h + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)

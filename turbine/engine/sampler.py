@@ -65,9 +65,9 @@ def _to_i64(seed: int) -> int:
 class SamplingBatch:
     """Per-row sampling parameters of one step, on the device, with host-side summary flags."""
 
-    temperature: torch.Tensor  # [N] float32; 0 = greedy
-    top_k: torch.Tensor  # [N] int64; vocab_size = disabled
-    top_p: torch.Tensor  # [N] float32; 2.0 = disabled
+    temperature: torch.Tensor  # [N] float32; 0 = greedy (empty when all_greedy)
+    top_k: torch.Tensor  # [N] int64; vocab_size = disabled (empty when all_greedy)
+    top_p: torch.Tensor  # [N] float32; 2.0 = disabled (empty when all_greedy)
     seeds: torch.Tensor  # [S] int64, seeded rows only
     positions: torch.Tensor  # [S] int64: output index each seeded row samples
     seeded_rows: torch.Tensor  # [S] int64
@@ -96,19 +96,24 @@ class SamplingBatch:
                         b_rows.append(i)
                         b_ids.append(t)
         enabled_k = [top_k[i] for i in sampled if top_k[i] < vocab_size]
-
-        def ints(xs: list[int]) -> torch.Tensor:
-            return torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
-
+        seeds = [_to_i64(options[i].seed) for i in seeded]  # type: ignore[arg-type]
+        positions = [output_positions[i] for i in seeded]
+        # One host->device copy for all integers (and one for the floats unless every row is
+        # greedy): a step of 256 rows would otherwise pay eight small transfers.
+        ints = [top_k, seeds, positions, seeded, b_rows, b_ids] if sampled else [[], [], [], [], b_rows, b_ids]
+        sizes = [len(x) for x in ints]
+        dev = torch.device(device)
+        flat = torch.tensor([v for x in ints for v in x], dtype=torch.int64)
+        flat = flat.to(dev, non_blocking=True) if flat.numel() else torch.empty(0, dtype=torch.int64, device=dev)
+        t_k, t_seeds, t_pos, t_rows, t_brows, t_bids = torch.split(flat, sizes)
+        if sampled:
+            floats = torch.tensor([temps, top_p], dtype=torch.float32).to(dev, non_blocking=True)
+            temperature, t_top_p = floats[0], floats[1]
+        else:  # all greedy: the sampler never reads these
+            temperature = t_top_p = torch.empty(0, dtype=torch.float32, device=dev)
         return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_k=ints(top_k),
-            top_p=torch.tensor(top_p, dtype=torch.float32).to(device, non_blocking=True),
-            seeds=ints([_to_i64(options[i].seed) for i in seeded]),  # type: ignore[arg-type]
-            positions=ints([output_positions[i] for i in seeded]),
-            seeded_rows=ints(seeded),
-            banned_rows=ints(b_rows),
-            banned_ids=ints(b_ids),
+            temperature=temperature, top_k=t_k, top_p=t_top_p, seeds=t_seeds, positions=t_pos,
+            seeded_rows=t_rows, banned_rows=t_brows, banned_ids=t_bids,
             all_greedy=not sampled,
             max_top_k=max(enabled_k, default=0),
             any_top_p=any(top_p[i] <= 1.0 for i in sampled),

@@ -28,7 +28,13 @@ from torch import nn
 
 from turbine.engine.attention_api import AttentionBackend
 from turbine.engine.models.config import ModelConfig
-from turbine.engine.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from turbine.engine.models.layers import (
+    RMSNorm,
+    RopeInputs,
+    RotaryEmbedding,
+    SiluAndMul,
+    apply_rotary_qk,
+)
 
 __all__ = ["LlamaForCausalLM", "ParamSlice"]
 
@@ -56,7 +62,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeInputs, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -64,7 +70,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attn.forward(self.layer_idx, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        q, k = apply_rotary_qk(q, k, rope)
+        out = attn.forward(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -87,9 +94,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's ``x = x + attn(norm(x)); x = x + mlp(norm(x))`` with each residual add folded into
+        the next norm: returns (this layer's mlp output, the residual stream before it)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -110,15 +126,19 @@ class LlamaForCausalLM(nn.Module):
         # Tied: no lm_head module at all, so nothing can untie it (meta build, .to(), to_empty).
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [T] int64 (packed tokens of the step) -> hidden [T, hidden_size]."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope = self.rotary.inputs(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, attn)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab]; the matmul runs in the model dtype, as HF."""

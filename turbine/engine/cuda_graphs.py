@@ -1,0 +1,109 @@
+"""CUDA graphs of the decode-only forward: one per padded batch size, captured once at start-up.
+
+A decode step of an 8B model is ~350 small and large kernels; launched one by one from Python
+the launches, not the GPU, set the pace at small batch. A graph replays them all in one launch.
+
+    static inputs (device, written before each replay)          per bucket b (1, 2, 4, ... max_num_seqs)
+    ints   [4, B]:  input_ids | positions | slot_mapping | context_lens     graph_b reads ints[:, :b]
+    tables [B, max_blocks]  block tables                                    and tables[:b]
+    logits [b, vocab]  written by graph_b's replay (float32)
+
+A step of n decodes runs in the smallest bucket b >= n; the runner pads rows n..b-1 with a token at
+position 0 whose KV goes to a reserved pad block that no sequence owns (context length 1), so a
+padded row is finite, harmless work. Attention reads its lengths from ``context_lens`` on the
+device and its grid depends only on b (``decode_num_splits``), so one capture serves every
+context length up to ``max_blocks * block_size``. Graphs share one memory pool (captured
+largest first); replays are serialized by the step loop, so sharing is safe.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+from turbine.engine.attention_api import CausalLM
+from turbine.engine.paged_attention import AttentionMetadata, PagedAttention
+
+__all__ = ["DecodeGraphs", "default_buckets"]
+
+
+def default_buckets(max_num_seqs: int) -> list[int]:
+    """Powers of two up to ``max_num_seqs``, and ``max_num_seqs`` itself."""
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, attn: PagedAttention, *, buckets: Sequence[int], max_blocks: int,
+                 pad_block: int) -> None:
+        if not buckets or min(buckets) < 1:
+            raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+        if not attn.use_triton:
+            raise ValueError("CUDA graphs need the Triton decode kernel (the torch path branches on host lengths)")
+        self.model = model
+        self.attn = attn
+        self.device = attn.kv_cache.device
+        self.buckets = sorted({int(b) for b in buckets})
+        self.max_batch = self.buckets[-1]
+        self.max_blocks = int(max_blocks)
+        self.pad_block = int(pad_block)
+        self.pad_slot = self.pad_block * attn.kv_cache.block_size
+        big = self.max_batch
+        self.ints = torch.zeros((4, big), dtype=torch.int64, device=self.device)
+        self.ints[2].fill_(self.pad_slot)
+        self.ints[3].fill_(1)
+        self.tables = torch.full((big, self.max_blocks), self.pad_block, dtype=torch.int64, device=self.device)
+        self._qstart = torch.arange(big + 1, dtype=torch.int64, device=self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def bucket(self, n: int) -> int | None:
+        """The smallest captured batch size holding ``n`` decodes (None: too many)."""
+        i = bisect.bisect_left(self.buckets, n)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.ints[2, :b], query_start_loc=self._qstart[:b + 1], context_lens=self.ints[3, :b],
+            block_tables=self.tables[:b], num_decodes=b, query_lens_host=(1,) * b, context_lens_host=(1,) * b,
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        self.attn.set_metadata(self._meta(b))
+        hidden = self.model.forward(self.ints[0, :b], self.ints[1, :b], self.attn)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (Triton compiles, cuBLAS picks kernels) and capture every bucket, largest first."""
+        pool = None
+        torch.cuda.synchronize(self.device)
+        for b in reversed(self.buckets):
+            self._forward(b)  # eager warm-up of exactly this shape, outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(b)
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[b] = graph
+            self.logits[b] = logits
+        torch.cuda.synchronize(self.device)
+        self.attn.meta = None
+
+    def replay(self, b: int, ints: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """``ints`` [4, b] and ``tables`` [b, w] (already padded to the bucket) -> logits [b, vocab]."""
+        if b not in self.graphs:
+            raise ValueError(f"no graph captured for batch size {b}")
+        w = tables.shape[1]
+        if w > self.max_blocks:
+            raise ValueError(f"block tables of width {w} exceed the captured {self.max_blocks}")
+        self.ints[:, :b].copy_(ints)
+        self.tables[:b, :w].copy_(tables)
+        self.graphs[b].replay()
+        return self.logits[b]
