@@ -1,4 +1,4 @@
-"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate."""
+"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate, profile."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_args(p)
     _add_engine_args(p, builtin=False)
     p.set_defaults(block_size=64, num_gpu_blocks=16384)  # the mocker's (Dynamo's) defaults
+
+    p = sub.add_parser("profile", help="measure an engine's step times into a mocker timing profile (JSON, plots)")
+    from turbine.profiler.command import add_profile_args
+
+    add_profile_args(p)
     return parser
 
 
@@ -196,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         from turbine.sim.command import main_from_args as simulate_main
 
         sys.exit(simulate_main(args))
+    if args.cmd == "profile":
+        from turbine.profiler.command import main_from_args as profile_main
+
+        sys.exit(profile_main(args))
     try:
         import uvloop
 

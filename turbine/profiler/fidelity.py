@@ -1,0 +1,269 @@
+"""Mocker fidelity: one mixed workload (turbine/profiler/workload.py) on a real engine and on
+the mocker loaded with that engine's profile; TTFT and ITL percentiles side by side.
+
+    run_fidelity()    the workload on the real engine, then on each mock variant
+    StepRecorder      wraps a core's ``step`` to log each real step (tokens, batch, duration)
+    compare_runs()    percentiles, mock/real ratios, the targets (p50 within 10%, p99 within 20%)
+    step_accuracy()   each logged real step against a timing model's prediction
+    MarginalTiming    a proposed composition of mixed steps (README: "Timing model")
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from turbine.bench.stats import Percentiles, RequestResult, render_table
+from turbine.engine.base import Engine
+from turbine.mocker.timing import ProfileTiming, TimingModel
+from turbine.profiler.workload import EngineRun, WorkloadConfig, build_workload, run_workload, simulate_workload
+
+__all__ = ["FidelityResult", "MarginalTiming", "StepRecord", "StepRecorder", "compare_runs", "format_fidelity",
+           "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence", "step_points"]
+
+TARGETS = {"p50": 0.10, "p99": 0.20}  # |mock / real - 1| at most
+
+
+class StepRecord(NamedTuple):
+    ms: float
+    start_s: float  # perf_counter at the step's start: gaps between starts give the step cadence
+    prefill_tokens: int
+    decode_seqs: int
+    prefill_context: float  # mean cached tokens of the step's prefills (first chunks exact)
+    decode_context: float  # mean length of the decoding sequences
+
+
+class StepRecorder:
+    """Logs every step of a core (shadowing its ``step`` on the instance until ``close()``)."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self._step = core.step
+        self.records: list[StepRecord] = []
+        core.step = self
+
+    def __call__(self) -> Any:
+        t0 = time.perf_counter()
+        res = self._step()
+        if res.outputs:
+            dec = [o.prompt_tokens + o.completion_tokens - 1 for o in res.outputs if o.completion_tokens >= 2]
+            pre = [o.cached_tokens for o in res.outputs if o.completion_tokens <= 1]
+            self.records.append(StepRecord(res.duration_s * 1e3, t0, res.num_prefill_tokens, res.num_decode_seqs,
+                                           statistics.fmean(pre) if pre else 0.0,
+                                           statistics.fmean(dec) if dec else 0.0))
+        return res
+
+    def close(self) -> None:
+        if self.core.__dict__.get("step") is self:
+            del self.core.step
+
+
+def _kind(r: StepRecord) -> str:
+    return "mixed" if r.prefill_tokens and r.decode_seqs else ("prefill" if r.prefill_tokens else "decode")
+
+
+def step_accuracy(records: Sequence[StepRecord], timing: TimingModel) -> dict[str, dict[str, float]]:
+    """Per step kind: steps, median and p10/p90 of predicted / measured time."""
+    by_kind: dict[str, list[float]] = {}
+    for r in records:
+        pred = 1e3 * timing.step_seconds(r.prefill_tokens, r.decode_seqs, 0.0, mean_prefill_context=r.prefill_context,
+                                         mean_decode_context=r.decode_context)
+        if r.ms > 0:
+            by_kind.setdefault(_kind(r), []).append(pred / r.ms)
+    out = {}
+    for kind, ratios in sorted(by_kind.items()):
+        q = statistics.quantiles(ratios, n=10) if len(ratios) >= 2 else ratios * 9
+        out[kind] = {"steps": len(ratios), "median": round(statistics.median(ratios), 3),
+                     "p10": round(q[0], 3), "p90": round(q[-1], 3)}
+    return out
+
+
+def step_cadence(records: Sequence[StepRecord]) -> dict[str, float | None]:
+    """Step time and the gap from one step's end to the next one's start (thread hand-offs,
+    backpressure, idle waits), median and p90 in ms: time the engine spends outside ``step()``."""
+    gaps = [(b.start_s - a.start_s) * 1e3 - a.ms for a, b in itertools.pairwise(records)]
+    steps = Percentiles.of([r.ms for r in records])
+    between = Percentiles.of(gaps)
+    return {"steps": len(records), "step_ms_p50": _r(steps.p50), "between_ms_p50": _r(between.p50),
+            "between_ms_p90": _r(between.p90)}
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def step_points(records: Sequence[StepRecord], timing: TimingModel) -> list[tuple[float, float, str]]:
+    """(measured ms, predicted ms, kind) of each record, for a scatter plot."""
+    return [(r.ms, 1e3 * timing.step_seconds(r.prefill_tokens, r.decode_seqs, 0.0,
+                                             mean_prefill_context=r.prefill_context,
+                                             mean_decode_context=r.decode_context), _kind(r))
+            for r in records if r.ms > 0]
+
+
+class MarginalTiming:
+    """Proposed composition of a mixed step: the decode step, plus what ``n`` more tokens add to
+    a forward that already runs the batch's ``b`` tokens:
+
+        ms = decode(b, L) + prefill(n + b, c) - prefill(b, 0)     (b, n > 0)
+
+    Additive ``prefill(n) + decode(b)`` counts twice what every forward pays once (weights read,
+    kernel launches, host work); this counts it once. Pure steps are unchanged."""
+
+    def __init__(self, base: ProfileTiming) -> None:
+        self.base = base
+        self._scale = 1e-3 / base.speedup_ratio
+
+    def step_seconds(self, num_prefill_tokens: int, num_decode_seqs: int, kv_usage: float, *,
+                     mean_prefill_context: float = 0.0, mean_decode_context: float = 0.0) -> float:
+        b, n = num_decode_seqs, num_prefill_tokens
+        ms = self.base.decode_ms(b, mean_decode_context)
+        if n > 0 and b > 0:
+            ms += max(0.0, self.base.prefill_ms(n + b, mean_prefill_context) - self.base.prefill_ms(b))
+        elif n > 0:
+            ms += self.base.prefill_ms(n, mean_prefill_context)
+        return ms * self._scale
+
+
+def mixed_summary(profile: dict[str, Any], points: list[dict[str, float]], context: int) -> dict[str, Any]:
+    """Mixed steps against two compositions of the profile's tables: additive ``prefill(n) +
+    decode(b, L)`` (the mocker's) and ``MarginalTiming`` (turbine/profiler/fidelity.py)."""
+    timing = ProfileTiming(profile)
+    marginal = MarginalTiming(timing)
+    out = []
+    for p in points:
+        n, b, ctx = int(p["new_tokens"]), int(p["batch_size"]), p["decode_context"]
+        additive = timing.prefill_ms(n) + timing.decode_ms(b, ctx)
+        marg = 1e3 * marginal.step_seconds(n, b, 0.0, mean_decode_context=ctx)
+        out.append({**p, "additive_ms": round(additive, 4), "marginal_ms": round(marg, 4),
+                    "additive_over_measured": round(additive / p["ms"], 3),
+                    "marginal_over_measured": round(marg / p["ms"], 3)})
+    return {"context_length": context, "points": out,
+            "additive_over_measured_median": statistics.median(q["additive_over_measured"] for q in out),
+            "marginal_over_measured_median": statistics.median(q["marginal_over_measured"] for q in out)}
+
+
+def _samples(results: Sequence[RequestResult]) -> dict[str, list[float]]:
+    ok = [r for r in results if r.ok]
+    return {"ttft_ms": [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None],
+            "itl_ms": [g * 1e3 for r in ok for g in r.itl_s]}
+
+
+def _summary(run: EngineRun) -> dict[str, Any]:
+    s = _samples(run.results)
+    per_phase = {}
+    for p in sorted({w.phase for w in run.items}):
+        ps = _samples([r for w, r in zip(run.items, run.results, strict=True) if w.phase == p])
+        per_phase[str(p)] = {"concurrency": round(run.concurrency(p), 1),
+                             "ttft_ms": Percentiles.of(ps["ttft_ms"]).to_dict(),
+                             "itl_ms": Percentiles.of(ps["itl_ms"]).to_dict()}
+    ok = [r for r in run.results if r.ok]
+    return {"label": run.label, "requests": len(run.results), "ok": len(ok), "duration_s": round(run.duration_s, 3),
+            "ttft_ms": Percentiles.of(s["ttft_ms"]).to_dict(), "itl_ms": Percentiles.of(s["itl_ms"]).to_dict(),
+            "cached_tokens_mean": round(statistics.fmean(r.cached_tokens or 0 for r in ok), 1) if ok else None,
+            "phases": per_phase, "errors": [r.error for r in run.results if not r.ok][:4]}
+
+
+def compare_runs(real: EngineRun, mocks: Mapping[str, EngineRun]) -> dict[str, Any]:
+    """Summaries of every run and, per mock, the mock / real ratio of each percentile and
+    whether it meets its target (p50 within 10%, p99 within 20%)."""
+    out: dict[str, Any] = {"real": _summary(real), "mocks": {}}
+    for name, run in mocks.items():
+        m = _summary(run)
+        ratios, met = {}, {}
+        for metric in ("ttft_ms", "itl_ms"):
+            for p, tol in TARGETS.items():
+                a, b = out["real"][metric][p], m[metric][p]
+                key = f"{metric.removesuffix('_ms')}_{p}"
+                ratios[key] = None if not a or b is None else round(b / a, 3)
+                met[key] = ratios[key] is not None and abs(ratios[key] - 1.0) <= tol
+        out["mocks"][name] = {**m, "ratio": ratios, "met": met}
+    return out
+
+
+def format_fidelity(cmp: dict[str, Any], *, markdown: bool = False) -> str:
+    """Metric rows; per mock its value, the mock/real ratio and the target verdict."""
+    mocks = cmp["mocks"]
+    head = ["metric", "real"] + [h for name in mocks for h in (f"mock {name}", "ratio")] + ["target"]
+    rows = []
+    for metric in ("ttft_ms", "itl_ms"):
+        for p, tol in TARGETS.items():
+            key = f"{metric.removesuffix('_ms')}_{p}"
+            row = [f"{metric.removesuffix('_ms').upper()} {p} (ms)", _f(cmp["real"][metric][p])]
+            for m in mocks.values():
+                r = m["ratio"][key]
+                row += [_f(m[metric][p]), "-" if r is None else f"{r:.2f} {'ok' if m['met'][key] else 'MISS'}"]
+            rows.append([*row, f"±{tol:.0%}"])
+    return render_table(head, rows, markdown=markdown)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+class FidelityResult(NamedTuple):
+    comparison: dict[str, Any]  # compare_runs() + "steps" (step_accuracy per timing) + "workload"
+    samples: dict[str, dict[str, list[float]]]  # per engine: "ttft_ms", "itl_ms" (for plots)
+    steps: list[tuple[float, float, str]]  # real steps: (measured, profile's prediction, kind)
+
+
+def mock_timings(profile_path: str, variants: Sequence[str]) -> dict[str, tuple[TimingModel | None, bool]]:
+    """Per mock variant: its timing and whether it runs on a virtual clock. "profile" is the file
+    as ``MockerConfig.profile`` loads it (timing None) on a MockEngine in real time, "marginal"
+    ``MarginalTiming`` over it; a "@virtual" suffix runs ``simulate_workload`` instead (no asyncio
+    jitter, no wall time spent)."""
+    out: dict[str, tuple[TimingModel | None, bool]] = {}
+    for v in variants:
+        name, _, clock = v.partition("@")
+        if name not in ("profile", "marginal") or clock not in ("", "virtual"):
+            raise ValueError(f"unknown mock variant {v!r}; choose profile or marginal, optionally @virtual")
+        base = ProfileTiming.from_file(profile_path)
+        out[v] = (None if name == "profile" and not clock else base if name == "profile" else MarginalTiming(base),
+                  bool(clock))
+    return out
+
+async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_num_batched_tokens: int,
+                       workload: WorkloadConfig,
+                       variants: Sequence[str] = ("profile", "profile@virtual", "marginal@virtual"),
+                       recorder: StepRecorder | None = None) -> FidelityResult:
+    """The workload on ``real`` (not started yet), then on the mocker per variant (``mock_timings``)
+    with the real engine's block size, KV blocks, max_num_seqs, max_num_batched_tokens, context."""
+    from turbine.mocker.core import MockerCore
+    from turbine.mocker.engine import MockEngine, MockerConfig
+
+    timing = ProfileTiming.from_file(profile_path)
+    timings = mock_timings(profile_path, variants)
+    warm, items = build_workload(workload, vocab_size=vocab_size, timing=timing, context_length=real.context_length)
+    config = MockerConfig(block_size=real.block_size, num_gpu_blocks=real.num_kv_blocks, max_num_seqs=real.max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, context_length=real.context_length,
+                          profile=profile_path)
+    runs: dict[str, EngineRun] = {}
+    engines: list[tuple[str, Any]] = [("real", real)]
+    for v, (t, virtual) in timings.items():
+        if virtual:
+            core = MockerCore(config, vocab_size=vocab_size, timing=t)
+            runs[v] = simulate_workload(core, items, warmup=warm, label=v)
+        else:
+            engines.append((v, MockEngine(config, vocab_size=vocab_size, timing=t)))
+    for name, engine in engines:
+        await engine.start()
+        try:
+            on_warm = recorder.records.clear if recorder is not None and engine is real else None
+            runs[name] = await run_workload(engine, items, warmup=warm, label=name, on_warm=on_warm)
+        finally:
+            await engine.stop()
+    runs = {k: runs[k] for k in ["real", *timings]}
+    real_run = runs.pop("real")
+    cmp = compare_runs(real_run, runs)
+    records = recorder.records if recorder is not None else []
+    cmp["steps"] = {"profile": step_accuracy(records, timing),
+                    "marginal": step_accuracy(records, MarginalTiming(timing)), "cadence": step_cadence(records)}
+    cmp["workload"] = {**msgspec.to_builtins(workload), "requests": len(items),
+                       "prompt_tokens_mean": round(statistics.fmean(len(w.token_ids) for w in items), 1),
+                       "output_tokens_mean": round(statistics.fmean(w.max_tokens for w in items), 1),
+                       "arrival_span_s": round(items[-1].arrival_s, 3)}
+    samples = {"real": _samples(real_run.results), **{f"mock {k}": _samples(r.results) for k, r in runs.items()}}
+    return FidelityResult(cmp, samples, step_points(records, timing))
