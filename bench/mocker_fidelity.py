@@ -4,24 +4,27 @@ engine's measured profile, reproduce the engine's TTFT and ITL?
 1. Model: --model DIR, or a random-weight checkpoint of --preset (default llama3-8b, bf16, made
    on the device by Turbine's model maker; --reuse keeps one already in --dir).
 2. Profile: the engine's step times through BuiltinCore (turbine.profiler), written to
-   OUT/profile.json with OUT/prefill.png and OUT/decode.png. The grid (GPU default):
-     prefill  new tokens 16..8192 (x8 points) x cached 0 / 512 / 2048
-     decode   batch 1..256 (x9) x context 128 / 512 / 1024 / 2048 / 4096, at most 200k prompt
-              tokens prefilled per context (larger batches extrapolated, listed in meta)
-     mixed    9 steps of 64 / 512 / 2048 new tokens with 1 / 8 / 32 decodes at context ~1k
+   OUT/profile.json with OUT/prefill.png and OUT/decode.png. The grid (GPU; --quick: QUICK_GRID):
+     prefill  new tokens 16..8192 (8 points) x cached 0 / 512 / 2048 (cached + new must stay
+              under the context length: llama3-8b's 8192 cuts the top corner, extrapolated)
+     decode   batch 1..256 (9 points) x context 128 / 512 / 1024 / 2048 / 4096, at most 200k
+              prompt tokens prefilled per context (larger batches extrapolated, listed in meta)
+     mixed    9 points of 64 / 512 / 2048 new tokens with 1 / 8 / 32 decodes at context ~1k
      2 untimed + 5 timed steps per point, median.
-3. Fidelity: one deterministic open-loop workload (phases of target concurrency 1, 4, 16, 64;
-   prompts 64-2048 tokens log-uniform, half of them behind one of 4 shared 512-token prefixes;
-   16-128 output tokens) on BuiltinEngine in-process, then on the mocker with the same block
-   size, KV blocks, max_num_seqs and max_num_batched_tokens: "profile" (MockEngine in real time
-   with the file as `--profile` loads it: the number that counts), "profile@virtual" (the same
-   timing on a virtual clock: no asyncio jitter, no wall time) and "marginal@virtual"
-   (turbine.profiler.fidelity.MarginalTiming, a proposed composition of mixed steps). Every real
-   step is also checked against both timing models, and the real engine's time between steps.
+3. Fidelity: one deterministic open-loop workload (208 requests in phases of target concurrency
+   1, 4, 16, 64 with 8, 24, 48, 128 requests; prompts 64-2048 tokens log-uniform, half of them
+   behind one of 4 shared 512-token prefixes; 16-128 output tokens) on BuiltinEngine in-process,
+   then on the mocker with the same block size, KV blocks, max_num_seqs and
+   max_num_batched_tokens: "profile" (MockEngine in real time with the file as `--profile`
+   loads it: the number that counts), "profile@virtual" (the same timing on a virtual clock: no
+   asyncio jitter, no wall time) and "marginal@virtual" (turbine.profiler.fidelity.MarginalTiming,
+   a proposed composition of mixed steps). Every real step is also checked against both timing
+   models, and the real engine's time between steps is measured.
 4. Prints the table; writes OUT/fidelity.json, OUT/fidelity_cdf.png, OUT/fidelity_steps.png and
-   OUT/mocker_fidelity.md, and appends that snippet to bench/RESULTS.md (--no-results: not).
+   OUT/mocker_fidelity.md, and appends that snippet to bench/RESULTS.md (--no-results: not; on a
+   lent device machine the append is lost: copy OUT/mocker_fidelity.md over by hand).
 
-    python3 bench/mocker_fidelity.py                                   # H100: llama3-8b, ~5 min
+    python3 bench/mocker_fidelity.py --no-progress                      # H100: llama3-8b, ~5 min
     python3 bench/mocker_fidelity.py --preset tiny --device cpu --quick   # CPU functional run
 """
 from __future__ import annotations
@@ -51,7 +54,7 @@ GPU_GRID = ProfileGrid(prefill_new_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8
                        decode_context_lengths=(128, 512, 1024, 2048, 4096),
                        mixed_new_tokens=(64, 512, 2048), mixed_batch_sizes=(1, 8, 32),
                        warmup=2, repeats=5, decode_setup_tokens=200_000)
-GPU_WORKLOAD = WorkloadConfig(phases=((1, 8), (4, 32), (16, 64), (64, 128)), prompt_tokens=(64, 2048),
+GPU_WORKLOAD = WorkloadConfig(phases=((1, 8), (4, 24), (16, 48), (64, 128)), prompt_tokens=(64, 2048),
                               output_tokens=(16, 128), prefix_groups=4, prefix_tokens=512, prefix_share=0.5,
                               warmup_requests=8)
 QUICK_WORKLOAD = WorkloadConfig(phases=((1, 4), (4, 12), (16, 24)), prompt_tokens=(16, 256), output_tokens=(4, 16),
