@@ -20,11 +20,12 @@ measured ones (see ``_fill_rows``) and listed in meta, so the table stays a full
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,8 +174,6 @@ class Profiler:
     # -- the sweeps ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Warm up, sweep prefill, decode and mixed steps; the profile as a JSON-ready dict."""
-        from tqdm import tqdm
-
         lim = self.limits
         t0 = time.perf_counter()
         new_axis = _clip(self.grid.prefill_new_tokens, lim.max_num_batched_tokens)
@@ -193,7 +192,7 @@ class Profiler:
         plans = [(L, mixed_plan if L == mixed_ctx and mixed_plan else p) for L, p in plans]
         total = (sum(1 for c in cached_axis for n in new_axis if self._prefill_fits(n, c))
                  + sum(len(p[0]) for _, p in plans) + (len(self._mixed_points(mixed_plan[0])) if mixed_plan else 0))
-        with tqdm(total=total, desc="profile", unit="pt", disable=not self.progress, dynamic_ncols=True) as bar:
+        with _progress(total, self.progress) as bar:
             self._bar = bar
             self._warm_up()
             prefill = self._prefill_sweep(new_axis, cached_axis)
@@ -365,6 +364,18 @@ class Profiler:
 
             profile["meta"]["mixed"] = mixed_summary(profile, mixed, mixed_ctx)
         return profile
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar, or None when disabled (tqdm is then not even imported)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="profile", unit="pt", dynamic_ncols=True) as bar:
+        yield bar
 
 
 def _clip(values: Iterable[int], hi: int) -> list[int]:
