@@ -35,8 +35,10 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--engine", default="mock", choices=["mock", "builtin"],
-                   help="inference engine: mock = simulated timing; builtin = Turbine's PyTorch engine")
+    p.add_argument("--engine", default="mock", choices=["mock", "builtin", "vllm"],
+                   help="inference engine: mock = simulated timing; builtin = Turbine's PyTorch engine; "
+                   "vllm = vLLM's AsyncLLM (needs the vllm extra; arguments Turbine does not know, and all "
+                   "after --, go to vLLM's own parser)")
     p.add_argument("--model", type=Path, required=required, default=None,
                    help="HF-format model directory (tokenizer.json, config.json)"
                    + ("" if required else "; default: a tiny generated model"))
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discovery-dir", type=Path, required=True)
     p.add_argument("--num-workers", type=int, default=1, help="simulated workers in this process (mock engine)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of the request and event planes")
+    p.add_argument("--vllm-metrics-port", type=int, default=None,
+                   help="--engine vllm: serve vLLM's own /metrics and /health on this port")
 
     p = sub.add_parser("make-model", help="write an HF-format model directory (tokenizer trained locally)")
     p.add_argument("dir", type=Path)
@@ -133,9 +137,43 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
                              num_gpu_blocks=args.num_gpu_blocks,
                              gpu_memory_utilization=args.gpu_memory_utilization, **shared)
-    return WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine, mocker=mocker,
+    opts = WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine, mocker=mocker,
                          builtin=builtin, host=getattr(args, "host", "127.0.0.1"),
                          context_length=args.context_length)
+    if args.engine == "vllm":
+        opts.vllm = _vllm_options(args)
+        opts.context_length = None  # translated into vLLM's --max-model-len when given
+    return opts
+
+
+# --- --engine vllm: Turbine's engine flags translated, everything else to vLLM's parser ----------
+def _vllm_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from turbine.adapters.vllm_args import SHARED_FLAGS, VllmOptions, vllm_argv
+
+    values = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in SHARED_FLAGS}
+    try:
+        engine_args = vllm_argv(values, getattr(args, "vllm_given", []), getattr(args, "vllm_extra", []))
+    except ValueError as e:
+        raise SystemExit(f"turbine: {e}") from None
+    port = getattr(args, "vllm_metrics_port", None)
+    if port is not None and not 0 <= port < 65536:
+        raise SystemExit("turbine: --vllm-metrics-port must be in [0, 65535]")
+    return VllmOptions(engine_args=engine_args, metrics_port=port, metrics_host=getattr(args, "host", "127.0.0.1"))
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; with --engine vllm, arguments Turbine does not know are kept for vLLM."""
+    parser = build_parser()
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(raw)
+    if extra and getattr(args, "engine", None) != "vllm":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "engine", None) == "vllm":
+        from turbine.adapters.vllm_args import FOREIGN_FLAGS, SHARED_FLAGS, given_flags
+
+        args.vllm_extra = extra
+        args.vllm_given = given_flags(raw, [*SHARED_FLAGS, *FOREIGN_FLAGS])
+    return args
 
 
 def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -178,7 +216,7 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "make-model":
         from turbine.model_maker.make_model import make_model

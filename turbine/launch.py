@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from turbine.adapters.vllm_args import VllmOptions
 from turbine.frontend.service import Frontend, RouterConfig
 from turbine.engine.base import Engine
 from turbine.frontend.tokenizer import TurbineTokenizer
@@ -60,7 +61,7 @@ class BuiltinOptions:
     max_num_batched_tokens: int = 8192
 
 
-ENGINES = ("mock", "builtin")
+ENGINES = ("mock", "builtin", "vllm")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class WorkerOptions:
     engine: str = "mock"
     mocker: MockerConfig = field(default_factory=MockerConfig)
     builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
+    vllm: VllmOptions = field(default_factory=VllmOptions)
     host: str = "127.0.0.1"
     context_length: int | None = None  # None: the model's max_position_embeddings
 
@@ -91,6 +93,8 @@ def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Engi
     name = opts.model_name or opts.model_dir.name
     if opts.engine == "builtin":
         return _build_builtin(opts, name)
+    if opts.engine == "vllm":
+        return _build_vllm(opts, name)
     cfg = opts.mocker
     ctx = opts.context_length or model_context_length(opts.model_dir, cfg.context_length)
     cfg = msgspec.structs.replace(cfg, context_length=ctx)
@@ -121,6 +125,29 @@ def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
                      total_kv_blocks=engine.num_kv_blocks, max_num_seqs=engine.max_num_seqs,
                      context_length=engine.context_length, engine="builtin")
     return engine, card
+
+
+def _build_vllm(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
+    try:
+        from turbine.adapters.vllm_engine import VllmEngine  # vLLM is imported only here
+    except ImportError as e:
+        raise SystemExit(f"turbine: the vllm engine needs the vllm extra (pip install 'turbine[vllm]'): {e}") \
+            from None
+    args = list(opts.vllm.engine_args)
+    if opts.context_length is not None and not any(a.startswith("--max-model-len") for a in args):
+        args += ["--max-model-len", str(opts.context_length)]
+    try:
+        engine = VllmEngine.create(opts.model_dir, args, host=opts.host, metrics_port=opts.vllm.metrics_port,
+                                   on_fatal=_terminate_self)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"turbine: cannot start vLLM on {opts.model_dir}: {e}") from None
+    return engine, engine.model_card(name, opts.model_dir)
+
+
+def _terminate_self(err: BaseException) -> None:
+    """A dead engine ends its process the orderly way: it leaves discovery, its requests migrate."""
+    log.error("engine failure (%r): stopping this process", err)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, inproc: bool,

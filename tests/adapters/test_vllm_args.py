@@ -61,3 +61,13 @@ def test_vllms_own_parser_takes_the_passthrough(tmp_path: Path) -> None:
     assert (ea.model, ea.block_size, ea.enforce_eager, ea.max_num_seqs) == (str(tmp_path), 32, True, 7)
     with pytest.raises(ValueError, match="unknown vLLM engine arguments"):
         parse_engine_args(tmp_path, ["--no-such-flag"])
+
+
+def test_turbine_never_imports_vllm_by_itself() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, turbine.adapters as a, turbine.cli, turbine.launch; "
+            "assert sorted(a.__all__) == ['BlockMirror', 'KvEventRelay', 'VllmEngine', 'VllmOptions'], a.__all__; "
+            "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
