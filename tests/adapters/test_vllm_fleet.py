@@ -68,7 +68,7 @@ class Deployment:
     def wait(self, what: str, cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
         while not cond():
-            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and n != "killed"}
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and "killed" not in n}
             if dead or time.monotonic() > deadline:
                 logs = "\n".join(f"--- {n}\n" + (self.tmp / f"{n}.log").read_text()[-3000:] for n in self.procs)
                 raise AssertionError(f"{what}: not ready in {timeout} s (exited: {dead})\n{logs}")
@@ -176,9 +176,13 @@ def test_streaming_and_cancellation(dep: Deployment) -> None:
     dep.wait("vLLM to abort the request", lambda: running_in_vllm(dep) == 0, timeout=10)
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
 def test_a_killed_vllm_worker_leaves_the_fleet(dep: Deployment) -> None:
     victim = dep.procs["w0"]
-    core = [int(c) for t in Path(f"/proc/{victim.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    core = children(victim.pid)
     assert core, "the worker runs vLLM's engine core in a child process"
     victim.kill()
     dep.procs["killed"] = dep.procs.pop("w0")
@@ -186,6 +190,21 @@ def test_a_killed_vllm_worker_leaves_the_fleet(dep: Deployment) -> None:
     c = client(dep.url)
     for i in range(3):
         assert c.completions.create(model="tiny", prompt=prompt(50 + i, 80), max_tokens=3).usage.completion_tokens == 3
-    # its engine core does not linger (turbine.adapters.vllm_plugin)
+    # its engine core does not linger (turbine.adapters.vllm_plugin, registered by installing turbine)
+    from importlib.metadata import entry_points
+
+    assert "turbine_worker_watch" in {e.name for e in entry_points(group="vllm.general_plugins")}, \
+        "reinstall turbine (pip install -e '.[vllm]') to register its vLLM plugin"
     dep.wait("the orphaned engine core to exit", lambda: not any(Path(f"/proc/{pid}").exists() for pid in core),
              timeout=20)
+
+
+def test_a_dead_engine_core_takes_its_worker_out_of_the_fleet(dep: Deployment) -> None:
+    worker = dep.procs["w1"]
+    core = [pid for pid in children(worker.pid) if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(core) == 1
+    os.kill(core[0], signal.SIGKILL)
+    dep.procs["killed-core"] = dep.procs.pop("w1")
+    dep.wait("the worker to stop by itself", lambda: worker.poll() is not None, timeout=20)
+    assert worker.returncode == 0  # an orderly stop: it left discovery on the way out
+    dep.wait("the fleet to drop it", lambda: not dep.worker_ids(), timeout=5)
