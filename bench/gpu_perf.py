@@ -273,27 +273,38 @@ def fused_vs_torch(model: Any, prompts: Prompts, dev: torch.device) -> dict[str,
             layers.set_fused_kernels(True)
     err = float((fused.double() - ref.double()).norm() / ref.double().norm())
     agree = float((fused.argmax(-1) == ref.argmax(-1)).float().mean())
-    return {"rel_err": err, "argmax_agreement": round(agree, 4), "ok": err < 2e-2}
+    # bound: gpu_check's bf16 bound; on this random model two bf16 evaluations differ by ~2e-2
+    # (HF bf16 vs HF fp32: 1.86e-2), so this checks for wiring errors, not rounding
+    return {"rel_err": err, "argmax_agreement": round(agree, 4), "ok": err < 5e-2}
 
 
-def graph_vs_eager(core: BuiltinCore, prompts: Prompts) -> dict[str, Any]:
-    """Greedy tokens of 8 requests through the decode graphs and through the eager forward."""
-    ps = [prompts(64 + 13 * i) for i in range(8)]
-    runs = []
-    graphs = core.runner.graphs
-    for use in (True, False):
-        core.runner.graphs = graphs if use else None
-        for i, p in enumerate(ps):
-            core.add_request(req(f"gv{use}{i}", p, 24))
-        toks: dict[int, list[int]] = {}
-        while core.has_work():
-            for o in core.step().outputs:
-                if o.token_id is not None:
-                    toks.setdefault(int(o.request_id[-1]), []).append(o.token_id)
-        runs.append(toks)
-    core.runner.graphs = graphs
-    same = sum(runs[0][i] == runs[1][i] for i in range(8))
-    return {"requests": 8, "tokens_each": 24, "identical": same, "ok": same == 8}
+def graph_vs_eager(core: BuiltinCore, prompts: Prompts, n: int = 5) -> dict[str, Any]:
+    """One decode step of ``n`` sequences (padded to a bucket) through its graph and through the
+    eager forward, on the same state: logits relative error and argmax agreement."""
+    for i in range(n):
+        core.add_request(req(f"gv{i}", prompts(100 + 37 * i), 64))
+    while core.step().num_prefill_tokens:
+        pass
+    for _ in range(3):
+        core.step()
+    runner, model = core.runner, core.model
+    out = core.scheduler.schedule()  # this step is computed twice below, then dropped
+    gbatch = runner.prepare(out)
+    g_logits = runner.graphs.replay(gbatch.graph_batch, gbatch.graph_ints, gbatch.attn.block_tables)[:n].clone()
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        ebatch = runner.prepare(out)
+        runner.attn.set_metadata(ebatch.attn)
+        with torch.inference_mode():
+            hidden = model.forward(ebatch.input_ids, ebatch.positions, runner.attn)
+            e_logits = model.compute_logits(hidden[ebatch.logits_indices])
+    finally:
+        runner.graphs = graphs
+    for i in range(n):
+        core.abort(f"gv{i}")
+    err = float((g_logits.double() - e_logits.double()).norm() / e_logits.double().norm())
+    agree = float((g_logits.argmax(-1) == e_logits.argmax(-1)).float().mean())
+    return {"seqs": n, "bucket": gbatch.graph_batch, "rel_err": err, "argmax_agreement": agree, "ok": err < 1e-2}
 
 
 def tune_decode(dev: torch.device) -> list[dict[str, Any]]:
@@ -358,6 +369,8 @@ def hf_generate(path: Path, batches: list[int], vocab: int, dev: torch.device, d
                                 "first_run_s": round(warm, 1)})
         except torch.OutOfMemoryError as ex:
             res["runs"].append({"batch": b, "error": f"OOM: {str(ex)[:100]}"})
+        except Exception as ex:  # noqa: BLE001 - a baseline failure must not lose the engine's results
+            res["runs"].append({"batch": b, "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
         finally:
             del ids
             gc.collect()
@@ -396,11 +409,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         limit_s = b * 1024 / packed["tok_s"] + 128 * e["decode_step_ms"] / 1000
         rows.append({"what": f"e2e batch {b}: share of prefill+decode limit", "measured": e["wall_s"],
                      "limit": round(limit_s, 3), "ratio": round(limit_s / e["wall_s"], 3), "target": 0.80,
-                     "case": f"e2e_b{b}"})
+                     "case": f"decode_b{b}"})
         if b in hf:
             rows.append({"what": f"e2e batch {b}: speed-up over HF generate", "measured": e["out_tok_s"],
                          "limit": hf[b]["out_tok_s"], "ratio": round(e["out_tok_s"] / hf[b]["out_tok_s"], 2),
-                         "target": 2.0 if b == 64 else None, "case": f"e2e_b{b}"})
+                         "target": 2.0 if b == 64 else None, "case": f"decode_b{b}"})
     for row in rows:
         row["ok"] = None if row["target"] is None else row["ratio"] >= row["target"]
     return rows
@@ -418,8 +431,9 @@ def markdown(r: dict[str, Any]) -> str:
                  f"argmax agreement {fc['argmax_agreement']:.2%}")
     gv = r.get("graph_vs_eager")
     if gv:
-        lines.append(f"- greedy tokens through the decode graphs vs the eager forward: {gv['identical']}/"
-                     f"{gv['requests']} requests identical over {gv['tokens_each']} tokens")
+        lines.append(f"- one decode step of {gv['seqs']} sequences through the graph of batch {gv['bucket']} "
+                     f"(pad rows) vs the eager forward: logits rel. err {gv['rel_err']:.1e}, argmax agreement "
+                     f"{gv['argmax_agreement']:.0%}")
     lines += ["", "| target | measured | limit | ratio | target ratio | met |", "|---|---:|---:|---:|---:|:---:|"]
     for t in r["targets"]:
         met = "—" if t["ok"] is None else ("yes" if t["ok"] else "**no**")
@@ -458,7 +472,11 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def write(r: dict[str, Any], prof: dict[str, str], out: Path) -> None:
-    r["targets"] = targets(r)
+    try:
+        r["targets"] = targets(r)
+    except Exception as ex:  # noqa: BLE001 - a missing section must not lose the others
+        r["targets"] = []
+        r["targets_error"] = repr(ex)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_perf.json").write_text(json.dumps(r, indent=2) + "\n")
     (out / "gpu_perf.md").write_text(markdown(r))
@@ -500,21 +518,26 @@ def main(argv: list[str] | None = None) -> int:
         r["tune"] = tune_decode(dev)
     t = time.perf_counter()
     core = BuiltinCore(model, cfg, BuiltinConfig(max_num_seqs=256, max_num_batched_tokens=16384,
-                                                 gpu_memory_utilization=0.9))
+                                                 gpu_memory_utilization=0.9, context_length=20480))
     g = core.runner.graphs
     r["engine"] = {"init_s": round(time.perf_counter() - t, 1), "kv_tokens": core.num_kv_blocks * core.config.block_size,
                    "graph_buckets": g.buckets if g is not None else None}
     log(f"engine {r['engine']}")
-    r["graph_vs_eager"] = graph_vs_eager(core, prompts)
-    log(f"graph vs eager {r['graph_vs_eager']}")
+    if core.runner.graphs is not None:
+        r["graph_vs_eager"] = graph_vs_eager(core, prompts)
+        log(f"graph vs eager {r['graph_vs_eager']}")
     timer = StepTimer(core)
     r["decode_b1"] = decode_batch1(core, prompts, timer, prof)
     log(f"decode b1 {r['decode_b1']}")
+    (out / "gpu_perf_profiles.txt").parent.mkdir(parents=True, exist_ok=True)
+    (out / "partial.json").write_text(json.dumps(r, indent=1))
     r["prefill"] = prefill(core, prompts, cfg, linear, r["ceilings"]["bf16_matmul_TFLOPs"], prof)
+    (out / "partial.json").write_text(json.dumps(r, indent=1))
     r["e2e"] = []
     for b in (16, 64, 256):
         r["e2e"].append(end_to_end(core, prompts, b, timer, prof))
         log(f"e2e {r['e2e'][-1]}")
+        (out / "partial.json").write_text(json.dumps(r, indent=1))
     r["chunked"] = chunked_itl(core, prompts)
     log(f"chunked {r['chunked']}")
     write(r, prof, out)
@@ -522,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         del core, model, timer
         gc.collect()
         torch.cuda.empty_cache()
-        r["hf"] = hf_generate(path, [16, 64, 256], cfg.vocab_size, dev, args.deadline_s)
+        r["hf"] = hf_generate(path, [64, 16, 256], cfg.vocab_size, dev, args.deadline_s)
         write(r, prof, out)
     print(markdown(r))
     for t in r["targets"]:

@@ -317,7 +317,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                         out: torch.Tensor | None = None, num_splits: int | None = None,
-                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """One query per sequence over its paged context, read in place (no gather).
 
     q [N, H, D] (D contiguous); k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks];

@@ -81,6 +81,8 @@ class SamplingBatch:
     def build(options: Sequence[SamplingOptions], output_positions: Sequence[int], *, vocab_size: int,
               device: torch.device | str, banned: Sequence[Sequence[int]] | None = None) -> SamplingBatch:
         """Pack one step's rows; ``banned[i]`` lists token ids row i must not produce."""
+        if all(o.temperature == 0 for o in options) and (banned is None or not any(banned)):
+            return _greedy_batch(torch.device(device))  # the common greedy step: nothing to send
         n = len(options)
         temps = [o.temperature for o in options]
         top_k = [o.top_k if 0 < o.top_k < vocab_size else vocab_size for o in options]
@@ -118,6 +120,21 @@ class SamplingBatch:
             max_top_k=max(enabled_k, default=0),
             any_top_p=any(top_p[i] <= 1.0 for i in sampled),
         )
+
+
+_GREEDY: dict[torch.device, SamplingBatch] = {}
+
+
+def _greedy_batch(device: torch.device) -> SamplingBatch:
+    """All rows greedy, nothing banned: one shared batch per device (its tensors are empty)."""
+    batch = _GREEDY.get(device)
+    if batch is None:
+        e_i = torch.empty(0, dtype=torch.int64, device=device)
+        e_f = torch.empty(0, dtype=torch.float32, device=device)
+        batch = _GREEDY[device] = SamplingBatch(temperature=e_f, top_k=e_i, top_p=e_f, seeds=e_i, positions=e_i,
+                                                seeded_rows=e_i, banned_rows=e_i, banned_ids=e_i, all_greedy=True,
+                                                max_top_k=0, any_top_p=False)
+    return batch
 
 
 class Sampler:
