@@ -23,129 +23,33 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import shlex
-import signal
 import shutil
-import socket
+import signal
 import subprocess
 import sys
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _procs import (  # noqa: E402
+    DYNAMO_MODEL_NAME,
+    System,
+    dynamo_env,
+    free_port,
+    machine,
+    reexec_in_netns,
+    start,
+    stop_all,
+    wait_ready,
+    want_netns,
+)
+from _procs import dynamo_missing as _dynamo_missing  # noqa: E402
 
 from turbine.bench.loadgen import LoadConfig, run_load  # noqa: E402
 from turbine.bench.stats import LoadReport, render_table  # noqa: E402
-
-NETNS_ENV = "TURBINE_BENCH_NETNS"
-DYNAMO_MODEL_NAME = "tiny-llama"
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-
-@dataclass
-class System:
-    """One server deployment under test: its processes, URL, tokenizer and CPU targets."""
-
-    label: str
-    url: str
-    tokenizer: str | None
-    procs: list[Proc] = field(default_factory=list)
-
-    def pids(self) -> str:
-        # "+": count descendants too, in case a server forks helpers
-        return ",".join(f"{p.name}={p.popen.pid}+" for p in self.procs)
-
-
-# ---- processes ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(name: str, cmd: list[str], logs: Path, env: dict[str, str] | None = None,
-          cwd: Path = REPO) -> Proc:
-    """Start ``cmd`` in its own session (process group), output to ``logs/<name>.log``."""
-    log = logs / f"{name}.log"
-    with open(log, "wb") as f:
-        popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True, cwd=cwd)
-    print(f"[bench] started {name} pid {popen.pid}: {shlex.join(cmd)}", flush=True)
-    return Proc(name, popen, log)
-
-
-def stop_all(procs: list[Proc]) -> None:
-    """SIGINT every process group (Dynamo's frontend ignores SIGTERM), SIGKILL after 10 s."""
-    for p in procs:
-        if p.popen.poll() is None:
-            try:
-                os.killpg(p.popen.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.popen.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"[bench] {p.name} ignored SIGINT; SIGKILL", file=sys.stderr)
-        try:  # the whole group: also any helper the process left behind
-            os.killpg(p.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        p.popen.wait()
-
-
-def _get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return json.loads(r.read())
-
-
-def count_workers(health: object) -> int:
-    """Registered workers from /health: Dynamo lists instances, Turbine lists models → workers."""
-    if not isinstance(health, dict):
-        return 0
-    if isinstance(health.get("instances"), list):
-        return sum(1 for i in health["instances"] if i.get("endpoint") == "generate")
-    if isinstance(health.get("models"), dict):
-        return sum(len(w) for w in health["models"].values())
-    return 0
-
-
-def wait_ready(sys_: System, workers: int, timeout_s: float) -> None:
-    """Until /health shows ``workers`` workers, a model is listed, and a request succeeds."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        for p in sys_.procs:
-            if p.popen.poll() is not None:
-                tail = p.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{p.name} exited with {p.popen.returncode} before ready:\n{tail}")
-        try:
-            n = count_workers(_get_json(sys_.url + "/health"))
-            models = [m["id"] for m in _get_json(sys_.url + "/v1/models")["data"]]  # type: ignore[index]
-            if n >= workers and models:
-                body = json.dumps({"model": models[0], "max_tokens": 4,
-                                   "messages": [{"role": "user", "content": "Hello!"}]}).encode()
-                req = urllib.request.Request(sys_.url + "/v1/chat/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    if r.status == 200:
-                        return
-            last = f"{n} workers, models {models}"
-        except Exception as e:  # noqa: BLE001 - not up yet: any failure means "retry"
-            last = f"{type(e).__name__}: {e}"
-        time.sleep(0.25)
-    raise RuntimeError(f"{sys_.label} not ready after {timeout_s:.0f} s ({last})")
 
 
 # ---- the two systems ------------------------------------------------------------------------------
@@ -179,20 +83,6 @@ def start_turbine(a: argparse.Namespace, work: Path) -> System:
     return sys_
 
 
-def dynamo_env(kv_dir: Path, venv: Path) -> dict[str, str]:
-    """run_anchor.sh's settings: no etcd/NATS (file discovery, TCP request plane, ZMQ events)."""
-    env = dict(os.environ)
-    env.update(
-        DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(kv_dir), DYN_REQUEST_PLANE="tcp",
-        DYN_EVENT_PLANE="zmq", DYN_TCP_RPC_HOST="127.0.0.1", DYN_TCP_RESPONSE_STREAM_HOST="127.0.0.1",
-        DYN_EVENT_PLANE_HOST="127.0.0.1", DYN_SYSTEM_HOST="127.0.0.1", HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1", DYN_LOG=os.environ.get("DYN_LOG", "warn"), VIRTUAL_ENV=str(venv),
-        PATH=f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
-    )
-    env.pop("PYTHONPATH", None)  # Dynamo's venv must not see this repo's packages
-    return env
-
-
 def start_dynamo(a: argparse.Namespace, work: Path) -> System:
     root = Path(a.dynamo_dir)
     py = root / "venv" / "bin" / "python"
@@ -220,16 +110,7 @@ def start_dynamo(a: argparse.Namespace, work: Path) -> System:
 
 def dynamo_missing(a: argparse.Namespace) -> str | None:
     """Why Dynamo cannot run here, or None."""
-    py = Path(a.dynamo_dir) / "venv" / "bin" / "python"
-    if not py.exists():
-        return (f"no Dynamo venv at {py.parent.parent} (install it with "
-                f"/work/shared/anchors/dynamo/setup.sh, or pass --dynamo-dir)")
-    model = Path(a.dynamo_model) if a.dynamo_model else Path(a.dynamo_dir) / "model"
-    if not (model / "tokenizer.json").exists():
-        return f"no model at {model} (setup.sh builds it)"
-    if os.environ.get(NETNS_ENV) != "1" and not a.no_netns:
-        return "not in a loopback-only network namespace (run as root, or pass --no-netns)"
-    return None
+    return _dynamo_missing(a.dynamo_dir, a.dynamo_model, a.no_netns)
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -268,18 +149,6 @@ def table(reports: list[LoadReport], *, markdown: bool) -> str:
     return render_table(head, rows, markdown=markdown)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
-
-
 def append_results(path: Path, a: argparse.Namespace, reports: list[LoadReport], notes: list[str]) -> None:
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the scripts in `bench/` (see bench/README.md); "
@@ -301,13 +170,6 @@ def append_results(path: Path, a: argparse.Namespace, reports: list[LoadReport],
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def reexec_in_netns(argv: list[str]) -> None:
-    """Re-run this script in a new network namespace with only loopback up (never returns)."""
-    inner = "ip link set lo up && exec \"$0\" \"$@\""
-    os.environ[NETNS_ENV] = "1"
-    os.execvp("unshare", ["unshare", "--net", "sh", "-c", inner, sys.executable, *argv])
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--systems", default="turbine,dynamo", help="comma list of turbine, dynamo")
@@ -347,8 +209,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    if ("dynamo" in a.systems and not a.no_netns and os.environ.get(NETNS_ENV) != "1"
-            and os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")):
+    if "dynamo" in a.systems and want_netns(a.no_netns):
         reexec_in_netns([str(Path(__file__).resolve()), *argv])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     work = Path(a.workdir)
