@@ -144,3 +144,23 @@ def test_varlen_prefill_layout_with_prefix_hits_and_chunks(make_core, reference,
     assert out["b"] == reference["b"] and out["c"] == reference["c"] and out["e"] == reference["e"]
     assert out["s"] == dense_greedy(core.model, shared, 10)
     assert calls["own"] and calls["gathered"]  # both K/V sources ran
+
+
+def test_block_table_mirror_follows_appends_replacements_and_reuses_rows() -> None:
+    from types import SimpleNamespace
+
+    from turbine.engine.model_runner import _BlockTables
+
+    mirror = _BlockTables(max_blocks=4, rows=2)
+    a = SimpleNamespace(request_id="a", block_table=[5, 6])
+    b = SimpleNamespace(request_id="b", block_table=[7])
+    assert mirror.gather([a, b], 2).tolist() == [[5, 6], [7, 0]]
+    a.block_table.append(9)  # appends are mirrored
+    assert mirror.gather([a], 3).tolist() == [[5, 6, 9]]
+    a.block_table = [1]  # freed and re-admitted: a new list, so the row is rebuilt
+    assert mirror.gather([a, b], 2).tolist() == [[1, 0], [7, 0]]
+    c = SimpleNamespace(request_id="c", block_table=[3, 3, 3, 3, 3, 3])  # wider than the mirror: it grows
+    got = mirror.gather([c, a], 6)  # "b" is absent: its row is reclaimed for "c"
+    assert got.tolist() == [[3] * 6, [1, 0, 0, 0, 0, 0]] and "b" not in mirror.rows
+    d = SimpleNamespace(request_id="d", block_table=[8])
+    assert mirror.gather([a, c, d], 1).tolist() == [[1], [3], [8]]  # every row in use: more rows
