@@ -27,6 +27,8 @@ for _k, _v in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("VLLM_ENABLE_V1_MULTIPROCESSING
 
 import openai  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # the module's first test also starts vLLM
+
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, SamplingOptions, StopConditions  # noqa: E402
 
 BS = 32
@@ -245,3 +247,18 @@ def test_a_worker_with_another_block_size_is_reported_at_registration(fleet: Fle
     finally:
         fleet.run(w.stop())
         fleet.workers.remove(w)
+
+
+def test_stop_ends_open_streams_with_abort(fleet: Fleet) -> None:
+    """Last: stopping the engine (a worker shutting down) ends every stream with "abort",
+    which tells the frontend to continue the request on another worker."""
+    async def scenario() -> list[GenerateDelta]:
+        stream = fleet.vllm.generate(greedy("stopping", prompt(60, 64), 900))
+        got = [await stream.__anext__()]  # type: ignore[attr-defined]
+        await fleet.vllm.stop()
+        return got + [d async for d in stream]
+
+    deltas = fleet.run(scenario())
+    assert deltas[-1].finish_reason == "abort" and deltas[-1].completion_tokens == sum(len(d.token_ids) for d in deltas)
+    with pytest.raises(RuntimeError, match="not running"):
+        fleet.run(collect(fleet.vllm, greedy("late", [1, 2, 3], 1)))

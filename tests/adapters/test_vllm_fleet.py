@@ -20,6 +20,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vll
 
 import openai  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # the module's first test also starts vLLM
+
 from testkit import free_port, metric_values  # noqa: E402
 
 BS = 32

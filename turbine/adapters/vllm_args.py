@@ -86,8 +86,9 @@ def vllm_argv(values: dict[str, Any], given: Sequence[str], passthrough: Sequenc
 
 
 def apply_env_defaults(host: str) -> None:
-    """Environment vLLM reads at import: its own IP defaults to Turbine's bind address."""
-    os.environ.setdefault("VLLM_HOST_IP", host)
+    """vLLM's own IP defaults to the worker's bind address when that names one interface."""
+    if host not in ("", "0.0.0.0", "::"):
+        os.environ.setdefault("VLLM_HOST_IP", host)
 
 
 def parse_engine_args(model_dir: Path, args: Sequence[str]) -> Any:

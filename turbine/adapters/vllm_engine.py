@@ -68,11 +68,11 @@ class _StatsLogger(StatLoggerBase):
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
-        if scheduler_stats is not None:
-            v = self.view
-            v.num_running = scheduler_stats.num_running_reqs
-            v.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-            v.kv_usage = scheduler_stats.kv_cache_usage
+        if scheduler_stats is not None:  # not a stable vLLM interface: read defensively
+            v, s = self.view, scheduler_stats
+            v.num_running = getattr(s, "num_running_reqs", 0)
+            v.num_waiting = getattr(s, "num_waiting_reqs", 0) + getattr(s, "num_skipped_waiting_reqs", 0)
+            v.kv_usage = getattr(s, "kv_cache_usage", 0.0)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -240,6 +240,8 @@ class VllmEngine:
                         yield GenerateDelta(token_ids=tokens, prompt_tokens=prompt_len, cached_tokens=cached)
                     else:
                         yield GenerateDelta(token_ids=tokens)
+                finished = True  # vLLM ended the stream without a finish reason: aborted elsewhere
+                yield GenerateDelta(finish_reason="abort", prompt_tokens=prompt_len, completion_tokens=produced)
             except VLLMClientError as e:
                 if produced:
                     raise
