@@ -234,6 +234,14 @@ def machine(load_average: bool = False) -> str:
     return out
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores of this machine have spent busy since boot (/proc/stat: everything
+    but idle and iowait); compared with a run's own processes it shows what else was running."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def append_atomically(path: Path, text: str, header: str) -> None:
     """Append ``text`` in one O_APPEND write (other scripts may append concurrently); a new file
     first gets ``header``."""
@@ -264,6 +272,7 @@ __all__ = [
     "fresh_dir",
     "get_json",
     "machine",
+    "machine_busy_s",
     "prometheus_sums",
     "reexec_in_netns",
     "start",

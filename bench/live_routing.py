@@ -53,6 +53,7 @@ from _procs import (  # noqa: E402
     free_port,
     fresh_dir,
     machine,
+    machine_busy_s,
     prometheus_sums,
     reexec_in_netns,
     start_system,
@@ -176,15 +177,16 @@ def run_live(sys_: System, reqs: list[TraceRequest], a: argparse.Namespace) -> R
     cfg = ReplayConfig(url=sys_.url, speed=a.speed, vocab_size=a.vocab_size, seed=0, slo_ttft_ms=a.slo_ttft,
                        slo_itl_ms=a.slo_itl, progress=not a.no_progress, meta={"system": sys_.label})
     meter.start()
-    t0 = time.perf_counter()
+    busy0, t0 = machine_busy_s(), time.perf_counter()
     out = asyncio.run(replay(reqs, cfg))
     wall = time.perf_counter() - t0
     used = meter.stop()
+    cpu = {k: None if v is None else 100 * v / wall for k, v in used.items()}
+    cpu["other"] = max(0.0, 100 * (machine_busy_s() - busy0) / wall - sum(v or 0 for v in cpu.values()))
     router = prometheus_sums(sys_.url, "turbine_router_") if sys_.label.startswith("turbine") else None
     lags = [s - at for s, at in zip(out.sent_at_s, arrival_offsets_s(reqs, a.speed))]
     system, policy = sys_.label.split(" ", 1)
-    return Row(system, policy, out.report, None, (percentile(lags, 99) or 0.0, max(lags)),
-               {k: None if v is None else 100 * v / wall for k, v in used.items()}, router=router)
+    return Row(system, policy, out.report, None, (percentile(lags, 99) or 0.0, max(lags)), cpu, router=router)
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def _pair(live: float | None, sim: float | None, d: int = 0, pct: bool = False, 
 
 
 HEAD = ["system", "policy", "ok/req", "TTFT p50", "TTFT p99", "ITL p99", "E2E p50", "hit rate", "goodput rps",
-        "out tok/s", "send lag p99/max s", "kept schedule", "CPU % fe/workers/replayer"]
+        "out tok/s", "send lag p99/max s", "kept schedule", "CPU % fe/workers/replayer/other"]
 
 
 def table(rows: list[Row], *, markdown: bool) -> str:
@@ -221,7 +223,7 @@ def table(rows: list[Row], *, markdown: bool) -> str:
             *[_pair(x, y, d, pct, has_sim=sm is not None) for x, y, d, pct in cells],
             f"{r.lag_s[0]:.3f} / {r.lag_s[1]:.3f}" if r.lag_s else "-",
             ("yes" if r.lag_s[0] <= LAG_OK_S else "NO") if r.lag_s else "-",
-            "/".join(_f(cpu.get(k)) for k in ("frontend", "worker", "replayer")),
+            "/".join(_f(cpu.get(k)) for k in ("frontend", "worker", "replayer", "other")),
         ])
     return render_table(HEAD, body, markdown=markdown)
 
@@ -295,7 +297,8 @@ def append_results(a: argparse.Namespace, rows: list[Row], reqs: list[TraceReque
          f"{a.max_num_batched_tokens}, speedup 1, default timing; worker and frontend restarted per policy"),
         (f"- cells: live (simulated by `turbine simulate` on the same requests, speed and config); latencies in ms; "
          f"goodput SLO TTFT <= {a.slo_ttft:g} ms and mean ITL <= {a.slo_itl:g} ms; kept schedule = p99 send lag "
-         f"<= {LAG_OK_S * 1e3:.0f} ms; CPU % of one core over the replay"),
+         f"<= {LAG_OK_S * 1e3:.0f} ms; CPU % of one core over the replay, other = the rest of the machine "
+         "(processes not part of the run)"),
         f"- script wall time {wall / 60:.1f} min",
         *[f"- note: {n}" for n in notes], *([f"- plot: {plot_rel}"] if plot_rel else []), "",
         table(rows, markdown=True), "",
