@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +34,9 @@ from turbine.bench.stats import render_table  # noqa: E402
 from turbine.bench.trace import ideal_hit_rate, load_trace  # noqa: E402
 from turbine.mocker.core import MockerConfig  # noqa: E402
 from turbine.sim import SimConfig, simulate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import machine  # noqa: E402  (bench/ helper, shared with the other scripts)
 
 DEFAULT_TRACE = Path("/work/shared/data/mooncake_synthetic_trace.jsonl")
 POLICIES = ("kv", "kv-approx", "round-robin", "random", "least-loaded", "power-of-two")
@@ -144,18 +146,6 @@ def target_check(rows: dict[tuple[float, str], dict[str, Any]]) -> tuple[str, bo
             f"reuse {100 * kv['ideal_hit_rate']:.1f}%: {gap:.1f} points below, target <= 5: "
             f"{'met' if ok_hit else 'MISSED'}")
     return text, ok_ratio and ok_hit
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
 
 
 def append_results(path: Path, a: argparse.Namespace, rows: dict[tuple[float, str], dict[str, Any]],

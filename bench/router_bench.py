@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import os
-import platform
 import random
 import sys
 import time
@@ -46,6 +44,9 @@ from turbine.router.indexer import hash_blocks  # noqa: E402
 from turbine.router.kv_event_decoder import KvEventDecoder  # noqa: E402
 from turbine.router.router import Router  # noqa: E402
 from turbine.router.selector import select_worker  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import machine  # noqa: E402  (bench/ helper, shared with the other scripts)
 
 TARGET_P99_US = 100.0
 TARGET_BLOCKS_PER_S = 1_000_000
@@ -345,23 +346,6 @@ def store_breakdown(router: Router, corpus: Corpus, workers: list[Worker], n_eve
 
 
 # ---- report -------------------------------------------------------------------------------------
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        load = "?"
-    return (f"{platform.machine()}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"load average {load} when the run ended (other processes share these cores)")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=64)
@@ -460,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         section = "\n".join([
             header, f"## router_bench — {when}", "",
-            f"- machine: {machine()}",
+            f"- machine: {machine(load_average=True)}",
             *[f"- {n}" for n in notes], "",
             text, "", ""])
         with open(path, "a") as f:  # one write: another script may be appending too

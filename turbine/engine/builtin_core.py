@@ -34,7 +34,8 @@ from turbine.engine.model_runner import ModelRunner, profile_activation_bytes
 from turbine.engine.sampler import check_sampling_options
 from turbine.engine.scheduler import Scheduler, SchedulerConfig
 from turbine.engine.sequence import Sequence
-from turbine.protocols.generate import FinishReason, GenerateRequest
+from turbine.engine.step import StepOutput
+from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
 
 if TYPE_CHECKING:
@@ -86,15 +87,6 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     if dtype is not None:
         return dev, _DTYPES[dtype]
     return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-
-
-class StepOutput(NamedTuple):
-    request_id: str
-    token_id: int | None  # None: a prefill chunk that produced no token yet
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    cached_tokens: int  # prefix-cache hit at admission
-    completion_tokens: int
 
 
 class StepResult(NamedTuple):

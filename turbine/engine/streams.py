@@ -14,23 +14,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from turbine.engine.base import KVEventSink
+from turbine.engine.step import StepOutput
 from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
 
 
-class StepOutputLike(Protocol):
-    request_id: str
-    token_id: int | None
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
 class StepResultLike(Protocol):
-    outputs: Sequence[StepOutputLike]
+    outputs: Sequence[StepOutput]
     kv_events: list[KVEvent]
 
 

@@ -21,8 +21,9 @@ from turbine.engine.base import EngineStats
 from turbine.engine.block_manager import KVBlockManager
 from turbine.engine.scheduler import Scheduler, SchedulerConfig
 from turbine.engine.sequence import Sequence
+from turbine.engine.step import StepOutput
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
-from turbine.protocols.generate import FinishReason, GenerateRequest
+from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
 
 _U64 = (1 << 64) - 1
@@ -54,15 +55,6 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.profile:
             return ProfileTiming.from_file(self.profile, self.speedup_ratio)
         return PolynomialTiming(self.speedup_ratio)
-
-
-class StepOutput(NamedTuple):
-    request_id: str
-    token_id: int | None  # None: a prefill chunk that produced no token yet
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    cached_tokens: int  # prefix-cache hit at admission
-    completion_tokens: int
 
 
 class StepResult(NamedTuple):
