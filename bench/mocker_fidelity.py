@@ -20,7 +20,12 @@ engine's measured profile, reproduce the engine's TTFT and ITL?
    asyncio jitter, no wall time) and "marginal@virtual" (turbine.profiler.fidelity.MarginalTiming,
    a proposed composition of mixed steps). Every real step is also checked against both timing
    models, and the real engine's time between steps is measured.
-4. Prints the table; writes OUT/fidelity.json, OUT/fidelity_cdf.png, OUT/fidelity_steps.png and
+4. Diagnosis of the real run (turbine/profiler/diagnosis.py, "diagnosis" in fidelity.json): each
+   request's TTFT split into queue (send -> first step carrying it), prefill (-> end of the step
+   giving its first token) and delivery (-> the client sees it); the 10 slowest first tokens with
+   the steps that ran while they waited; the 10 steps furthest above the profile's prediction
+   (host time, GC, CUDA allocator retries / device allocs / frees); gaps between steps; GC pauses.
+5. Prints the tables; writes OUT/fidelity.json, OUT/fidelity_cdf.png, OUT/fidelity_steps.png and
    OUT/mocker_fidelity.md, and appends that snippet to bench/RESULTS.md (--no-results: not; on a
    lent device machine the append is lost: copy OUT/mocker_fidelity.md over by hand).
 
@@ -43,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from turbine.profiler.command import builtin_meta, builtin_sync, load_builtin_core, write_profile
+from turbine.profiler.diagnosis import format_diagnosis
 from turbine.profiler.fidelity import StepRecorder, format_fidelity, run_fidelity
 from turbine.profiler.plots import plot_fidelity, plot_profile
 from turbine.profiler.profile import QUICK_GRID, ProfileGrid, Profiler
@@ -128,6 +134,10 @@ def markdown(report: dict[str, Any], table: str) -> str:
                   "measured ms, additive / measured, marginal / measured): " + "; ".join(
                       f"{p['new_tokens']}x{p['batch_size']}: {p['ms']:.1f}, {p['additive_over_measured']}, "
                       f"{p['marginal_over_measured']}" for p in mixed["points"])]
+    diag = cmp.get("diagnosis")
+    if diag:
+        lines += ["", "Where the real engine's time went (turbine/profiler/diagnosis.py):", "",
+                  format_diagnosis(diag, markdown=True)]
     lines.append(f"\nStages (s): {report['stages_s']}")
     return "\n".join(lines) + "\n"
 
@@ -217,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               "profile_meta": profile.get("meta", {}), "fidelity": res.comparison, "stages_s": stages}
     (out / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_fidelity(res.comparison))
+    if "diagnosis" in res.comparison:
+        print("\n" + format_diagnosis(res.comparison["diagnosis"], top=5))
     snippet = markdown(report, format_fidelity(res.comparison, markdown=True))
     (out / "mocker_fidelity.md").write_text(snippet)
     if not args.no_results:

@@ -2,17 +2,20 @@
 the mocker loaded with that engine's profile; TTFT and ITL percentiles side by side.
 
     run_fidelity()    the workload on the real engine, then on each mock variant
-    StepRecorder      wraps a core's ``step`` to log each real step (tokens, batch, duration)
+    StepRecorder      wraps a core's ``step`` to log each real step (shape, start/end, request ids,
+                      host time, GC pauses, CUDA allocator counters)
     compare_runs()    percentiles, mock/real ratios, the targets (p50 within 10%, p99 within 20%)
+    diagnose()        where the real run's time went (turbine/profiler/diagnosis.py): "diagnosis"
     step_accuracy()   each logged real step against a timing model's prediction
     MarginalTiming    a proposed composition of mixed steps (README: "Timing model")
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -20,44 +23,139 @@ import msgspec
 from turbine.bench.stats import Percentiles, RequestResult, render_table
 from turbine.engine.base import Engine
 from turbine.mocker.timing import ProfileTiming, TimingModel
+from turbine.profiler.diagnosis import diagnose, predicted_ms
 from turbine.profiler.workload import EngineRun, WorkloadConfig, build_workload, run_workload, simulate_workload
 
-__all__ = ["FidelityResult", "MarginalTiming", "StepRecord", "StepRecorder", "compare_runs", "format_fidelity",
-           "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence", "step_points"]
+__all__ = ["FidelityResult", "GcPause", "MarginalTiming", "StepRecord", "StepRecorder", "compare_runs",
+           "format_fidelity", "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence",
+           "step_points"]
 
 TARGETS = {"p50": 0.10, "p99": 0.20}  # |mock / real - 1| at most
 
 
 class StepRecord(NamedTuple):
-    ms: float
-    start_s: float  # perf_counter at the step's start: gaps between starts give the step cadence
+    ms: float  # the core's own duration_s
+    start_s: float  # time.monotonic() when step() was called (the workload's clock: EngineRun.t0_s)
     prefill_tokens: int
     decode_seqs: int
     prefill_context: float  # mean cached tokens of the step's prefills (first chunks exact)
     decode_context: float  # mean length of the decoding sequences
+    end_s: float = 0.0  # time.monotonic() when step() returned
+    prefill_ids: tuple[str, ...] = ()  # prefill chunks that produced no token
+    first_ids: tuple[str, ...] = ()  # sequences that got their first token
+    decode_ids: tuple[str, ...] = ()
+    preempted: int = 0
+    host_s: float | None = None  # the step's host work (StepResult.host_s), where the core reports it
+    gc_ms: float = 0.0  # Python GC pauses between the step's start and end (any thread: they hold the GIL)
+    alloc: dict[str, int] | None = None  # CUDA caching-allocator counters, delta since the last step's end
+    # The scheduler's queues and the KV blocks in use at the step's end (None: the core has no such parts)
+    waiting: int | None = None
+    running: int | None = None
+    kv_used: float | None = None  # referenced blocks / all blocks
+
+
+ALLOC_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+class GcPause(NamedTuple):
+    start_s: float  # time.monotonic()
+    end_s: float
+    generation: int
+
+
+def _cuda_counters(device: Any) -> Callable[[], dict[str, int]] | None:
+    """A reader of ALLOC_COUNTERS on ``device``, or None unless it is a CUDA device of an
+    initialized context (torch is imported here only: the profiler package works without it).
+    It reads ``memory_stats_as_nested_dict`` (the allocator's own dict; ``memory_stats`` also
+    flattens ~100 keys in Python: 140 us a read against 27 us on an H100, torch 2.11) once per
+    step, after the step's end time is taken; the cost lands in the gap before the next step and
+    StepRecorder.read_us keeps it."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+
+    def read() -> dict[str, int]:
+        stats = torch.cuda.memory_stats_as_nested_dict(device)
+        return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
+
+    return read
+
+
+def _load(core: Any) -> tuple[int | None, int | None, float | None]:
+    """(waiting, running, KV fraction in use): a scheduler's and block manager's O(1) counters,
+    read without the core's lock (a snapshot a request may race with; good enough to explain)."""
+    sched, bm = getattr(core, "scheduler", None), getattr(core, "block_manager", None)
+    kv = bm.num_active_blocks / bm.num_blocks if bm is not None and getattr(bm, "num_blocks", 0) else None
+    return (getattr(sched, "num_waiting", None), getattr(sched, "num_running", None), kv)
 
 
 class StepRecorder:
-    """Logs every step of a core (shadowing its ``step`` on the instance until ``close()``)."""
+    """Logs every step of a core (shadowing its ``step`` on the instance until ``close()``): shape,
+    start/end, the request ids it carried, host time, GC pauses inside it and allocator counters.
+    GC pauses anywhere in the process are kept in ``gc_pauses`` (a ``gc.callbacks`` hook)."""
 
     def __init__(self, core: Any) -> None:
         self.core = core
         self._step = core.step
         self.records: list[StepRecord] = []
+        self.gc_pauses: list[GcPause] = []
+        self._gc_start: tuple[float, int] | None = None
+        self._counters = _cuda_counters(getattr(core, "device", None))
+        self._last: dict[str, int] | None = None
+        self.read_us: list[float] = []  # cost of each allocator-counter read
+        self.reset()
+        gc.callbacks.append(self._on_gc)
         core.step = self
 
+    def reset(self) -> None:
+        """Forget what was logged so far (after a warm-up)."""
+        self.records.clear()
+        self.gc_pauses.clear()
+        self.read_us.clear()
+        self._last = self._counters() if self._counters is not None else None
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        # GC holds the GIL and never nests: a stop always follows its own start.
+        if phase == "start":
+            self._gc_start = (time.monotonic(), info.get("generation", -1))
+        elif self._gc_start is not None:
+            self.gc_pauses.append(GcPause(self._gc_start[0], time.monotonic(), self._gc_start[1]))
+            self._gc_start = None
+
     def __call__(self) -> Any:
-        t0 = time.perf_counter()
+        n_gc = len(self.gc_pauses)
+        t0 = time.monotonic()
         res = self._step()
+        t1 = time.monotonic()
         if res.outputs:
-            dec = [o.prompt_tokens + o.completion_tokens - 1 for o in res.outputs if o.completion_tokens >= 2]
-            pre = [o.cached_tokens for o in res.outputs if o.completion_tokens <= 1]
-            self.records.append(StepRecord(res.duration_s * 1e3, t0, res.num_prefill_tokens, res.num_decode_seqs,
-                                           statistics.fmean(pre) if pre else 0.0,
-                                           statistics.fmean(dec) if dec else 0.0))
+            gc_ms = sum(p.end_s - p.start_s for p in self.gc_pauses[n_gc:]) * 1e3
+            alloc = None
+            if self._counters is not None:
+                now = self._counters()
+                self.read_us.append((time.monotonic() - t1) * 1e6)
+                if self._last is not None:
+                    alloc = {k: now[k] - self._last[k] for k in ALLOC_COUNTERS}
+                self._last = now
+            outs = res.outputs
+            dec = [o.prompt_tokens + o.completion_tokens - 1 for o in outs if o.completion_tokens >= 2]
+            pre = [o.cached_tokens for o in outs if o.completion_tokens <= 1]
+            self.records.append(StepRecord(
+                res.duration_s * 1e3, t0, res.num_prefill_tokens, res.num_decode_seqs,
+                statistics.fmean(pre) if pre else 0.0, statistics.fmean(dec) if dec else 0.0, t1,
+                tuple(o.request_id for o in outs if o.token_id is None),
+                tuple(o.request_id for o in outs if o.token_id is not None and o.completion_tokens == 1),
+                tuple(o.request_id for o in outs if o.token_id is not None and o.completion_tokens >= 2),
+                res.num_preempted, getattr(res, "host_s", None), gc_ms, alloc, *_load(self.core)))
         return res
 
     def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self.core.__dict__.get("step") is self:
             del self.core.step
 
@@ -70,10 +168,8 @@ def step_accuracy(records: Sequence[StepRecord], timing: TimingModel) -> dict[st
     """Per step kind: steps, median and p10/p90 of predicted / measured time."""
     by_kind: dict[str, list[float]] = {}
     for r in records:
-        pred = 1e3 * timing.step_seconds(r.prefill_tokens, r.decode_seqs, 0.0, mean_prefill_context=r.prefill_context,
-                                         mean_decode_context=r.decode_context)
         if r.ms > 0:
-            by_kind.setdefault(_kind(r), []).append(pred / r.ms)
+            by_kind.setdefault(_kind(r), []).append(predicted_ms(r, timing) / r.ms)
     out = {}
     for kind, ratios in sorted(by_kind.items()):
         q = statistics.quantiles(ratios, n=10) if len(ratios) >= 2 else ratios * 9
@@ -98,10 +194,7 @@ def _r(v: float | None) -> float | None:
 
 def step_points(records: Sequence[StepRecord], timing: TimingModel) -> list[tuple[float, float, str]]:
     """(measured ms, predicted ms, kind) of each record, for a scatter plot."""
-    return [(r.ms, 1e3 * timing.step_seconds(r.prefill_tokens, r.decode_seqs, 0.0,
-                                             mean_prefill_context=r.prefill_context,
-                                             mean_decode_context=r.decode_context), _kind(r))
-            for r in records if r.ms > 0]
+    return [(r.ms, predicted_ms(r, timing), _kind(r)) for r in records if r.ms > 0]
 
 
 class MarginalTiming:
@@ -205,7 +298,7 @@ def _f(v: float | None) -> str:
 
 
 class FidelityResult(NamedTuple):
-    comparison: dict[str, Any]  # compare_runs() + "steps" (step_accuracy per timing) + "workload"
+    comparison: dict[str, Any]  # compare_runs() + "steps" (step_accuracy per timing) + "workload" + "diagnosis"
     samples: dict[str, dict[str, list[float]]]  # per engine: "ttft_ms", "itl_ms" (for plots)
     steps: list[tuple[float, float, str]]  # real steps: (measured, profile's prediction, kind)
 
@@ -251,7 +344,7 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
     for name, engine in engines:
         await engine.start()
         try:
-            on_warm = recorder.records.clear if recorder is not None and engine is real else None
+            on_warm = recorder.reset if recorder is not None and engine is real else None
             runs[name] = await run_workload(engine, items, warmup=warm, label=name, on_warm=on_warm)
         finally:
             await engine.stop()
@@ -261,6 +354,10 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
     records = recorder.records if recorder is not None else []
     cmp["steps"] = {"profile": step_accuracy(records, timing),
                     "marginal": step_accuracy(records, MarginalTiming(timing)), "cadence": step_cadence(records)}
+    if recorder is not None:
+        mock = next((runs[k] for k in ("profile", "profile@virtual", *runs) if k in runs), None)
+        cmp["diagnosis"] = diagnose(real_run, records, timing, gc_pauses=recorder.gc_pauses,
+                                    read_us=recorder.read_us, mock=mock)
     cmp["workload"] = {**msgspec.to_builtins(workload), "requests": len(items),
                        "prompt_tokens_mean": round(statistics.fmean(len(w.token_ids) for w in items), 1),
                        "output_tokens_mean": round(statistics.fmean(w.max_tokens for w in items), 1),

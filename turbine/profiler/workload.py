@@ -100,6 +100,9 @@ class EngineRun:
     results: list[RequestResult]
     sent_s: list[float]  # send time of each request, from the run's start
     duration_s: float
+    # The run's start on time.monotonic() (the StepRecorder's clock): t0_s + sent_s[i] + ttft_s is
+    # when request i's client saw its first token. 0.0 for a virtual-clock run.
+    t0_s: float = 0.0
 
     def concurrency(self, phase: int) -> float:
         """Time-averaged requests in flight while the phase's requests were."""
@@ -111,11 +114,16 @@ class EngineRun:
         return sum(e - s for s, e in spans) / window if window > 0 else float(len(spans))
 
 
-async def _one(engine: Engine, rid: str, w: WorkItem) -> RequestResult:
+async def _one(engine: Engine, rid: str, w: WorkItem, sent_at: list[float] | None = None) -> RequestResult:
+    """One request; its send time (time.monotonic) is appended to ``sent_at`` when given."""
     req = GenerateRequest(request_id=rid, token_ids=w.token_ids, sampling=SamplingOptions(temperature=0.0),
                           stop=StopConditions(max_tokens=w.max_tokens, min_tokens=w.max_tokens, ignore_eos=True))
-    clock = time.perf_counter
+    # time.monotonic: the StepRecorder's clock, so a request's times line up with the engine's steps
+    # (CLOCK_MONOTONIC with ns resolution on Linux, the clock perf_counter reads there too).
+    clock = time.monotonic
     sent = clock()
+    if sent_at is not None:
+        sent_at.append(sent)
     first = last = None
     itl: list[float] = []
     n = 0
@@ -148,16 +156,16 @@ async def run_workload(engine: Engine, items: Sequence[WorkItem], *, warmup: Seq
     if on_warm is not None:
         on_warm()
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    sent = [0.0] * len(items)
+    t0, t0_mono = loop.time(), time.monotonic()  # loop.time() schedules (on uvloop it is ms-grained)
+    sent: list[list[float]] = [[] for _ in items]
 
     async def timed(i: int, w: WorkItem) -> RequestResult:
         await asyncio.sleep(max(0.0, t0 + w.arrival_s - loop.time()))
-        sent[i] = loop.time() - t0
-        return await _one(engine, f"{label}-{i}", w)
+        return await _one(engine, f"{label}-{i}", w, sent[i])
 
     results = await asyncio.gather(*(timed(i, w) for i, w in enumerate(items)))
-    return EngineRun(label, list(items), list(results), sent, loop.time() - t0)
+    return EngineRun(label, list(items), list(results), [s[0] - t0_mono for s in sent], time.monotonic() - t0_mono,
+                     t0_mono)
 
 
 def simulate_workload(core: Any, items: Sequence[WorkItem], *, warmup: Sequence[WorkItem] = (),
