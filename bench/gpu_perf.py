@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import msgspec
 import torch
 
 from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore
@@ -100,22 +101,6 @@ class Prompts:
         return torch.randint(1, self.vocab, (n,), generator=self.g).tolist()
 
 
-class StepTimer:
-    """Wraps ``runner.run`` to split a step into host work and the device-bound run."""
-
-    def __init__(self, core: BuiltinCore) -> None:
-        self.core, self.run_s = core, 0.0
-        orig = core.runner.run
-
-        def timed(batch):  # type: ignore[no-untyped-def]
-            t = time.perf_counter()
-            out = orig(batch)
-            self.run_s = time.perf_counter() - t
-            return out
-
-        core.runner.run = timed  # type: ignore[method-assign]
-
-
 def profile_table(fn, steps: int = 3) -> str:  # type: ignore[no-untyped-def]
     from torch.profiler import ProfilerActivity, profile
 
@@ -138,14 +123,14 @@ def model_flops(cfg: Any, linear_params: int, n: int, ctx_before: int = 0, sampl
     return 2 * linear_params * n + attn + 2 * cfg.hidden_size * cfg.vocab_size * sampled
 
 
-def decode_batch1(core: BuiltinCore, prompts: Prompts, timer: StepTimer, prof: dict[str, str]) -> dict[str, Any]:
+def decode_batch1(core: BuiltinCore, prompts: Prompts, prof: dict[str, str]) -> dict[str, Any]:
     core.add_request(req("b1", prompts(128), 200))
-    walls, runs = [], []
+    walls, hosts = [], []
     while core.has_work():
         r = core.step()
         if r.num_prefill_tokens == 0:
             walls.append(r.duration_s)
-            runs.append(timer.run_s)
+            hosts.append(r.host_s)
         if len(walls) == 100:  # measure the graph alone on the live sequence (idempotent rewrite)
             g = core.runner.graphs
             if g is not None:
@@ -159,7 +144,8 @@ def decode_batch1(core: BuiltinCore, prompts: Prompts, timer: StepTimer, prof: d
                 replay_ms = s.elapsed_time(e) / 50
                 prof["decode_b1"] = profile_table(graph.replay, 5)
     ms = statistics.median(walls[5:]) * 1000
-    return {"step_ms": round(ms, 3), "run_ms": round(statistics.median(runs[5:]) * 1000, 3),
+    return {"step_ms": round(ms, 3), "host_ms": round(statistics.median(hosts[5:]) * 1000, 3),
+            "async_scheduling": core.config.async_scheduling,
             "graph_replay_ms": round(replay_ms, 3) if core.runner.graphs is not None else None,
             "tok_s": round(1000 / ms, 1), "steps": len(walls)}
 
@@ -192,7 +178,7 @@ def prefill(core: BuiltinCore, prompts: Prompts, cfg: Any, linear: int, tflops: 
     return out
 
 
-def end_to_end(core: BuiltinCore, prompts: Prompts, batch: int, timer: StepTimer, prof: dict[str, str],
+def end_to_end(core: BuiltinCore, prompts: Prompts, batch: int, prof: dict[str, str],
                in_len: int = 1024, out_len: int = 128) -> dict[str, Any]:
     reqs = [req(f"e{batch}-{i}", prompts(in_len), out_len) for i in range(batch)]
     torch.cuda.synchronize()
@@ -204,7 +190,7 @@ def end_to_end(core: BuiltinCore, prompts: Prompts, batch: int, timer: StepTimer
     profiled = False
     while core.has_work():
         r = core.step()
-        steps.append((r.duration_s, timer.run_s, r.num_prefill_tokens, r.num_decode_seqs))
+        steps.append((r.duration_s, r.host_s, r.num_prefill_tokens, r.num_decode_seqs))
         pure = r.num_prefill_tokens == 0 and r.num_decode_seqs == batch
         n_pure = sum(1 for s in steps if s[2] == 0 and s[3] == batch)
         if pure and n_pure == 40 and core.runner.graphs is not None:
@@ -226,7 +212,7 @@ def end_to_end(core: BuiltinCore, prompts: Prompts, batch: int, timer: StepTimer
     return {"batch": batch, "wall_s": round(wall, 3), "out_tok_s": round(batch * out_len / wall, 1),
             "steps": len(steps), "prefill_steps_s": round(prefill_s, 3),
             "decode_step_ms": round(statistics.median(s[0] for s in pure) * 1000, 3) if pure else None,
-            "decode_run_ms": round(statistics.median(s[1] for s in pure) * 1000, 3) if pure else None,
+            "decode_host_ms": round(statistics.median(s[1] for s in pure) * 1000, 3) if pure else None,
             "decode_graph_replay_ms": round(replay_ms, 3) if replay_ms else None,
             "decode_ctx_mid": in_len + out_len // 2}
 
@@ -251,6 +237,7 @@ def chunked_itl(core: BuiltinCore, prompts: Prompts, budget: int = 2048) -> dict
             ttft = time.perf_counter() - t0
     for i in range(32):
         core.abort(f"itl{i}")
+    core.finish_inflight()
     core.scheduler = Scheduler(sc, core.block_manager)
     return {"budget_tokens": budget, "decodes": 32, "itl_ms_before_p50": round(statistics.median(base) * 1000, 2),
             "itl_ms_during_p50": round(statistics.median(during) * 1000, 2),
@@ -287,6 +274,7 @@ def graph_vs_eager(core: BuiltinCore, prompts: Prompts, n: int = 5) -> dict[str,
         pass
     for _ in range(3):
         core.step()
+    core.finish_inflight()  # the state below must hold no token still on the device
     runner, model = core.runner, core.model
     out = core.scheduler.schedule()  # this step is computed twice below, then dropped
     gbatch = runner.prepare(out)
@@ -305,6 +293,27 @@ def graph_vs_eager(core: BuiltinCore, prompts: Prompts, n: int = 5) -> dict[str,
     err = float((g_logits.double() - e_logits.double()).norm() / e_logits.double().norm())
     agree = float((g_logits.argmax(-1) == e_logits.argmax(-1)).float().mean())
     return {"seqs": n, "bucket": gbatch.graph_batch, "rel_err": err, "argmax_agreement": agree, "ok": err < 1e-2}
+
+
+def async_vs_sync(core: BuiltinCore, prompts: Prompts, n: int = 12) -> dict[str, Any]:
+    """The same greedy requests (stop tokens included) with async scheduling on and off: the steps
+    run the same batches, so every token must be the same."""
+    base = core.config
+    reqs = [(f"{i}", prompts(50 + 97 * i), 24 + 3 * i) for i in range(n)]
+    outs = []
+    for mode in (False, True):
+        core.config = msgspec.structs.replace(base, async_scheduling=mode)
+        got: dict[str, list[int]] = {}
+        for rid, p, m in reqs:
+            core.add_request(req(f"av{int(mode)}-{rid}", p, m))
+        while core.has_work():
+            for o in core.step().outputs:
+                if o.token_id is not None:
+                    got.setdefault(o.request_id.split("-", 1)[1], []).append(o.token_id)
+        outs.append(got)
+    core.config = base
+    same = sum(outs[0][k] == outs[1].get(k) for k in outs[0])
+    return {"requests": n, "identical": same, "ok": same == n and core.stats().kv_active_blocks == 0}
 
 
 def tune_decode(dev: torch.device) -> list[dict[str, Any]]:
@@ -441,19 +450,29 @@ def markdown(r: dict[str, Any]) -> str:
     for t in r["targets"]:
         met = "—" if t["ok"] is None else ("yes" if t["ok"] else "**no**")
         lines.append(f"| {t['what']} | {t['measured']} | {t['limit']} | {t['ratio']} | {t['target'] or ''} | {met} |")
-    d1 = r["decode_b1"]
-    lines += ["", (f"Decode batch 1: {d1['step_ms']} ms/step through `BuiltinCore.step` (runner {d1['run_ms']} ms, "
+    d1, d0, e0 = r["decode_b1"], r.get("decode_b1_sync"), r.get("e2e_sync_256")
+    av = r.get("async_vs_sync")
+    if av:
+        lines += ["", f"- async scheduling vs one step at a time, same greedy requests: {av['identical']}/"
+                      f"{av['requests']} token streams identical"]
+    if d0 and e0:
+        lines += ["", (f"Async scheduling against one step at a time, same run: batch-1 decode step {d1['step_ms']} vs "
+                       f"{d0['step_ms']} ms; batch-256 decode step {r['e2e'][-1]['decode_step_ms']} vs "
+                       f"{e0['decode_step_ms']} ms (e2e {r['e2e'][-1]['wall_s']} vs {e0['wall_s']} s).")]
+    lines += ["", (f"Decode batch 1: {d1['step_ms']} ms/step through `BuiltinCore.step` (async scheduling "
+                   f"{'on' if d1.get('async_scheduling') else 'off'}: host work {d1['host_ms']} ms per step, "
+                   f"{'hidden behind the device' if d1.get('async_scheduling') else 'added to it'}; "
                    f"graph replay alone {d1['graph_replay_ms']} ms)."), ""]
     lines += ["| prefill | ms | tokens/s | TFLOP/s | MFU |", "|---|---:|---:|---:|---:|"]
     for p in r["prefill"]:
         lines.append(f"| {p['seqs']} x {p['tokens']} | {p['ms']} | {p['tok_s']} | {p['TFLOPs']} | {p['mfu']:.1%} |")
-    lines += ["", ("| e2e 1k in / 128 out | wall s | output tok/s | prefill steps s | decode step ms (runner, "
-                   "replay) | HF generate tok/s |"), "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", ("| e2e 1k in / 128 out | wall s | output tok/s | prefill steps s | decode step ms (host "
+                   "work, graph replay) | HF generate tok/s |"), "|---|---:|---:|---:|---:|---:|"]
     hf = {x["batch"]: x for x in r.get("hf", {}).get("runs", [])}
     for e in r["e2e"]:
         h = hf.get(e["batch"], {})
         lines.append(f"| batch {e['batch']} | {e['wall_s']} | {e['out_tok_s']} | {e['prefill_steps_s']} | "
-                     f"{e['decode_step_ms']} ({e['decode_run_ms']}, {e['decode_graph_replay_ms']}) | "
+                     f"{e['decode_step_ms']} ({e['decode_host_ms']}, {e['decode_graph_replay_ms']}) | "
                      f"{h.get('out_tok_s', h.get('error', 'not run'))} |")
     ch = r.get("chunked")
     if ch:
@@ -530,8 +549,14 @@ def main(argv: list[str] | None = None) -> int:
     if core.runner.graphs is not None:
         r["graph_vs_eager"] = graph_vs_eager(core, prompts)
         log(f"graph vs eager {r['graph_vs_eager']}")
-    timer = StepTimer(core)
-    r["decode_b1"] = decode_batch1(core, prompts, timer, prof)
+    r["async_vs_sync"] = async_vs_sync(core, prompts)
+    log(f"async vs sync scheduling {r['async_vs_sync']}")
+    async_on = core.config
+    core.config = msgspec.structs.replace(async_on, async_scheduling=False)  # the baseline: one step at a time
+    r["decode_b1_sync"] = decode_batch1(core, prompts, {})
+    log(f"decode b1, async scheduling off {r['decode_b1_sync']}")
+    core.config = async_on
+    r["decode_b1"] = decode_batch1(core, prompts, prof)
     log(f"decode b1 {r['decode_b1']}")
     (out / "gpu_perf_profiles.txt").parent.mkdir(parents=True, exist_ok=True)
     (out / "partial.json").write_text(json.dumps(r, indent=1))
@@ -539,14 +564,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / "partial.json").write_text(json.dumps(r, indent=1))
     r["e2e"] = []
     for b in (16, 64, 256):
-        r["e2e"].append(end_to_end(core, prompts, b, timer, prof))
+        r["e2e"].append(end_to_end(core, prompts, b, prof))
         log(f"e2e {r['e2e'][-1]}")
         (out / "partial.json").write_text(json.dumps(r, indent=1))
+    core.config = msgspec.structs.replace(async_on, async_scheduling=False)
+    r["e2e_sync_256"] = end_to_end(core, prompts, 256, {})
+    core.config = async_on
+    log(f"e2e 256, async scheduling off {r['e2e_sync_256']}")
     r["chunked"] = chunked_itl(core, prompts)
     log(f"chunked {r['chunked']}")
     write(r, prof, out)
     if not args.skip_hf:
-        del core, model, timer
+        del core, model
         gc.collect()
         torch.cuda.empty_cache()
         r["hf"] = {"load_s": None, "runs": []}

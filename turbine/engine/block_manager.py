@@ -159,10 +159,14 @@ class KVBlockManager:
         start = seq.num_registered_blocks
         if n_full <= start:
             return
-        seq.num_registered_blocks = n_full
         if not self.enable_prefix_caching:
+            seq.num_registered_blocks = n_full
             return
         hashes = seq.block_hashes(bs)
+        n_full = min(n_full, len(hashes))  # a block holding an unread (placeholder) token waits
+        if n_full <= start:
+            return
+        seq.num_registered_blocks = n_full
         tokens = seq.token_ids
         h2b = self._hash_to_block
         run: list[SequenceHash] = []

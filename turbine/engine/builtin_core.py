@@ -3,12 +3,20 @@
 Synchronous like ``MockerCore`` (no asyncio, no clock), but thread-safe: ``BuiltinEngine`` runs
 ``step()`` on a dedicated thread while the event loop adds and aborts requests.
 
-    step():  [lock]  schedule ─▶ runner.prepare        (reads sequences)
-             [free]  runner.run: forward + sample      (device work; add/abort may run meanwhile)
-             [lock]  postprocess ─▶ take KV events     (an aborted sequence's result is dropped)
+Async scheduling (the default) keeps one step in flight: the host plans and launches step k+1
+while the device still runs step k, then reads step k's tokens. Host work (scheduling, packing
+inputs, stop checks) hides behind device time instead of adding to it.
 
-An abort during the forward frees the sequence's blocks at once; nothing reuses them before
-the next ``schedule()``, which comes after this step's device work has finished.
+    step():  [lock]  schedule k+1 ─▶ prepare ─▶ advance    (k+1's decodes take k's tokens on the device)
+             [free]  launch k+1: forward + sample         (queued; add/abort may run meanwhile)
+             [free]  wait for step k's tokens             (the device finishes k; k+1 is queued behind it)
+             [lock]  complete k ─▶ take KV events          (fill tokens, stop checks, free finished)
+
+Each call returns the results of the step it completed. A sequence that stops on a sampled stop
+token has one more token computed in the step behind it, which is dropped; a sequence that
+reaches max_tokens is not scheduled again. With ``async_scheduling=False`` each call schedules,
+launches and completes one step. An abort frees a sequence's blocks at once; any step that
+reuses them is queued behind the steps that still write them.
 """
 from __future__ import annotations
 
@@ -30,9 +38,9 @@ from turbine.engine.kv_cache import (
     KVCacheSpec,
     num_blocks_for_bytes,
 )
-from turbine.engine.model_runner import ModelRunner, profile_activation_bytes
+from turbine.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
 from turbine.engine.sampler import check_sampling_options
-from turbine.engine.scheduler import Scheduler, SchedulerConfig
+from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
 from turbine.engine.step import StepOutput
 from turbine.protocols.generate import GenerateRequest
@@ -62,6 +70,7 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     decode_kernel: str = "auto"  # "auto" | "triton" | "torch" (see PagedAttention)
     cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
     long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
+    async_scheduling: bool = True  # plan and launch the next step while the device runs this one
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -90,12 +99,19 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
 
 
 class StepResult(NamedTuple):
-    duration_s: float  # wall time of the step
-    outputs: list[StepOutput]  # one per scheduled sequence still running at the step's end
+    duration_s: float  # wall time of the call
+    outputs: list[StepOutput]  # one per sequence of the completed step still running at its end
     kv_events: list[KVEvent]  # in order; the caller numbers them
-    num_prefill_tokens: int
+    num_prefill_tokens: int  # of the completed step
     num_decode_seqs: int
     num_preempted: int
+    host_s: float = 0.0  # of duration_s, the time not spent waiting for the device
+
+
+class _InFlight(NamedTuple):
+    out: SchedulerOutput
+    slots: list[int]  # placeholder index of each scheduled entry (Scheduler.advance)
+    launched: LaunchedStep
 
 
 class BuiltinCore:
@@ -134,6 +150,7 @@ class BuiltinCore:
             self.runner.capture_graphs(config.max_num_seqs)
         self.num_steps = 0
         self._lock = threading.Lock()
+        self._inflight: _InFlight | None = None
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], config: BuiltinConfig | None = None) -> BuiltinCore:
@@ -190,33 +207,65 @@ class BuiltinCore:
             return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._inflight is not None or self.scheduler.has_work()
+
+    @property
+    def pipelined(self) -> bool:
+        """Each ``step()`` launches the next step before completing one (async scheduling)."""
+        return self.config.async_scheduling
+
+    @property
+    def in_flight(self) -> bool:
+        """A launched step awaits completion: the next ``step()`` makes progress."""
+        return self._inflight is not None
 
     def get(self, request_id: str) -> Sequence | None:
         return self.scheduler.get(request_id)
 
     # -- one step -------------------------------------------------------------------------------------
     def step(self) -> StepResult:
+        """Launch the next step (and, with async scheduling, the one after it) and complete one."""
         t0 = time.perf_counter()
-        sched = self.scheduler
-        bm = self.block_manager
+        if self._inflight is None:
+            self._inflight = self._launch_next()
+            if self._inflight is None:
+                with self._lock:
+                    events = self.block_manager.take_events()
+                return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0)
+        done = self._inflight
+        self._inflight = self._launch_next() if self.config.async_scheduling else None
+        return self._complete(done, t0)
+
+    def finish_inflight(self) -> StepResult | None:
+        """Complete the step in flight without launching another (None: nothing in flight)."""
+        done, self._inflight = self._inflight, None
+        return self._complete(done, time.perf_counter()) if done is not None else None
+
+    def _launch_next(self) -> _InFlight | None:
+        prev = self._inflight
         with self._lock:
-            out = sched.schedule()
+            out = self.scheduler.schedule()
             if not out.scheduled:
-                return StepResult(0.0, [], bm.take_events(), 0, 0, len(out.preempted))
-            batch = self.runner.prepare(out)
-        sampled = self.runner.run(batch)
+                return None
+            batch = self.runner.prepare(out, prev.launched if prev is not None else None)
+            slots = self.scheduler.advance(out)
+        launched = self.runner.launch(batch, prev.launched if prev is not None else None)
+        return _InFlight(out, slots, launched)
+
+    def _complete(self, done: _InFlight, t0: float) -> StepResult:
+        tw = time.perf_counter()
+        sampled = done.launched.wait()
+        wait_s = time.perf_counter() - tw
         with self._lock:
-            results = sched.postprocess(out, sampled)
-            events = bm.take_events()
+            results = self.scheduler.complete(done.out, done.slots, sampled)
+            events = self.block_manager.take_events()
         self.num_steps += 1
-        outputs = [
-            StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
-                       len(seq.token_ids) - seq.num_prompt_tokens)
-            for seq, token, reason in results
-        ]
-        return StepResult(time.perf_counter() - t0, outputs, events, out.num_prefill_tokens,
-                          out.num_decode_seqs, len(out.preempted))
+        outputs = [StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens, n_out)
+                   for seq, token, reason, n_out in results]
+        out = done.out
+        duration = time.perf_counter() - t0
+        return StepResult(duration, outputs, events, out.num_prefill_tokens, out.num_decode_seqs,
+                          len(out.preempted), duration - wait_s)
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -133,7 +133,7 @@ class BuiltinEngine:
                 result = core.step()
                 if not self._post(loop, result):
                     return
-                if not result.outputs:  # nothing could run; wait for the queue to change
+                if not result.outputs and not core.in_flight:  # nothing could run; wait for the queue to change
                     self._wait_for_wake()
         except BaseException as exc:
             log.error("builtin engine step thread crashed", exc_info=exc)

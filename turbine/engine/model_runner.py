@@ -7,6 +7,11 @@
                                    logits of each sequence's last token ─▶ sampler
                                    ─▶ {request_id: token}   (the step's one device→host sync)
 
+With async scheduling the next step is prepared while this one runs: a decode whose input is
+the in-flight step's sampled token (a ``PLACEHOLDER`` on the host) reads it from that step's
+device tensor (``StepBatch.fix``: two tiny gathers, no host round trip); ``launch`` returns a
+``LaunchedStep`` whose tokens reach the host later (``wait``).
+
 A decode-only step on CUDA replays a captured graph instead (``cuda_graphs.DecodeGraphs``):
 ``prepare`` pads it to the graph's batch size on the host (pad rows write their KV to a
 reserved pad block), ``run`` copies the packed integers into the graph's static inputs (two
@@ -28,6 +33,7 @@ import torch
 
 from turbine.engine.attention_api import CausalLM
 from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
+from turbine.engine.host_copy import PendingHost, to_device
 from turbine.engine.kv_cache import KVCache
 from turbine.engine.paged_attention import (
     AttentionMetadata,
@@ -37,9 +43,10 @@ from turbine.engine.paged_attention import (
 )
 from turbine.engine.sampler import Sampler, SamplingBatch
 from turbine.engine.scheduler import SchedulerOutput
+from turbine.engine.sequence import PLACEHOLDER
 from turbine.protocols.generate import SamplingOptions
 
-__all__ = ["ModelRunner", "StepBatch", "profile_activation_bytes"]
+__all__ = ["LaunchedStep", "ModelRunner", "StepBatch", "profile_activation_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +60,36 @@ class StepBatch:
     graph_batch: int = 0  # > 0: replay the decode graph of this (padded) batch size
     graph_ints: torch.Tensor | None = None  # [4, graph_batch]: ids | positions | slots | context lens
     logits_all_rows: bool = False  # logits_indices is arange(N): no gather needed
+    # (rows of input_ids, rows of the in-flight step's tokens): inputs still on the device
+    fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens (device) and their copy to the host."""
+
+    __slots__ = ("_rows", "_pending", "request_ids", "tokens")
+
+    def __init__(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None) -> None:
+        self.request_ids = request_ids
+        self.tokens = tokens  # [N] int64 on the device, in request_ids order (None: nothing sampled)
+        self._pending = PendingHost(tokens) if tokens is not None else None
+        self._rows: dict[str, int] | None = None
+
+    def row(self, request_id: str) -> int:
+        """The row of ``request_id``'s token in ``tokens``."""
+        if self._rows is None:
+            self._rows = {rid: i for i, rid in enumerate(self.request_ids)}
+        return self._rows[request_id]
+
+    def wait(self) -> dict[str, int]:
+        """``{request_id: token}``, once the device has sampled them."""
+        if self._pending is None:
+            return {}
+        return dict(zip(self.request_ids, self._pending.get(), strict=True))
 
 
 class ModelRunner:
@@ -97,8 +130,10 @@ class ModelRunner:
         return graphs
 
     # -- host side ----------------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> StepBatch:
-        """Pack the step's tokens; one-token sequences first (the batched decode group)."""
+    def prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> StepBatch:
+        """Pack the step's tokens; one-token sequences first (the batched decode group).
+
+        ``prev``: the step still in flight, whose sampled tokens some decodes take as input."""
         bs = self.block_size
         entries = [e for e in out.scheduled if e.num_new_tokens == 1]
         num_decodes = len(entries)
@@ -139,6 +174,11 @@ class ModelRunner:
         samplers = [i for i, e in enumerate(entries) if e.produces_token]
         logits_idx = qstart[1:][samplers] - 1
         ids_arr = np.asarray(ids, dtype=np.int64)
+        fix_dst = np.flatnonzero(ids_arr[:num_decodes] == PLACEHOLDER)
+        if len(fix_dst):
+            if prev is None:
+                raise ValueError("a decode's input token is still on the device, but no step is in flight")
+            fix_src = np.fromiter((prev.row(seqs[i].request_id) for i in fix_dst.tolist()), np.int64, len(fix_dst))
         if gb:  # pad rows: token 0 at position 0, KV to the pad block, context 1
             pad = gb - n_seqs
             tables[n_seqs:] = graphs.pad_block  # type: ignore[union-attr]
@@ -153,8 +193,10 @@ class ModelRunner:
                                             tables[num_decodes:n_seqs]) if not gb else None
         if prefill_host is not None:
             parts.extend(prefill_host[:3])
+        if len(fix_dst):
+            parts.extend((fix_dst, fix_src))
         # One host->device copy for every integer the step needs, sliced into views there.
-        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        flat = to_device(np.concatenate(parts), self.device)
         views = torch.split(flat, [len(p) for p in parts])
         prefill = None
         if prefill_host is not None:
@@ -176,7 +218,8 @@ class ModelRunner:
         return StepBatch(views[0], views[1], meta, views[4],
                          tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
                          graph_batch=gb, graph_ints=flat[:4 * gb].view(4, gb) if gb else None,
-                         logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs)
+                         logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
+                         fix=(views[-2], views[-1]) if len(fix_dst) else None)
 
     def _prefill_layout(self, entries, qlens: np.ndarray, clens: np.ndarray,  # type: ignore[no-untyped-def]
                         tables: np.ndarray):
@@ -205,27 +248,35 @@ class ModelRunner:
         return (*eos, *stop.stop_token_ids)
 
     # -- device side ----------------------------------------------------------------------------------
+    def run(self, batch: StepBatch, prev: LaunchedStep | None = None) -> dict[str, int]:
+        """Forward and sample, then wait: ``{request_id: token}`` for the sequences that sample."""
+        return self.launch(batch, prev).wait()
+
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> dict[str, int]:
-        """Forward and sample; returns ``{request_id: token}`` for the sequences that sample."""
+    def launch(self, batch: StepBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the forward and the sampling; the tokens come back through ``LaunchedStep.wait``."""
         self.num_steps += 1
         if self.device.type == "cuda" and self.device.index is not None:  # this thread launches there
             torch.cuda.set_device(self.device)
+        if batch.fix is not None:  # inputs sampled by the step in flight, gathered on the device
+            if prev is None or prev.tokens is None:
+                raise ValueError("the step needs the in-flight step's tokens")
+            dst, src = batch.fix
+            batch.input_ids.index_copy_(0, dst, prev.tokens.index_select(0, src))
         if batch.graph_batch:
             logits = self.graphs.replay(batch.graph_batch, batch.graph_ints,  # type: ignore[union-attr]
                                         batch.attn.block_tables)
             if batch.sampling is None:
-                return {}
+                return LaunchedStep((), None)
             n = len(batch.request_ids)
             logits = logits[:n] if batch.logits_all_rows else logits.index_select(0, batch.logits_indices)
         else:
             self.attn.set_metadata(batch.attn)
             hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
             if batch.sampling is None:
-                return {}
+                return LaunchedStep((), None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        tokens = self.sampler(logits.float(), batch.sampling)
-        return dict(zip(batch.request_ids, tokens.tolist(), strict=True))
+        return LaunchedStep(batch.request_ids, self.sampler(logits.float(), batch.sampling))
 
 
 class _BlockTables:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from turbine.engine.host_copy import to_device
 from turbine.protocols.generate import SamplingOptions
 
 __all__ = ["Sampler", "SamplingBatch", "check_sampling_options", "hashed_uniform"]
@@ -105,11 +106,10 @@ class SamplingBatch:
         ints = [top_k, seeds, positions, seeded, b_rows, b_ids] if sampled else [[], [], [], [], b_rows, b_ids]
         sizes = [len(x) for x in ints]
         dev = torch.device(device)
-        flat = torch.tensor([v for x in ints for v in x], dtype=torch.int64)
-        flat = flat.to(dev, non_blocking=True) if flat.numel() else torch.empty(0, dtype=torch.int64, device=dev)
+        flat = to_device(torch.tensor([v for x in ints for v in x], dtype=torch.int64), dev)
         t_k, t_seeds, t_pos, t_rows, t_brows, t_bids = torch.split(flat, sizes)
         if sampled:
-            floats = torch.tensor([temps, top_p], dtype=torch.float32).to(dev, non_blocking=True)
+            floats = to_device(torch.tensor([temps, top_p], dtype=torch.float32), dev)
             temperature, t_top_p = floats[0], floats[1]
         else:  # all greedy: the sampler never reads these
             temperature = t_top_p = torch.empty(0, dtype=torch.float32, device=dev)
@@ -149,8 +149,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """``logits [N, V]`` float32 -> token ids ``[N]`` int64, still on the device."""
         if batch.banned_rows.numel():
-            logits = logits.index_put((batch.banned_rows, batch.banned_ids),
-                                      torch.tensor(_NEG_INF, device=logits.device, dtype=logits.dtype))
+            logits = logits.index_put((batch.banned_rows, batch.banned_ids), logits.new_full((), _NEG_INF))
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy

@@ -9,6 +9,19 @@ execute the steps it plans.
                   front of waiting); it recomputes prompt + output later, the prefix cache helps
     postprocess(): count computed tokens, register full blocks, append sampled tokens,
                   apply stop conditions, free finished sequences
+
+Async scheduling splits postprocess in two, so the next step can be planned while this one
+still runs on the device:
+
+    advance(out)          right after launch: count the step's tokens as computed and append a
+                          PLACEHOLDER for each token it will sample (the next decode reads it
+                          from the device)
+    complete(out, slots, sampled)   once the tokens are on the host: fill the placeholders,
+                          register full blocks, apply stop conditions, free finished sequences
+
+A sequence certain to finish when its placeholder resolves (max_tokens or the context length
+reached) is not scheduled again; one that stops on a sampled stop token has computed one
+extra token, which is dropped (its blocks are freed once the stop is known).
 """
 from __future__ import annotations
 
@@ -19,10 +32,11 @@ from typing import NamedTuple
 import msgspec
 
 from turbine.engine.block_manager import KVBlockManager
-from turbine.engine.sequence import Sequence, SequenceStatus
+from turbine.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from turbine.protocols.generate import FinishReason
 
 _RUNNING = SequenceStatus.RUNNING
+_WAITING = SequenceStatus.WAITING
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +82,7 @@ class SeqResult(NamedTuple):
     seq: Sequence
     token_id: int | None  # None: a prefill chunk that produced no token
     finish_reason: FinishReason | None
+    num_output_tokens: int = 0  # outputs including this token (placeholders of later steps excluded)
 
 
 class Scheduler:
@@ -169,6 +184,9 @@ class Scheduler:
             n = len(seq.token_ids) - seq.num_computed_tokens
             if n > 1:  # an unfinished prefill (chunked, or a resumed over-long sequence)
                 n = min(n, cap, budget)
+            elif seq.token_ids[-1] == PLACEHOLDER and self._reaches_limit(seq, len(seq.token_ids)):
+                i += 1  # its in-flight token is its last: nothing more to compute
+                continue
             while not bm.allocate_slots(seq, n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -217,33 +235,64 @@ class Scheduler:
 
     def postprocess(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[SeqResult]:
         """Apply a step's results; ``sampled`` maps request id -> token for ``produces_token``."""
+        return self.complete(output, self.advance(output), sampled)
+
+    def advance(self, output: SchedulerOutput) -> list[int]:
+        """Count a launched step's tokens as computed; append a PLACEHOLDER for each token it
+        samples. Returns each entry's placeholder index in ``token_ids`` (-1: none)."""
+        slots: list[int] = []
+        for entry in output.scheduled:
+            seq = entry.seq
+            if seq.status is not _RUNNING:  # aborted between scheduling and launch
+                slots.append(-1)
+                continue
+            seq.num_computed_tokens += entry.num_new_tokens
+            if entry.produces_token:
+                slots.append(len(seq.token_ids))
+                seq.token_ids.append(PLACEHOLDER)
+            else:
+                slots.append(-1)
+        return slots
+
+    def complete(self, output: SchedulerOutput, slots: list[int], sampled: Mapping[str, int]) -> list[SeqResult]:
+        """Fill an advanced step's placeholders with ``sampled`` tokens, register the blocks it
+        filled, apply stop conditions and free finished sequences.
+
+        A sequence preempted after this step launched still takes its token (it recomputes
+        with it); one aborted or already finished is skipped.
+        """
         bm = self.block_manager
         bs = bm.block_size
         results: list[SeqResult] = []
         any_finished = False
-        for entry in output.scheduled:
+        for entry, idx in zip(output.scheduled, slots, strict=True):
             seq = entry.seq
-            if seq.status is not _RUNNING:  # aborted while the step ran
+            status = seq.status
+            if status is SequenceStatus.FINISHED:  # aborted, or stopped by an earlier step's token
                 continue
-            seq.num_computed_tokens += entry.num_new_tokens
-            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
-                bm.register_full_blocks(seq)
-            if not entry.produces_token:
-                results.append(SeqResult(seq, None, None))
+            if idx < 0:
+                if status is _RUNNING and seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                    bm.register_full_blocks(seq)
+                results.append(SeqResult(seq, None, None, len(seq.token_ids) - seq.num_prompt_tokens))
                 continue
             try:
                 token = sampled[seq.request_id]
             except KeyError:
                 raise ValueError(f"no sampled token for request {seq.request_id!r}") from None
-            seq.token_ids.append(token)
-            reason = self._check_stop(seq, token)
+            seq.token_ids[idx] = token
+            if status is _RUNNING and seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                bm.register_full_blocks(seq)
+            reason = self._check_stop(seq, token, idx + 1)
             if reason is not None:
+                del seq.token_ids[idx + 1:]  # placeholders of steps launched after this one
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = reason
                 bm.free(seq)
                 del self._seqs[seq.request_id]
+                if status is _WAITING:
+                    self.waiting.remove(seq)
                 any_finished = True
-            results.append(SeqResult(seq, token, reason))
+            results.append(SeqResult(seq, token, reason, idx + 1 - seq.num_prompt_tokens))
         if any_finished:
             self.running = [s for s in self.running if s.status is _RUNNING]
         return results
@@ -264,16 +313,21 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
-        """A stop token wins over the length cap when both apply to the same token."""
+    def _reaches_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` tokens end the sequence by length, whatever the last one is."""
+        max_len = self.config.max_model_len
+        return (num_tokens - seq.num_prompt_tokens >= seq.stop.max_tokens
+                or (max_len is not None and num_tokens >= max_len))
+
+    def _check_stop(self, seq: Sequence, token: int, num_tokens: int) -> FinishReason | None:
+        """``token`` is the sequence's ``num_tokens``-th. A stop token wins over the length cap
+        when both apply to the same token."""
         stop = seq.stop
-        num_tokens = len(seq.token_ids)
         n_out = num_tokens - seq.num_prompt_tokens
         if n_out >= stop.min_tokens and (
             (token in self._eos and not stop.ignore_eos) or token in stop.stop_token_ids
         ):
             return "stop"
-        max_len = self.config.max_model_len
-        if n_out >= stop.max_tokens or (max_len is not None and num_tokens >= max_len):
+        if self._reaches_limit(seq, num_tokens):
             return "length"
         return None

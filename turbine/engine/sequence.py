@@ -5,6 +5,8 @@
     KV written: [ 0 .. num_computed_tokens )       (the last sampled token has no KV yet)
     blocks:     block_table[i] holds tokens [i*B, (i+1)*B)
     hashes:     one chained SequenceHash per *full* block of token_ids, computed incrementally
+    PLACEHOLDER tokens (async scheduling: sampled on the device, not read yet) sit only at the
+    tail of token_ids; blocks holding one are not hashed until it is filled in
 
 A preempted sequence keeps ``token_ids`` (prompt and output so far) and its hashes; only its
 blocks and ``num_computed_tokens`` are dropped, so recomputation re-derives the same state.
@@ -16,6 +18,9 @@ import time
 
 from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
 from turbine.router.hashing import SequenceHash, chain_hash, local_block_hash, lora_seed
+
+
+PLACEHOLDER = -1  # an output token the device has sampled (or will) but the host has not read yet
 
 
 class SequenceStatus(enum.Enum):
@@ -119,9 +124,12 @@ class Sequence:
                 )
             self._hash_block_size = block_size
         hashes = self._block_hashes
-        n_full = len(self.token_ids) // block_size
+        tokens = self.token_ids
+        n = len(tokens)
+        while n and tokens[n - 1] == PLACEHOLDER:
+            n -= 1
+        n_full = n // block_size
         if len(hashes) < n_full:
-            tokens = self.token_ids
             parent = hashes[-1] if hashes else None
             for i in range(len(hashes), n_full):
                 local = local_block_hash(tokens[i * block_size : (i + 1) * block_size], self._hash_seed)

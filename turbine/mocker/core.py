@@ -173,19 +173,11 @@ class MockerCore:
         )
         outputs: list[StepOutput] = []
         keys = self._keys
-        for seq, token, reason in sched.postprocess(out, sampled):
+        for seq, token, reason, n_out in sched.postprocess(out, sampled):
             if reason is not None:
                 keys.pop(seq.request_id, None)
-            outputs.append(
-                StepOutput(
-                    seq.request_id,
-                    token,
-                    reason,
-                    seq.num_prompt_tokens,
-                    seq.num_cached_tokens,
-                    len(seq.token_ids) - seq.num_prompt_tokens,
-                )
-            )
+            outputs.append(StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
+                                      n_out))
         return StepResult(
             duration, outputs, bm.take_events(), out.num_prefill_tokens, n_decode, len(out.preempted)
         )

@@ -12,7 +12,10 @@ The profiler drives any synchronous core (``add_request`` / ``step`` / ``abort``
     mixed          a few steps with both (meta.mixed): how far ``prefill + decode`` is off
 
 Timing: wall time of ``step()`` (``sync`` before and after, e.g. ``torch.cuda.synchronize``),
-median of ``repeats`` after ``warmup`` untimed steps. ``clock="reported"`` uses the step's own
+median of ``repeats`` after ``warmup`` untimed steps. A pipelined core (``core.pipelined``: async
+scheduling, each call launches the next step and completes the previous one) is timed without
+syncs: the call that completes a step waits for exactly that step, so in steady state its wall
+time is the step's time as served, host work hidden; results are matched to the step they report. ``clock="reported"`` uses the step's own
 ``duration_s`` instead (a mocker core: its modeled time; tests check the sweeps with it).
 
 Cells the engine cannot hold (KV blocks, context length, token budget) are filled from the
@@ -130,7 +133,8 @@ class Profiler:
         self.core = core
         self.grid = grid
         self.limits = limits or CoreLimits.of(core)
-        self.sync = sync
+        self.pipelined = bool(getattr(core, "pipelined", False))
+        self.sync = None if self.pipelined else sync
         self.clock = clock
         self.progress = progress
         self._rng = random.Random(seed)
@@ -281,11 +285,11 @@ class Profiler:
         for r in reqs:
             core.add_request(r)
         lengths = {r.request_id: prompt for r in reqs}  # current sequence lengths
-        while True:  # prefill every prompt; early ones decode meanwhile
+        quiet = 0  # results in a row without prefill tokens (a pipelined core's next step is queued)
+        while quiet < 1 + self.pipelined or core.stats().num_waiting:  # prefill every prompt
             res, _ = self._step()
             self._count(res, lengths)
-            if res.num_prefill_tokens == 0:
-                break
+            quiet = 0 if res.num_prefill_tokens else quiet + 1
         rows = {int(b): i for i, b in enumerate(table.rows)}
         live = [r.request_id for r in reqs]  # admission order; the earliest have drifted most
         mixed_points = self._mixed_points([int(b) for b in table.rows]) if mixed is not None else []
@@ -295,16 +299,17 @@ class Profiler:
                 del lengths[rid]
             live = live[len(live) - b:]
             times, contexts = [], []
-            for k in range(self.grid.warmup + self.grid.repeats):
+            for k in range(max(self.grid.warmup, self.pipelined) + self.grid.repeats):
                 mean_ctx = statistics.fmean(lengths.values())
                 res, ms = self._step()
                 self._count(res, lengths)
+                if k < max(self.grid.warmup, self.pipelined):
+                    continue  # a pipelined core first completes the step launched before the aborts
                 if res.num_decode_seqs != b or res.num_prefill_tokens:
                     raise RuntimeError(f"decode step of batch {b} ran {res.num_decode_seqs} decodes and "
                                        f"{res.num_prefill_tokens} prefill tokens (preempted?)")
-                if k >= self.grid.warmup:
-                    times.append(ms)
-                    contexts.append(mean_ctx)
+                times.append(ms)
+                contexts.append(mean_ctx)
             table.ms[rows[b]][j] = statistics.median(times)
             ctx[rows[b]][j] = statistics.fmean(contexts)
             self._tick(f"decode b{b} L{table.cols[j]:g}")
@@ -322,6 +327,9 @@ class Profiler:
             self.core.add_request(self._request(self._tokens(n), 1))
             res, ms = self._step()
             self._count(res, lengths)
+            if self.pipelined and not res.num_prefill_tokens:  # that call completed the decode before it
+                res, ms = self._step()
+                self._count(res, lengths)
             if res.num_prefill_tokens != n or res.num_decode_seqs != batch:
                 raise RuntimeError(f"mixed step ran {res.num_prefill_tokens} prefill tokens and "
                                    f"{res.num_decode_seqs} decodes, expected {n} and {batch}")
