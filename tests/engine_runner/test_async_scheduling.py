@@ -71,7 +71,8 @@ def drive(core: BuiltinCore, items: list[tuple[int, GenerateRequest]], abort_at:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("blocks,budget", [(256, 64), (24, 16)])  # roomy / preempting, chunked
-def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("overlap_prefill", [False, True])
+def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget, overlap_prefill) -> None:  # type: ignore[no-untyped-def]
     probe = make_core()
     for i, n in enumerate((1, 3, 9, 17, 40)):
         probe.add_request(greedy(f"p{i}", [(7 * j + n) % 298 + 2 for j in range(n)], 24, ignore_eos=True))
@@ -81,7 +82,7 @@ def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget) -> No
     stop_pool = [t for t, _ in seen.most_common(6)]  # tokens the toy model produces often: stops fire
     items = workload(seed, stop_pool)
     sync = drive(make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget, async_scheduling=False), items)
-    core = make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget)
+    core = make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget, overlap_prefill_steps=overlap_prefill)
     assert core.config.async_scheduling
     got = drive(core, items)
     assert got == sync
@@ -109,12 +110,15 @@ def test_steps_overlap_and_decodes_read_tokens_on_the_device(make_core) -> None:
     core.add_request(greedy("a", list(range(10, 31)), 5, ignore_eos=True))
     res = core.step()
     assert [o.token_id is not None for o in res.outputs] == [True]  # the prefill's token
-    assert len(launched) == 2 and core.in_flight  # the first decode was launched before it was read
+    assert len(launched) == 1 and not core.in_flight  # nothing runs ahead of a prefill step by default
+    res = core.step()
+    assert [o.token_id is not None for o in res.outputs] == [True]  # the first decode's token...
+    assert len(launched) == 3 and core.in_flight  # ...read after the second decode was launched
     while core.has_work():
         core.step()
     # 1 prefill + 4 decodes; max_tokens is known ahead, so no step runs past the last token
     assert len(launched) == 5
-    assert fixed == [False, True, True, True, True]
+    assert fixed == [False, False, True, True, True]  # the first decode follows a completed prefill
 
 
 def test_a_stop_token_known_late_drops_the_extra_step(make_core) -> None:  # type: ignore[no-untyped-def]

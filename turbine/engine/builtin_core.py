@@ -5,7 +5,9 @@ Synchronous like ``MockerCore`` (no asyncio, no clock), but thread-safe: ``Built
 
 Async scheduling (the default) keeps one step in flight: the host plans and launches step k+1
 while the device still runs step k, then reads step k's tokens. Host work (scheduling, packing
-inputs, stop checks) hides behind device time instead of adding to it.
+inputs, stop checks) hides behind device time instead of adding to it. By default only behind
+decode-only steps, where host work is a large share of a short step (``overlap_prefill_steps``
+extends it to steps with prefill tokens).
 
     step():  [lock]  schedule k+1 ─▶ prepare ─▶ advance    (k+1's decodes take k's tokens on the device)
              [free]  launch k+1: forward + sample         (queued; add/abort may run meanwhile)
@@ -71,6 +73,9 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
     long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
     async_scheduling: bool = True  # plan and launch the next step while the device runs this one
+    # ... also while a step with prefill tokens runs (off: its activations and the next step's would
+    # be live at once, and a prefill step is long enough that its host work hardly counts)
+    overlap_prefill_steps: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -233,7 +238,9 @@ class BuiltinCore:
                     events = self.block_manager.take_events()
                 return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0)
         done = self._inflight
-        self._inflight = self._launch_next() if self.config.async_scheduling else None
+        cfg = self.config
+        ahead = cfg.async_scheduling and (cfg.overlap_prefill_steps or not done.out.num_prefill_tokens)
+        self._inflight = self._launch_next() if ahead else None
         return self._complete(done, t0)
 
     def finish_inflight(self) -> StepResult | None:

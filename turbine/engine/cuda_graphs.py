@@ -14,18 +14,27 @@ padded row is finite, harmless work. Attention reads its lengths from ``context_
 device and its grid depends only on b (``decode_num_splits``), so one capture serves every
 context length up to ``max_blocks * block_size``. Graphs share one memory pool (captured
 largest first); replays are serialized by the step loop, so sharing is safe.
+
+Batch sizes up to ``SMALL_M_ROWS`` are captured twice, with cuBLAS and with the weight-streaming
+Triton kernel for the linear layers (models/gemv.py); both replays are timed and the faster graph
+is kept (``small_m``: which way each bucket went). The choice is measured on the device at hand,
+so a GPU or library where cuBLAS wins keeps cuBLAS.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from turbine.engine.attention_api import CausalLM
+from turbine.engine.models import layers
 from turbine.engine.paged_attention import AttentionMetadata, PagedAttention
 
 __all__ = ["DecodeGraphs", "default_buckets"]
+
+log = logging.getLogger(__name__)
 
 
 def default_buckets(max_num_seqs: int) -> list[int]:
@@ -61,6 +70,7 @@ class DecodeGraphs:
         self._qstart = torch.arange(big + 1, dtype=torch.int64, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.small_m: dict[int, dict[str, float]] = {}  # bucket -> replay ms of each way, "triton" kept?
 
     def bucket(self, n: int) -> int | None:
         """The smallest captured batch size holding ``n`` decodes (None: too many)."""
@@ -81,20 +91,56 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks kernels) and capture every bucket, largest first."""
-        pool = None
+        self._pool = None
         torch.cuda.synchronize(self.device)
+        try_small_m = layers.small_m_linear_available() and self.attn.kv_cache.spec.dtype in (torch.bfloat16,
+                                                                                          torch.float16)
         for b in reversed(self.buckets):
-            self._forward(b)  # eager warm-up of exactly this shape, outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(b)
-            if pool is None:
-                pool = graph.pool()
+            graph, logits = self._capture(b, small_m=False)
+            if try_small_m and b <= layers.SMALL_M_ROWS:
+                try:
+                    alt, alt_logits = self._capture(b, small_m=True)
+                except Exception as ex:  # noqa: BLE001 - a kernel that fails here is not used; say so
+                    log.warning("decode graph of batch %d: the Triton small-M linears failed (%r); cuBLAS kept", b, ex)
+                    self.small_m[b] = {"error": repr(ex)[:200], "triton": 0.0}
+                    try_small_m = False
+                    self.graphs[b], self.logits[b] = graph, logits
+                    continue
+                ms_cublas, ms_triton = self._time(graph), self._time(alt)
+                self.small_m[b] = {"cublas_ms": round(ms_cublas, 4), "triton_ms": round(ms_triton, 4),
+                                   "triton": float(ms_triton < ms_cublas)}
+                if ms_triton < ms_cublas:
+                    graph, logits = alt, alt_logits
             self.graphs[b] = graph
             self.logits[b] = logits
         torch.cuda.synchronize(self.device)
         self.attn.meta = None
+
+    def _capture(self, b: int, *, small_m: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        layers.set_small_m_linear(small_m)
+        try:
+            self._forward(b)  # eager warm-up of exactly this shape, outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(b)
+        finally:
+            layers.set_small_m_linear(False)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, logits
+
+    def _time(self, graph: torch.cuda.CUDAGraph, reps: int = 10) -> float:
+        """Median ms of a replay (the pad inputs: every replay rewrites the same pad KV)."""
+        for _ in range(2):
+            graph.replay()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        events[0].record()
+        for e in events[1:]:
+            graph.replay()
+            e.record()
+        torch.cuda.synchronize(self.device)
+        return sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))[reps // 2]
 
     def replay(self, b: int, ints: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """``ints`` [4, b] and ``tables`` [b, w] (already padded to the bucket) -> logits [b, vocab]."""

@@ -33,7 +33,7 @@ import torch
 
 from turbine.engine.attention_api import CausalLM
 from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
-from turbine.engine.host_copy import PendingHost, to_device
+from turbine.engine.host_copy import HostStaging, PendingHost
 from turbine.engine.kv_cache import KVCache
 from turbine.engine.paged_attention import (
     AttentionMetadata,
@@ -73,10 +73,11 @@ class LaunchedStep:
 
     __slots__ = ("_rows", "_pending", "request_ids", "tokens")
 
-    def __init__(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None) -> None:
+    def __init__(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None,
+                 pending: PendingHost | None = None) -> None:
         self.request_ids = request_ids
         self.tokens = tokens  # [N] int64 on the device, in request_ids order (None: nothing sampled)
-        self._pending = PendingHost(tokens) if tokens is not None else None
+        self._pending = pending
         self._rows: dict[str, int] | None = None
 
     def row(self, request_id: str) -> int:
@@ -106,6 +107,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.attn = PagedAttention(kv_cache, num_heads, decode_kernel=decode_kernel)
         self.sampler = Sampler(self.device, sampler_seed)
+        self.staging = HostStaging(self.device)
         self.num_steps = 0
         self.max_model_len = max_model_len
         self.pad_block = pad_block
@@ -140,6 +142,7 @@ class ModelRunner:
         entries += [e for e in out.scheduled if e.num_new_tokens > 1]
         if not entries:
             raise ValueError("an empty step has nothing to run")
+        self.staging.begin_step()
         n_seqs = len(entries)
         seqs = [e.seq for e in entries]
         starts = np.fromiter((sq.num_computed_tokens for sq in seqs), np.int64, n_seqs)
@@ -196,7 +199,7 @@ class ModelRunner:
         if len(fix_dst):
             parts.extend((fix_dst, fix_src))
         # One host->device copy for every integer the step needs, sliced into views there.
-        flat = to_device(np.concatenate(parts), self.device)
+        flat = self.staging.to_device(np.concatenate(parts))
         views = torch.split(flat, [len(p) for p in parts])
         prefill = None
         if prefill_host is not None:
@@ -214,6 +217,7 @@ class ModelRunner:
             sampling = SamplingBatch.build(
                 [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
                 vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
+                stage=self.staging.to_device,
             )
         return StepBatch(views[0], views[1], meta, views[4],
                          tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
@@ -276,7 +280,8 @@ class ModelRunner:
             if batch.sampling is None:
                 return LaunchedStep((), None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return LaunchedStep(batch.request_ids, self.sampler(logits.float(), batch.sampling))
+        tokens = self.sampler(logits.float(), batch.sampling)
+        return LaunchedStep(batch.request_ids, tokens, self.staging.to_host(tokens))
 
 
 class _BlockTables:

@@ -361,7 +361,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 if triton is not None:
 
-    @triton.jit
+    # The block-table row stride is the widest table of the step: eager (mixed) steps vary it step by
+    # step, and Triton would compile a variant per divisibility class mid-serving (~1 s each).
+    @triton.jit(do_not_specialize=["sbt_n"])
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, po_ptr, pml_ptr, scale,
                              sq_n, sq_h, sk_blk, sk_tok, sk_head, sbt_n, so_n, so_h,
                              NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,

@@ -11,12 +11,11 @@ Unseeded rows draw from the sampler's own generator.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from turbine.engine.host_copy import to_device
 from turbine.protocols.generate import SamplingOptions
 
 __all__ = ["Sampler", "SamplingBatch", "check_sampling_options", "hashed_uniform"]
@@ -80,8 +79,10 @@ class SamplingBatch:
 
     @staticmethod
     def build(options: Sequence[SamplingOptions], output_positions: Sequence[int], *, vocab_size: int,
-              device: torch.device | str, banned: Sequence[Sequence[int]] | None = None) -> SamplingBatch:
-        """Pack one step's rows; ``banned[i]`` lists token ids row i must not produce."""
+              device: torch.device | str, banned: Sequence[Sequence[int]] | None = None,
+              stage: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplingBatch:
+        """Pack one step's rows; ``banned[i]`` lists token ids row i must not produce. ``stage``
+        copies a host tensor to the device (the runner's pinned staging; default ``.to``)."""
         if all(o.temperature == 0 for o in options) and (banned is None or not any(banned)):
             return _greedy_batch(torch.device(device))  # the common greedy step: nothing to send
         n = len(options)
@@ -106,10 +107,11 @@ class SamplingBatch:
         ints = [top_k, seeds, positions, seeded, b_rows, b_ids] if sampled else [[], [], [], [], b_rows, b_ids]
         sizes = [len(x) for x in ints]
         dev = torch.device(device)
-        flat = to_device(torch.tensor([v for x in ints for v in x], dtype=torch.int64), dev)
+        to_dev = stage if stage is not None else (lambda t: t.to(dev, non_blocking=True))
+        flat = to_dev(torch.tensor([v for x in ints for v in x], dtype=torch.int64))
         t_k, t_seeds, t_pos, t_rows, t_brows, t_bids = torch.split(flat, sizes)
         if sampled:
-            floats = to_device(torch.tensor([temps, top_p], dtype=torch.float32), dev)
+            floats = to_dev(torch.tensor([temps, top_p], dtype=torch.float32))
             temperature, t_top_p = floats[0], floats[1]
         else:  # all greedy: the sampler never reads these
             temperature = t_top_p = torch.empty(0, dtype=torch.float32, device=dev)

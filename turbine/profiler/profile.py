@@ -261,7 +261,8 @@ class Profiler:
         """The batch sizes measurable at ``context``, the prompt length and max_tokens per request
         (the prompt is shortened by half the steps the column will run, so lengths centre on it)."""
         lim, g = self.limits, self.grid
-        steps = (len(batch_axis) + n_mixed) * (g.warmup + g.repeats) + 8
+        # a pipelined core runs one more step per batch size and up to two per mixed point
+        steps = (len(batch_axis) + 2 * n_mixed) * (g.warmup + g.repeats + 1) + 8
         b_cap = min(lim.max_num_seqs, max(1, g.decode_setup_tokens // context))
         setup = -(-b_cap * context // lim.max_num_batched_tokens)
         prompt = max(1, context - steps // 2 - setup // 4)

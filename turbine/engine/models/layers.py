@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["RMSNorm", "RopeInputs", "RotaryEmbedding", "SiluAndMul", "apply_rotary", "apply_rotary_qk",
-           "fused_kernels_enabled", "rms_norm_triton", "rope_inv_freq", "rope_triton_", "set_fused_kernels",
-           "silu_and_mul_triton"]
+__all__ = ["Linear", "RMSNorm", "RopeInputs", "RotaryEmbedding", "SiluAndMul", "apply_rotary", "apply_rotary_qk",
+           "fused_kernels_enabled", "linear", "rms_norm_triton", "rope_inv_freq", "rope_triton_",
+           "set_fused_kernels", "set_small_m_linear", "silu_and_mul_triton", "small_m_linear_available"]
 
 _FUSED = True
 
@@ -47,6 +47,39 @@ def fused_kernels_enabled() -> bool:
 
 def _fused(x: torch.Tensor) -> bool:
     return _FUSED and triton is not None and x.is_cuda
+
+
+# Few-row products (decode batches) on the weight-streaming Triton kernel (models/gemv.py) instead
+# of cuBLAS. Off by default: DecodeGraphs captures each small batch size both ways, times the
+# replays and keeps the faster graph, switching this on only while it captures.
+SMALL_M_ROWS = 16
+_SMALL_M = False
+
+
+def set_small_m_linear(enabled: bool) -> None:
+    global _SMALL_M
+    _SMALL_M = bool(enabled)
+
+
+def small_m_linear_available() -> bool:
+    return triton is not None and _FUSED
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``; rows <= SMALL_M_ROWS on CUDA go to the Triton kernel when enabled."""
+    if _SMALL_M and x.is_cuda and x.dim() == 2 and x.shape[0] <= SMALL_M_ROWS and \
+            x.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous():
+        from turbine.engine.models.gemv import small_m_linear
+
+        return small_m_linear(x, weight, bias=bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose decode-sized products may run on the Triton kernel (see ``linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
