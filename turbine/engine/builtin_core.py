@@ -5,9 +5,8 @@ Synchronous like ``MockerCore`` (no asyncio, no clock), but thread-safe: ``Built
 
 Async scheduling (the default) keeps one step in flight: the host plans and launches step k+1
 while the device still runs step k, then reads step k's tokens. Host work (scheduling, packing
-inputs, stop checks) hides behind device time instead of adding to it. By default only behind
-decode-only steps, where host work is a large share of a short step (``overlap_prefill_steps``
-extends it to steps with prefill tokens).
+inputs, stop checks) hides behind device time instead of adding to it, behind decode steps and
+prefill steps alike (``overlap_prefill_steps=False``: behind decode-only steps only).
 
     step():  [lock]  schedule k+1 ─▶ prepare ─▶ advance    (k+1's decodes take k's tokens on the device)
              [free]  launch k+1: forward + sample         (queued; add/abort may run meanwhile)
@@ -73,9 +72,8 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
     long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
     async_scheduling: bool = True  # plan and launch the next step while the device runs this one
-    # ... also while a step with prefill tokens runs (off: its activations and the next step's would
-    # be live at once, and a prefill step is long enough that its host work hardly counts)
-    overlap_prefill_steps: bool = False
+    # ... also while a step with prefill tokens runs (off: only behind decode-only steps)
+    overlap_prefill_steps: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
