@@ -71,6 +71,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.small_m: dict[int, dict[str, float]] = {}  # bucket -> replay ms of each way, "triton" kept?
+        self._pool: tuple[int, int] | None = None  # the graphs' shared memory pool (set by the first capture)
 
     def bucket(self, n: int) -> int | None:
         """The smallest captured batch size holding ``n`` decodes (None: too many)."""
@@ -91,7 +92,6 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks kernels) and capture every bucket, largest first."""
-        self._pool = None
         torch.cuda.synchronize(self.device)
         try_small_m = layers.small_m_linear_available() and self.attn.kv_cache.spec.dtype in (torch.bfloat16,
                                                                                           torch.float16)

@@ -50,7 +50,6 @@ class HostStaging:
         self._initial = initial_bytes
         self._slot = 0
         self._off = 0
-        self.num_grows = 0
 
     def begin_step(self) -> None:
         """Move to the next slot; its last step's copies are done (or waited for) after this."""
@@ -74,7 +73,6 @@ class HostStaging:
             size = max(self._initial, 2 * (start + nbytes), 2 * (buf.numel() if buf is not None else 0))
             if buf is not None:  # copies already queued from it this step keep it alive until begin_step
                 self._retired[s].append(buf)
-                self.num_grows += 1
             buf = self._bufs[s] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             start = 0
         self._off = start + nbytes

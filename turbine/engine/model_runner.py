@@ -3,21 +3,21 @@
     SchedulerOutput ──prepare()──▶ StepBatch (host-built, one host→device copy)
                                    input_ids / positions [T], slot mapping, block tables,
                                    context lengths, logits rows, sampling parameters
-                    ──run()──────▶ model.forward(input_ids, positions, PagedAttention)
+                    ──launch()───▶ model.forward(input_ids, positions, PagedAttention)
                                    logits of each sequence's last token ─▶ sampler
-                                   ─▶ {request_id: token}   (the step's one device→host sync)
+                                   ─▶ LaunchedStep: tokens on the device, copy to the host queued
+                    ──.wait()────▶ {request_id: token}   (the step's one wait for the device)
 
 With async scheduling the next step is prepared while this one runs: a decode whose input is
 the in-flight step's sampled token (a ``PLACEHOLDER`` on the host) reads it from that step's
-device tensor (``StepBatch.fix``: two tiny gathers, no host round trip); ``launch`` returns a
-``LaunchedStep`` whose tokens reach the host later (``wait``).
+device tensor (``StepBatch.fix``: two tiny gathers, no host round trip).
 
 A decode-only step on CUDA replays a captured graph instead (``cuda_graphs.DecodeGraphs``):
 ``prepare`` pads it to the graph's batch size on the host (pad rows write their KV to a
-reserved pad block), ``run`` copies the packed integers into the graph's static inputs (two
+reserved pad block), ``launch`` copies the packed integers into the graph's static inputs (two
 device copies) and replays. Prefill and mixed steps run eagerly.
 
-``prepare`` reads sequences (the caller holds the scheduler's lock); ``run`` touches only the
+``prepare`` reads sequences (the caller holds the scheduler's lock); ``launch`` touches only the
 batch, so requests can be added or aborted while the device works. A sequence whose computed
 count was reset by a preemption is simply packed from position 0 again; a prefix-cache hit
 starts at its first uncached token. Either way the runner trusts ``num_computed_tokens`` and
@@ -252,10 +252,6 @@ class ModelRunner:
         return (*eos, *stop.stop_token_ids)
 
     # -- device side ----------------------------------------------------------------------------------
-    def run(self, batch: StepBatch, prev: LaunchedStep | None = None) -> dict[str, int]:
-        """Forward and sample, then wait: ``{request_id: token}`` for the sequences that sample."""
-        return self.launch(batch, prev).wait()
-
     @torch.inference_mode()
     def launch(self, batch: StepBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the forward and the sampling; the tokens come back through ``LaunchedStep.wait``."""

@@ -12,11 +12,12 @@ The profiler drives any synchronous core (``add_request`` / ``step`` / ``abort``
     mixed          a few steps with both (meta.mixed): how far ``prefill + decode`` is off
 
 Timing: wall time of ``step()`` (``sync`` before and after, e.g. ``torch.cuda.synchronize``),
-median of ``repeats`` after ``warmup`` untimed steps. A pipelined core (``core.pipelined``: async
-scheduling, each call launches the next step and completes the previous one) is timed without
-syncs: the call that completes a step waits for exactly that step, so in steady state its wall
-time is the step's time as served, host work hidden; results are matched to the step they report. ``clock="reported"`` uses the step's own
+median of ``repeats`` after ``warmup`` untimed steps. ``clock="reported"`` uses the step's own
 ``duration_s`` instead (a mocker core: its modeled time; tests check the sweeps with it).
+A pipelined core (``core.pipelined``: async scheduling, each call launches the next step and
+completes the previous one) is timed without syncs: the call that completes a step waits for
+exactly that step, so in steady state its wall time is the step's time as served, host work
+hidden; results are matched to the step they report.
 
 Cells the engine cannot hold (KV blocks, context length, token budget) are filled from the
 measured ones (see ``_fill_rows``) and listed in meta, so the table stays a full grid.
@@ -300,11 +301,12 @@ class Profiler:
                 del lengths[rid]
             live = live[len(live) - b:]
             times, contexts = [], []
-            for k in range(max(self.grid.warmup, self.pipelined) + self.grid.repeats):
+            warmup = max(self.grid.warmup, self.pipelined)
+            for k in range(warmup + self.grid.repeats):
                 mean_ctx = statistics.fmean(lengths.values())
                 res, ms = self._step()
                 self._count(res, lengths)
-                if k < max(self.grid.warmup, self.pipelined):
+                if k < warmup:
                     continue  # a pipelined core first completes the step launched before the aborts
                 if res.num_decode_seqs != b or res.num_prefill_tokens:
                     raise RuntimeError(f"decode step of batch {b} ran {res.num_decode_seqs} decodes and "

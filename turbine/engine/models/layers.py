@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbine.engine.models.config import RopeScaling
+from turbine.engine.models.gemv import MAX_M, small_m_linear
 
 try:  # fused kernels are an accelerator, never a requirement
     import triton
@@ -52,7 +53,7 @@ def _fused(x: torch.Tensor) -> bool:
 # Few-row products (decode batches) on the weight-streaming Triton kernel (models/gemv.py) instead
 # of cuBLAS. Off by default: DecodeGraphs captures each small batch size both ways, times the
 # replays and keeps the faster graph, switching this on only while it captures.
-SMALL_M_ROWS = 16
+SMALL_M_ROWS = MAX_M
 _SMALL_M = False
 
 
@@ -69,8 +70,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias``; rows <= SMALL_M_ROWS on CUDA go to the Triton kernel when enabled."""
     if _SMALL_M and x.is_cuda and x.dim() == 2 and x.shape[0] <= SMALL_M_ROWS and \
             x.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous():
-        from turbine.engine.models.gemv import small_m_linear
-
         return small_m_linear(x, weight, bias=bias)
     return F.linear(x, weight, bias)
 
