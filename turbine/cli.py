@@ -117,7 +117,7 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from turbine.launch import BuiltinOptions, WorkerOptions, default_model_dir
     from turbine.mocker.engine import MockerConfig
 
-    model_dir = args.model if args.model is not None else default_model_dir()
+    model_dir = args.model if args.model is not None else default_model_dir(weights=args.engine == "builtin")
     if not model_dir.is_dir():
         raise SystemExit(f"turbine: model directory {model_dir} does not exist")
     for name, v in (("--workers", getattr(args, "workers", 1)), ("--num-workers", getattr(args, "num_workers", 1)),

@@ -38,9 +38,13 @@ log = logging.getLogger("turbine")
 DEFAULT_MODEL_DIR = Path(os.environ.get("TURBINE_HOME", Path.home() / ".cache" / "turbine")) / "models" / "tiny"
 
 
-def default_model_dir() -> Path:
-    """The embedded default model: a tiny HF-format directory generated locally on first use."""
-    if not (DEFAULT_MODEL_DIR / "tokenizer.json").exists():
+def default_model_dir(weights: bool = False) -> Path:
+    """The embedded default model: a tiny HF-format directory generated locally on first use.
+
+    ``weights``: the engine runs a real forward pass (the built-in engine), so the directory must
+    hold random weights too; one generated for the mocker without torch is completed then."""
+    missing = not (DEFAULT_MODEL_DIR / "tokenizer.json").exists()
+    if missing or (weights and not any(DEFAULT_MODEL_DIR.glob("*.safetensors"))):
         from turbine.model_maker.make_model import make_model
 
         log.info("generating the default tiny model in %s (first run only)", DEFAULT_MODEL_DIR)

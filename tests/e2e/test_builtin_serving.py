@@ -43,3 +43,15 @@ def test_two_builtin_workers_with_kv_routing(weighted_model: Path, server_factor
         assert seeded[0] == seeded[1]
         stats = s.call(lambda: [w.engine.stats() for w in s.dep.workers])
         assert all(st.kv_active_blocks == 0 and st.num_running == 0 for st in stats)
+
+
+def test_the_default_model_gets_weights_when_the_builtin_engine_needs_them(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from turbine import launch
+    from turbine.model_maker.make_model import make_model
+
+    home = tmp_path / "tiny"
+    make_model(home, preset="tiny", write_weights=None)  # as a torch-less mocker install leaves it
+    monkeypatch.setattr(launch, "DEFAULT_MODEL_DIR", home)
+    assert launch.default_model_dir() == home and not list(home.glob("*.safetensors"))
+    assert launch.default_model_dir(weights=True) == home
+    assert list(home.glob("*.safetensors"))
