@@ -164,3 +164,28 @@ def test_block_table_mirror_follows_appends_replacements_and_reuses_rows() -> No
     assert got.tolist() == [[3] * 6, [1, 0, 0, 0, 0, 0]] and "b" not in mirror.rows
     d = SimpleNamespace(request_id="d", block_table=[8])
     assert mirror.gather([a, c, d], 1).tolist() == [[1], [3], [8]]  # every row in use: more rows
+
+
+def test_eager_step_inputs_start_16_byte_aligned(make_core, reference) -> None:  # type: ignore[no-untyped-def]
+    """Triton compiles a kernel variant per pointer-alignment class: an eager step's integer views
+    (positions, slots, context lengths, block tables) must not change class with the token count."""
+    core = make_core(max_num_batched_tokens=7)  # odd chunks: every part length is odd somewhere
+    orig = core.runner.prepare
+    seen = 0
+
+    def prepare(out, prev=None):  # type: ignore[no-untyped-def]
+        nonlocal seen
+        batch = orig(out, prev)
+        if not batch.graph_batch:
+            m = batch.attn
+            for t in (batch.input_ids, batch.positions, batch.logits_indices, m.slot_mapping, m.context_lens,
+                      m.block_tables, m.query_start_loc):
+                assert t.data_ptr() % 16 == 0
+            seen += 1
+        return batch
+
+    core.runner.prepare = prepare  # type: ignore[method-assign]
+    for rid in ("a", "b", "d"):
+        core.add_request(greedy(rid, PROMPTS[rid], MAX_TOKENS[rid]))
+    assert run_to_completion(core) == {rid: reference[rid] for rid in ("a", "b", "d")}
+    assert seen > 10

@@ -199,8 +199,7 @@ class ModelRunner:
         if len(fix_dst):
             parts.extend((fix_dst, fix_src))
         # One host->device copy for every integer the step needs, sliced into views there.
-        flat = self.staging.to_device(np.concatenate(parts))
-        views = torch.split(flat, [len(p) for p in parts])
+        flat, views = self._upload(parts, aligned=not gb)
         prefill = None
         if prefill_host is not None:
             prefill = PrefillLayout(cu_q=views[7].to(torch.int32), cu_k=views[8].to(torch.int32),
@@ -224,6 +223,22 @@ class ModelRunner:
                          graph_batch=gb, graph_ints=flat[:4 * gb].view(4, gb) if gb else None,
                          logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
                          fix=(views[-2], views[-1]) if len(fix_dst) else None)
+
+    def _upload(self, parts: list[np.ndarray], *, aligned: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``parts`` in one host->device copy, and a device view of each. ``aligned``: every view
+        starts 16-byte aligned. Eager steps pass views to Triton kernels, which compile a variant
+        per pointer-alignment class: unaligned offsets that vary with the step's token count
+        would make a new one appear mid-serving (~1 s under live requests). A graph step copies
+        its views into static buffers, and its [4, B] block must stay contiguous."""
+        lens = [len(p) for p in parts]
+        room = [n + (n & 1) for n in lens] if aligned else lens
+        starts = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(room, out=starts[1:])
+        host = np.zeros(int(starts[-1]), dtype=np.int64)
+        for p, a in zip(parts, starts[:-1].tolist(), strict=True):
+            host[a:a + len(p)] = p
+        flat = self.staging.to_device(host)
+        return flat, [flat[a:a + n] for a, n in zip(starts[:-1].tolist(), lens, strict=True)]
 
     def _prefill_layout(self, entries, qlens: np.ndarray, clens: np.ndarray,  # type: ignore[no-untyped-def]
                         tables: np.ndarray):
