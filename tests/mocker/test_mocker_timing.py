@@ -99,3 +99,107 @@ def test_profile_rejects_invalid_json(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ProfileTiming.from_file(path)
+
+
+# Mixed steps (prefill tokens and decodes in one eager step). The mixed grid is narrower than
+# the prefill and decode tables so the corrections beyond it read measured values.
+MIXED = {
+    "prefill": {
+        "new_tokens": [100, 1000, 2000], "cached_tokens": [0, 1000], "ms": [[10, 20], [100, 140], [200, 260]]
+    },
+    "decode": {"batch_size": [1, 9, 17], "context_length": [100, 200], "ms": [[5, 7], [13, 19], [21, 31]]},
+    "mixed": {
+        "new_tokens": [100, 1000], "batch_size": [1, 9], "context_length": 100, "ms": [[12, 16], [104, 110]]
+    },
+}
+
+
+def test_mixed_grid_points_reproduce_the_table() -> None:
+    t = ProfileTiming(MIXED)
+    assert t.has_mixed
+    got = [[t.mixed_ms(n, 0, b, 100) for b in (1, 9)] for n in (100, 1000)]
+    assert got == [[12, 16], [104, 110]]
+
+
+def test_mixed_interpolates_inside_the_grid() -> None:
+    t = ProfileTiming(MIXED)
+    assert t.mixed_ms(550, 0, 5, 100) == pytest.approx(((12 + 16) / 2 + (104 + 110) / 2) / 2)
+    assert t.mixed_ms(100, 0, 3, 100) == pytest.approx(13)
+
+
+def test_mixed_beyond_the_token_range_adds_the_prefill_slope() -> None:
+    t = ProfileTiming(MIXED)
+    assert t.mixed_ms(1500, 0, 1, 100) == pytest.approx(104 + (150 - 100))
+    assert t.mixed_ms(2000, 0, 9, 100) == pytest.approx(110 + (200 - 100))
+    assert t.mixed_ms(50, 0, 1, 100) == 12  # below the grid: the prefill table is flat there too
+
+
+def test_mixed_beyond_the_batch_range_adds_the_decode_difference() -> None:
+    t = ProfileTiming(MIXED)
+    assert t.mixed_ms(100, 0, 13, 100) == pytest.approx(16 + (17 - 13))
+    assert t.mixed_ms(100, 0, 9, 200) == pytest.approx(16 + (19 - 13))  # longer decodes, in the grid's batch
+    assert t.mixed_ms(100, 0, 13, 200) == pytest.approx(16 + ((19 + 31) / 2 - 13))
+
+
+def test_mixed_cache_context_adds_the_prefill_difference() -> None:
+    t = ProfileTiming(MIXED)
+    assert t.mixed_ms(1000, 1000, 1, 100) == pytest.approx(104 + (140 - 100))
+    assert t.mixed_ms(100, 500, 9, 100) == pytest.approx(16 + (15 - 10))
+
+
+def test_mixed_step_is_never_faster_than_either_part() -> None:
+    t = ProfileTiming({**MIXED, "mixed": {**MIXED["mixed"], "ms": [[1, 1], [1, 1]]}})
+    assert t.mixed_ms(1000, 0, 9, 100) == 100  # the prefill alone
+    assert t.mixed_ms(100, 0, 9, 100) == 13  # the decode alone
+    assert t.mixed_ms(1000, 1000, 9, 200) == 140
+
+
+def test_mixed_leaves_pure_steps_alone_and_divides_by_speedup() -> None:
+    t = ProfileTiming(MIXED, speedup_ratio=4)
+    assert t.step_seconds(550, 0, 0.3, mean_prefill_context=500) == pytest.approx((15 + 120) / 2 / 4e3)
+    assert t.step_seconds(0, 5, 0.3, mean_decode_context=150) == pytest.approx((9 + 13) / 2 / 4e3)
+    assert t.step_seconds(0, 0, 0.3) == 0.0
+    got = t.step_seconds(1500, 13, 0.3, mean_prefill_context=0, mean_decode_context=100)
+    assert got == pytest.approx((110 + 50 + 4) / 4e3)
+    assert got == pytest.approx(ProfileTiming(MIXED).mixed_ms(1500, 0, 13, 100) / 4e3)
+
+
+def test_profile_without_mixed_is_additive() -> None:
+    data = {k: v for k, v in MIXED.items() if k != "mixed"}
+    t = ProfileTiming(data)
+    assert not t.has_mixed
+    assert t.mixed_ms(100, 0, 9, 100) == 10 + 13
+    assert t.step_seconds(100, 9, 0.3, mean_decode_context=100) == pytest.approx(23e-3)
+
+
+@pytest.mark.parametrize(
+    ("mixed", "match"),
+    [
+        ([1, 2], "'mixed' section must be an object"),
+        ({k: v for k, v in MIXED["mixed"].items() if k != "context_length"}, "needs 'context_length'"),
+        ({"ms": []}, "needs 'new_tokens', 'batch_size', 'context_length'"),
+        ({**MIXED["mixed"], "context_length": 0}, "mixed.context_length must be a positive"),
+        ({**MIXED["mixed"], "context_length": float("inf")}, "mixed.context_length"),
+        ({**MIXED["mixed"], "context_length": float("nan")}, "mixed.context_length"),
+        ({**MIXED["mixed"], "context_length": True}, "mixed.context_length"),
+        ({**MIXED["mixed"], "context_length": [100]}, "mixed.context_length"),
+        ({**MIXED["mixed"], "new_tokens": []}, "mixed.new_tokens is empty"),
+        ({**MIXED["mixed"], "batch_size": [9, 1]}, "mixed.batch_size must be strictly increasing"),
+        ({**MIXED["mixed"], "batch_size": [1, float("nan")]}, "mixed.batch_size must be a list of finite"),
+        ({**MIXED["mixed"], "ms": [[12, 16]]}, "mixed.ms must have one entry per point of mixed.new_tokens"),
+        ({**MIXED["mixed"], "ms": [12, 16]}, r"mixed.ms\[0\] must be a list"),
+        ({**MIXED["mixed"], "ms": [[12, 16], [104]]}, r"mixed.ms\[1\] must have 2 values"),
+        ({**MIXED["mixed"], "ms": [[12, -1], [104, 110]]}, r"mixed.ms\[0\] holds a negative time"),
+        ({**MIXED["mixed"], "ms": [[12, 16], [104, float("inf")]]}, r"mixed.ms\[1\] must be a list of"),
+    ],
+)
+def test_profile_rejects_malformed_mixed_sections(mixed: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ProfileTiming({**MIXED, "mixed": mixed})
+
+
+def test_mixed_profile_loads_from_file(tmp_path: Path) -> None:
+    t = ProfileTiming.from_file(write(tmp_path, MIXED), speedup_ratio=2)
+    assert t.has_mixed and t.step_seconds(1000, 9, 0.3, mean_decode_context=100) == pytest.approx(55e-3)
+    with pytest.raises(ValueError, match=r"profile\.json: mixed\.context_length"):
+        ProfileTiming.from_file(write(tmp_path, {**MIXED, "mixed": {**MIXED["mixed"], "context_length": -5}}))

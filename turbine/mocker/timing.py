@@ -94,12 +94,14 @@ class PolynomialTiming:
 class _Table:
     """Measured ms over one or two axes; linear interpolation, clamped outside the grid."""
 
-    def __init__(self, name: str, x: Sequence[float], y: Sequence[float] | None, ms: Any) -> None:
-        self.x = _axis(f"{name}: first axis", x)
-        self.y = _axis(f"{name}: second axis", y) if y is not None else None
+    def __init__(
+        self, name: str, axes: tuple[str, str], x: Sequence[float], y: Sequence[float] | None, ms: Any
+    ) -> None:
+        self.x = _axis(f"{name}.{axes[0]}", x)
+        self.y = _axis(f"{name}.{axes[1]}", y) if y is not None else None
         rows = ms if self.y is not None else [[v] for v in _numbers(f"{name}.ms", ms)]
         if not isinstance(rows, list) or len(rows) != len(self.x):
-            raise ValueError(f"{name}.ms must have one entry per point of the first axis ({len(self.x)})")
+            raise ValueError(f"{name}.ms must have one entry per point of {name}.{axes[0]} ({len(self.x)})")
         width = len(self.y) if self.y is not None else 1
         self.ms: list[list[float]] = []
         for i, row in enumerate(rows):
@@ -109,6 +111,11 @@ class _Table:
             if any(v < 0 for v in values):
                 raise ValueError(f"{name}.ms[{i}] holds a negative time")
             self.ms.append(values)
+
+    def clamp(self, x: float, y: float = 0.0) -> tuple[float, float]:
+        """The grid point nearest to (x, y): where the lookup reads its edge values."""
+        cx = min(max(x, self.x[0]), self.x[-1])
+        return cx, (min(max(y, self.y[0]), self.y[-1]) if self.y is not None else y)
 
     def __call__(self, x: float, y: float = 0.0) -> float:
         i, fx = _locate(self.x, x)
@@ -154,7 +161,12 @@ def _axis(name: str, values: Any) -> list[float]:
 
 
 class ProfileTiming:
-    """Step time from a measured profile (format: turbine/mocker/README.md)."""
+    """Step time from a measured profile (format: turbine/mocker/README.md).
+
+    Pure prefill and pure decode steps read their own tables. A step doing both is their sum,
+    unless the profile measured mixed steps: the engine runs those eagerly and pays the host
+    launch overhead once, so the sum would count it twice (see ``mixed_ms``).
+    """
 
     FORMAT_VERSION = 1
 
@@ -172,8 +184,23 @@ class ProfileTiming:
                 raise ValueError(f"the profile's section with {key!r} needs {key!r} and 'ms'")
         self.speedup_ratio = _check_speedup(speedup_ratio)
         self._scale = 1e-3 / self.speedup_ratio
-        self.prefill = _Table("prefill", prefill["new_tokens"], prefill.get("cached_tokens"), prefill["ms"])
-        self.decode = _Table("decode", decode["batch_size"], decode.get("context_length"), decode["ms"])
+        self.prefill = _Table(
+            "prefill", ("new_tokens", "cached_tokens"),
+            prefill["new_tokens"], prefill.get("cached_tokens"), prefill["ms"],
+        )
+        self.decode = _Table(
+            "decode", ("batch_size", "context_length"),
+            decode["batch_size"], decode.get("context_length"), decode["ms"],
+        )
+        self.mixed: _Table | None = None
+        self.mixed_context = 0.0
+        if "mixed" in profile:
+            self.mixed, self.mixed_context = _mixed_table(profile["mixed"])
+
+    @property
+    def has_mixed(self) -> bool:
+        """Whether the profile measured mixed (prefill + decode) steps."""
+        return self.mixed is not None
 
     @classmethod
     def from_file(cls, path: str | Path, speedup_ratio: float = 1.0) -> ProfileTiming:
@@ -193,6 +220,29 @@ class ProfileTiming:
     def decode_ms(self, batch_size: int, context: float = 0.0) -> float:
         return self.decode(batch_size, context) if batch_size > 0 else 0.0
 
+    def mixed_ms(
+        self, num_tokens: int, prefill_context: float, batch_size: int, decode_context: float
+    ) -> float:
+        """Milliseconds (before speedup) of one step with prefill tokens and decodes together.
+
+        The measured grid point, corrected by the prefill and decode tables for what the grid
+        did not vary: tokens beyond its range and a prefix-cache context (prefill), batches
+        beyond its range and other decode lengths (decode). Never below either part alone.
+        Without a mixed section, or when either part is empty, the sum of the parts: exactly
+        what ``step_seconds`` predicts, before speedup.
+        """
+        prefill = self.prefill_ms(num_tokens, prefill_context)
+        decode = self.decode_ms(batch_size, decode_context)
+        if self.mixed is None or num_tokens <= 0 or batch_size <= 0:
+            return prefill + decode
+        n_c, b_c = self.mixed.clamp(num_tokens, batch_size)
+        ms = (
+            self.mixed(num_tokens, batch_size)
+            + (prefill - self.prefill(n_c, 0.0))
+            + (decode - self.decode(b_c, self.mixed_context))
+        )
+        return max(ms, prefill, decode)
+
     def step_seconds(
         self,
         num_prefill_tokens: int,
@@ -202,6 +252,22 @@ class ProfileTiming:
         mean_prefill_context: float = 0.0,
         mean_decode_context: float = 0.0,
     ) -> float:
-        ms = self.prefill_ms(num_prefill_tokens, mean_prefill_context)
-        ms += self.decode_ms(num_decode_seqs, mean_decode_context)
-        return ms * self._scale
+        return self._scale * self.mixed_ms(
+            num_prefill_tokens, mean_prefill_context, num_decode_seqs, mean_decode_context
+        )
+
+
+def _mixed_table(section: Any) -> tuple[_Table, float]:
+    """The optional "mixed" section: ms over (new_tokens, batch_size) at one decode length."""
+    if not isinstance(section, dict):
+        raise ValueError("the profile's 'mixed' section must be an object")
+    missing = [k for k in ("new_tokens", "batch_size", "context_length", "ms") if k not in section]
+    if missing:
+        raise ValueError(f"the profile's 'mixed' section needs {', '.join(map(repr, missing))}")
+    context = section["context_length"]
+    if isinstance(context, bool) or not isinstance(context, (int, float)) or not (0 < context < math.inf):
+        raise ValueError(f"mixed.context_length must be a positive finite number, got {context!r}")
+    table = _Table(
+        "mixed", ("new_tokens", "batch_size"), section["new_tokens"], section["batch_size"], section["ms"]
+    )
+    return table, float(context)
