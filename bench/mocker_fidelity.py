@@ -9,7 +9,8 @@ engine's measured profile, reproduce the engine's TTFT and ITL?
               under the context length: llama3-8b's 8192 cuts the top corner, extrapolated)
      decode   batch 1..256 (9 points) x context 128 / 512 / 1024 / 2048 / 4096, at most 200k
               prompt tokens prefilled per context (larger batches extrapolated, listed in meta)
-     mixed    9 points of 64 / 512 / 2048 new tokens with 1 / 8 / 32 decodes at context ~1k
+     mixed    24 points of 16 / 64 / 256 / 1024 / 2048 / 4096 new tokens with 1 / 8 / 32 / 128
+              decodes at context ~1k (the profile's "mixed" grid)
      2 untimed + 5 timed steps per point, median.
 3. Fidelity: one deterministic open-loop workload (208 requests in phases of target concurrency
    1, 4, 16, 64 with 8, 24, 48, 128 requests; prompts 64-2048 tokens log-uniform, half of them
@@ -17,9 +18,10 @@ engine's measured profile, reproduce the engine's TTFT and ITL?
    then on the mocker with the same block size, KV blocks, max_num_seqs and
    max_num_batched_tokens: "profile" (MockEngine in real time with the file as `--profile`
    loads it: the number that counts), "profile@virtual" (the same timing on a virtual clock: no
-   asyncio jitter, no wall time) and "marginal@virtual" (turbine.profiler.fidelity.MarginalTiming,
-   a proposed composition of mixed steps). Every real step is also checked against both timing
-   models, and the real engine's time between steps is measured.
+   asyncio jitter, no wall time) and "additive@virtual" (the baseline: the profile without its
+   mixed grid, mixed steps = prefill + decode, scheduled step by step). Both mocks of the profile
+   schedule one step ahead when the engine did (meta.async_scheduling). Every real step is also
+   checked against both timing models, and the real engine's time between steps is measured.
 4. Diagnosis of the real run (turbine/profiler/diagnosis.py, "diagnosis" in fidelity.json): each
    request's TTFT split into queue (send -> first step carrying it), prefill (-> end of the step
    giving its first token) and delivery (-> the client sees it); the 10 slowest first tokens with
@@ -58,7 +60,7 @@ GPU_GRID = ProfileGrid(prefill_new_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8
                        prefill_cached_tokens=(0, 512, 2048),
                        decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                        decode_context_lengths=(128, 512, 1024, 2048, 4096),
-                       mixed_new_tokens=(64, 512, 2048), mixed_batch_sizes=(1, 8, 32),
+                       mixed_new_tokens=(16, 64, 256, 1024, 2048, 4096), mixed_batch_sizes=(1, 8, 32, 128),
                        warmup=2, repeats=5, decode_setup_tokens=200_000)
 GPU_WORKLOAD = WorkloadConfig(phases=((1, 8), (4, 24), (16, 48), (64, 128)), prompt_tokens=(64, 2048),
                               output_tokens=(16, 128), prefix_groups=4, prefix_tokens=512, prefix_share=0.5,
@@ -119,11 +121,11 @@ def markdown(report: dict[str, Any], table: str) -> str:
              "", table, ""]
     lines.append("Real steps against the timing models (predicted / measured; median, p10-p90):")
     lines.append("")
-    lines.append("| step kind | steps | profile (additive) | marginal |")
+    lines.append("| step kind | steps | profile | additive |")
     lines.append("|---|---:|---:|---:|")
     cad = cmp["steps"]["cadence"]
     for kind, a in cmp["steps"]["profile"].items():
-        b = cmp["steps"]["marginal"].get(kind, {})
+        b = cmp["steps"]["additive"].get(kind, {})
         lines.append(f"| {kind} | {a['steps']} | {a['median']} ({a['p10']}-{a['p90']}) | "
                      f"{b.get('median', '-')} ({b.get('p10', '-')}-{b.get('p90', '-')}) |")
     lines.append(f"\nReal engine cadence: {cad['steps']} steps, step p50 {cad['step_ms_p50']} ms, time between one "
@@ -131,9 +133,9 @@ def markdown(report: dict[str, Any], table: str) -> str:
     mixed = prof.get("mixed")
     if mixed:
         lines += ["", f"Profiler's mixed steps at context ~{mixed['context_length']} (new tokens x decodes: "
-                  "measured ms, additive / measured, marginal / measured): " + "; ".join(
-                      f"{p['new_tokens']}x{p['batch_size']}: {p['ms']:.1f}, {p['additive_over_measured']}, "
-                      f"{p['marginal_over_measured']}" for p in mixed["points"])]
+                  "measured ms, additive / measured): " + "; ".join(
+                      f"{p['new_tokens']}x{p['batch_size']}: {p['ms']:.1f}, {p['additive_over_measured']}"
+                      for p in mixed["points"])]
     diag = cmp.get("diagnosis")
     if diag:
         lines += ["", "Where the real engine's time went (turbine/profiler/diagnosis.py):", "",
@@ -157,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 8192 (GPU), 2048 (--quick)")
     ap.add_argument("--profile", default=None, help="use this profile instead of measuring one")
-    ap.add_argument("--variants", default="profile,profile@virtual,marginal@virtual",
-                    help="mock runs: profile | marginal timing, on a MockEngine in real time or @virtual clock")
+    ap.add_argument("--variants", default="profile,profile@virtual,additive@virtual",
+                    help="mock runs: profile | additive timing, on a MockEngine in real time or @virtual clock")
     ap.add_argument("--quick", action="store_true", help="small grid and workload (CPU tests)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "mocker_fidelity_out")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
@@ -224,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
     report = {"meta": {**meta, "layers": n_layers, "reduced": bool(args.layers) and args.model is None,
                        "grid": "quick" if args.quick else "bench"},
-              "profile_meta": profile.get("meta", {}), "fidelity": res.comparison, "stages_s": stages}
+              "profile_meta": profile.get("meta", {}), "fidelity": res.comparison, "stages_s": stages,
+              # every real step, for offline analysis: start (ms from the first), ms, host ms, shape
+              "real_steps": {"columns": ["start_ms", "ms", "host_ms", "prefill_tokens", "prefill_context",
+                                         "decode_seqs", "decode_context"],
+                             "rows": [[round((r.start_s - recorder.records[0].start_s) * 1e3, 3), round(r.ms, 3),
+                                       None if r.host_s is None else round(r.host_s * 1e3, 3), r.prefill_tokens,
+                                       round(r.prefill_context, 1), r.decode_seqs, round(r.decode_context, 1)]
+                                      for r in recorder.records]}}
     (out / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_fidelity(res.comparison))
     if "diagnosis" in res.comparison:

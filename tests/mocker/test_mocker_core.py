@@ -1,6 +1,9 @@
 """MockerCore: the synchronous step, synthetic tokens, usage, KV events, timing inputs."""
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
 from turbine.mocker.core import MockerConfig, MockerCore
@@ -183,3 +186,83 @@ def test_public_surface() -> None:
         "StepOutput", "StepResult", "TimingModel",
     ]
     assert all(hasattr(turbine.mocker, name) for name in turbine.mocker.__all__)
+
+
+# -- async scheduling: one step scheduled ahead, as the built-in engine and vLLM run ------------------
+ASYNC = MockerConfig(block_size=4, num_gpu_blocks=64, max_num_batched_tokens=64, context_length=256,
+                     async_scheduling=True)
+
+
+class Fixed:
+    """Every step lasts ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def step_seconds(self, num_prefill_tokens, num_decode_seqs, kv_usage, **kw):  # type: ignore[no-untyped-def]
+        return self.seconds
+
+
+def first_token_time(config: MockerConfig, arrive_after_steps: int) -> float:
+    """Virtual time of request b's first token when it arrives just after ``a``'s step k starts."""
+    core = MockerCore(config, vocab_size=1000, timing=Fixed(0.01))
+    core.add_request(req("a", list(range(10, 20)), max_tokens=40))
+    t = 0.0
+    for k in range(arrive_after_steps + 12):
+        if k == arrive_after_steps:
+            core.add_request(req("b", list(range(30, 38)), max_tokens=2))
+        res = core.step()
+        t += res.duration_s
+        if any(o.request_id == "b" and o.token_id is not None for o in res.outputs):
+            return round(t, 6)
+    raise AssertionError("b never produced a token")
+
+
+def test_async_scheduling_delays_a_new_request_by_one_step() -> None:
+    # b arrives at 0.03 s, just before the call that starts the step running over [0.03, 0.04]:
+    # step by step, that call schedules b into it; scheduling ahead, that step was fixed at 0.02 s
+    # (when the previous one started), so b joins the next one and its token comes a step later.
+    assert first_token_time(SMALL, 3) == 0.04
+    assert first_token_time(ASYNC, 3) == 0.05
+
+
+def test_async_scheduling_yields_the_same_tokens_and_frees_everything() -> None:
+    def run(config: MockerConfig, num_blocks: int) -> dict[str, list[int]]:
+        cfg = msgspec.structs.replace(config, num_gpu_blocks=num_blocks)
+        core = MockerCore(cfg, vocab_size=5000)
+        for i in range(6):
+            core.add_request(req(f"r{i}", [i + 1] * 12, max_tokens=30, temperature=0.0))
+        core.add_request(req("stop", [9] * 10, max_tokens=30, temperature=0.0))
+        outs = drain(core)
+        core.block_manager.check_integrity()
+        assert core.stats().kv_active_blocks == 0 and not core.in_flight
+        assert all(o[-1].finish_reason == "length" and len(tokens(o)) == 30 for o in outs.values())
+        return {rid: tokens(o) for rid, o in outs.items()}
+
+    sync = run(SMALL, 512)
+    assert run(ASYNC, 512) == sync
+    assert run(ASYNC, 30) == sync  # with preemptions
+
+
+def test_async_scheduling_abort_of_an_in_flight_request() -> None:
+    core = MockerCore(ASYNC, vocab_size=1000)
+    core.add_request(req("a", list(range(30)), max_tokens=50))
+    core.step()
+    assert core.in_flight and core.abort("a")
+    assert core.stats().kv_active_blocks == 0
+    res = core.step()  # the launched step completes; its aborted sequence yields nothing
+    assert res.outputs == [] and not core.in_flight and not core.has_work()
+
+
+def test_async_scheduling_follows_the_profile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    profile = {"meta": {"async_scheduling": True},
+               "prefill": {"new_tokens": [16, 1024], "ms": [10.0, 20.0]},
+               "decode": {"batch_size": [1, 64], "ms": [5.0, 8.0]}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    assert MockerCore(MockerConfig(profile=str(path)), vocab_size=100).pipelined
+    assert not MockerCore(MockerConfig(profile=str(path), async_scheduling=False), vocab_size=100).pipelined
+    profile["meta"] = {}
+    path.write_text(json.dumps(profile))
+    assert not MockerCore(MockerConfig(profile=str(path)), vocab_size=100).pipelined
+    assert not MockerCore(MockerConfig(), vocab_size=100).pipelined  # Dynamo's polynomial: step by step

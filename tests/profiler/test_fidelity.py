@@ -16,10 +16,11 @@ from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.engine import MockEngine
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming
 from turbine.profiler.fidelity import (
-    MarginalTiming,
     StepRecorder,
+    additive_timing,
     compare_runs,
     format_fidelity,
+    mixed_summary,
     mock_timings,
     run_fidelity,
     step_accuracy,
@@ -57,15 +58,20 @@ def test_workload_is_deterministic_and_shaped_as_asked() -> None:
         WorkloadConfig(phases=((0, 4),))
 
 
-def test_marginal_timing_counts_the_shared_forward_once() -> None:
-    base = ProfileTiming({"prefill": {"new_tokens": [1, 1001], "ms": [10.0, 110.0]},
-                          "decode": {"batch_size": [1, 101], "context_length": [0, 1000], "ms": [[8, 18], [28, 38]]}})
-    m = MarginalTiming(base)
-    # decode(b=11, L=500) = 13 + 0.1 * 20 = 15; prefill(100 + 11) - prefill(11) = 21.0 - 11.0
-    assert m.step_seconds(100, 11, 0.0, mean_decode_context=500) == pytest.approx((15 + 10.0) * 1e-3)
+def test_additive_timing_drops_the_mixed_grid_and_the_lookahead() -> None:
+    profile = {"meta": {"async_scheduling": True},
+               "prefill": {"new_tokens": [1, 1001], "ms": [10.0, 110.0]},
+               "decode": {"batch_size": [1, 101], "context_length": [0, 1000], "ms": [[8, 18], [28, 38]]},
+               "mixed": {"new_tokens": [1, 1001], "batch_size": [1, 101], "context_length": 500,
+                         "ms": [[14.0, 34.0], [114.0, 134.0]]}}
+    full, base = ProfileTiming(profile), additive_timing(profile)
+    assert full.async_scheduling and base.async_scheduling is False and not base.has_mixed
+    # decode(b=11, L=500) = 13 + 0.1 * 20 = 15; prefill(100) = 19.9; mixed(100, 11) = 14 + 9.9 + 2 = 25.9
     assert base.step_seconds(100, 11, 0.0, mean_decode_context=500) == pytest.approx((15 + 19.9) * 1e-3)
-    assert m.step_seconds(100, 0, 0.0) == base.step_seconds(100, 0, 0.0)
-    assert m.step_seconds(0, 11, 0.0, mean_decode_context=500) == base.step_seconds(0, 11, 0.0, mean_decode_context=500)
+    assert full.step_seconds(100, 11, 0.0, mean_decode_context=500) == pytest.approx(25.9e-3)
+    assert base.step_seconds(100, 0, 0.0) == full.step_seconds(100, 0, 0.0)
+    summary = mixed_summary(profile, [{"new_tokens": 100, "batch_size": 11, "decode_context": 500, "ms": 25.9}], 500)
+    assert summary["points"][0]["additive_over_measured"] == pytest.approx(34.9 / 25.9, abs=1e-3)
 
 
 def _run(label: str, ttft_ms: list[float], itl_ms: list[float]) -> EngineRun:
@@ -136,7 +142,7 @@ async def test_mocker_against_itself() -> None:
         path.unlink()
     cmp = res.comparison
     assert cmp["real"]["ok"] == cmp["real"]["requests"] == 21
-    assert list(cmp["mocks"]) == ["profile", "profile@virtual", "marginal@virtual"]
+    assert list(cmp["mocks"]) == ["profile", "profile@virtual", "additive@virtual"]
     for m in cmp["mocks"].values():
         assert m["ok"] == 21 and set(m["ratio"]) == {"ttft_p50", "ttft_p99", "itl_p50", "itl_p99"}
         assert m["cached_tokens_mean"] > 0  # shared prefixes hit in the mocker too
@@ -166,7 +172,7 @@ def test_bench_script_end_to_end_on_cpu(model_dir: Path, tmp_path: Path) -> None
     fid = rep["fidelity"]
     assert fid["real"]["ok"] == fid["real"]["requests"] == 21
     assert {k: v["ok"] for k, v in fid["mocks"].items()} == {"profile": 21, "profile@virtual": 21,
-                                                            "marginal@virtual": 21}
+                                                            "additive@virtual": 21}
     assert fid["steps"]["cadence"]["steps"] > 0 and fid["steps"]["profile"]
     assert rep["profile_meta"]["num_kv_blocks"] == 2048 and rep["meta"]["device_type"] == "cpu"
     assert ProfileTiming.from_file(out / "profile.json").decode_ms(1, 128) > 0

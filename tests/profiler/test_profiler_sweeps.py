@@ -60,8 +60,35 @@ def test_sweeps_read_back_the_mockers_timing() -> None:
     assert mixed["context_length"] == 512 and len(mixed["points"]) == 4
     for p in mixed["points"]:  # the mocker composes additively, so the additive model is exact
         assert p["additive_over_measured"] == pytest.approx(1.0, abs=1e-3)
+    grid = prof["mixed"]  # the same points as the profile's mixed grid, which the mocker replays
+    assert grid["new_tokens"] == [32, 128] and grid["batch_size"] == [1, 4]
+    assert abs(grid["context_length"] - 512) < 0.25 * 512 and meta["async_scheduling"] is False
+    cells = {(p["new_tokens"], p["batch_size"]): p["ms"] for p in mixed["points"]}
+    assert grid["ms"] == [[pytest.approx(cells[n, b], abs=1e-4) for b in (1, 4)] for n in (32, 128)]
     assert not core.has_work() and core.block_manager.num_active_blocks == 0
     core.block_manager.check_integrity()
+
+
+def test_a_pipelined_core_reads_back_the_same_tables() -> None:
+    """Async scheduling: each call completes the step launched by the call before; the profiler
+    matches results to their steps and times a mixed step as its two calls less one decode."""
+    core = _core(async_scheduling=True)
+    assert core.pipelined
+    prof = Profiler(core, GRID, clock="reported", progress=False).run()
+    src = ProfileTiming(SOURCE)
+    pre, dec, meta = prof["prefill"], prof["decode"], prof["meta"]
+    assert meta["async_scheduling"] is True
+    for i, n in enumerate(pre["new_tokens"]):
+        for j, c in enumerate(pre["cached_tokens"]):
+            assert pre["ms"][i][j] == pytest.approx(src.prefill_ms(n, c), abs=1e-3)
+    for i, b in enumerate(dec["batch_size"]):
+        for j, L in enumerate(dec["context_length"]):
+            assert dec["ms"][i][j] == pytest.approx(src.decode_ms(b, L), rel=2e-3)
+    for p in meta["mixed"]["points"]:  # up to the decode step's drift of a token or two
+        assert p["additive_over_measured"] == pytest.approx(1.0, abs=5e-3)
+    assert not core.has_work() and core.block_manager.num_active_blocks == 0
+    core.block_manager.check_integrity()
+    assert MockerCore(MockerConfig(), vocab_size=100, timing=ProfileTiming(prof)).pipelined
 
 
 def test_profile_file_round_trips_through_profile_timing(tmp_path: Path) -> None:

@@ -5,6 +5,11 @@ in real time, a discrete-event fleet simulator can drive it on a virtual clock.
     t ──step()──▶ StepResult(duration_s, outputs, kv_events)
                   the outputs and events become visible at t + duration_s;
                   requests added meanwhile join the next step
+
+With ``async_scheduling`` the core mirrors an engine that schedules one step ahead (the built-in
+engine's default, vLLM's ``--async-scheduling``): the call at ``t`` completes the step that runs
+over [t, t + duration_s] and already schedules the step after it, so a request added during
+that step waits one more step before it is scheduled, exactly as on the GPU.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import xxhash
 
 from turbine.engine.base import EngineStats
 from turbine.engine.block_manager import KVBlockManager
-from turbine.engine.scheduler import Scheduler, SchedulerConfig
+from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
 from turbine.engine.step import StepOutput
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
@@ -41,6 +46,9 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
     speedup_ratio: float = 1.0  # divides every step time: 10 = ten times faster than modeled
     context_length: int = 8192
     profile: str | None = None  # measured timing profile (JSON); None = Dynamo's polynomial
+    # Schedule one step ahead like an async-scheduling engine; None = as the profile's engine ran
+    # (its meta.async_scheduling), off without a profile (Dynamo's mocker schedules step by step).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -55,6 +63,13 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.profile:
             return ProfileTiming.from_file(self.profile, self.speedup_ratio)
         return PolynomialTiming(self.speedup_ratio)
+
+
+class _Launched(NamedTuple):
+    out: SchedulerOutput
+    slots: list[int]
+    sampled: dict[str, int]
+    duration_s: float
 
 
 class StepResult(NamedTuple):
@@ -95,6 +110,12 @@ class MockerCore:
             self.block_manager,
         )
         self.timing = timing if timing is not None else config.make_timing()
+        if config.async_scheduling is not None:
+            self.pipelined = config.async_scheduling
+        else:
+            self.pipelined = bool(getattr(self.timing, "async_scheduling", False))
+        self._inflight: _Launched | None = None
+        self._preempted = 0  # preemptions of launches that scheduled nothing, reported with the next result
         self.num_steps = 0
         self._random = random.Random(rng_seed).random
         self._keys: dict[str, int | None] = {}  # request id -> token key; None = random
@@ -139,19 +160,38 @@ class MockerCore:
         return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._inflight is not None or self.scheduler.has_work()
 
     def get(self, request_id: str) -> Sequence | None:
         return self.scheduler.get(request_id)
 
     # -- one step ---------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> bool:
+        """A step is scheduled and counted as running (async scheduling) but not completed."""
+        return self._inflight is not None
+
     def step(self) -> StepResult:
+        """Complete one step; with async scheduling also schedule the one after it."""
+        done = self._inflight if self.pipelined else None
+        if done is None:
+            done = self._launch()
+            if done is None:
+                return StepResult(0.0, [], self.block_manager.take_events(), 0, 0, self._take_preempted())
+        self._inflight = self._launch() if self.pipelined else None
+        return self._complete(done)
+
+    def _take_preempted(self) -> int:
+        n, self._preempted = self._preempted, 0
+        return n
+
+    def _launch(self) -> _Launched | None:
+        """Schedule a step, sample its tokens and count them as computed (placeholders)."""
         sched = self.scheduler
-        bm = self.block_manager
         out = sched.schedule()
+        self._preempted += len(out.preempted)
         if not out.scheduled:
-            return StepResult(0.0, [], bm.take_events(), 0, 0, len(out.preempted))
-        self.num_steps += 1
+            return None
         sampled: dict[str, int] = {}
         prefill_ctx = n_prefill = decode_ctx = 0
         for entry in out.scheduled:
@@ -167,20 +207,24 @@ class MockerCore:
         duration = self.timing.step_seconds(
             out.num_prefill_tokens,
             n_decode,
-            bm.usage,
+            self.block_manager.usage,
             mean_prefill_context=prefill_ctx / n_prefill if n_prefill else 0.0,
             mean_decode_context=decode_ctx / n_decode if n_decode else 0.0,
         )
+        return _Launched(out, sched.advance(out), sampled, duration)
+
+    def _complete(self, done: _Launched) -> StepResult:
+        self.num_steps += 1
+        out = done.out
         outputs: list[StepOutput] = []
         keys = self._keys
-        for seq, token, reason, n_out in sched.postprocess(out, sampled):
+        for seq, token, reason, n_out in self.scheduler.complete(out, done.slots, done.sampled):
             if reason is not None:
                 keys.pop(seq.request_id, None)
             outputs.append(StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
                                       n_out))
-        return StepResult(
-            duration, outputs, bm.take_events(), out.num_prefill_tokens, n_decode, len(out.preempted)
-        )
+        return StepResult(done.duration_s, outputs, self.block_manager.take_events(), out.num_prefill_tokens,
+                          out.num_decode_seqs, self._take_preempted())
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -111,7 +111,7 @@ class MockEngine:
                 deadline = loop.time()
                 continue
             result = core.step()
-            if not result.outputs:  # nothing could run; wait for the queue to change
+            if not result.outputs and not core.in_flight:  # nothing could run; wait for the queue to change
                 self._hub.deliver(result)
                 wake.clear()
                 await wake.wait()

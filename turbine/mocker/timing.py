@@ -196,6 +196,12 @@ class ProfileTiming:
         self.mixed_context = 0.0
         if "mixed" in profile:
             self.mixed, self.mixed_context = _mixed_table(profile["mixed"])
+        # How the profiled engine scheduled (the profiler's meta.async_scheduling); None = not said.
+        meta = profile.get("meta")
+        flag = meta.get("async_scheduling") if isinstance(meta, dict) else None
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"meta.async_scheduling must be true or false, got {flag!r}")
+        self.async_scheduling: bool | None = flag
 
     @property
     def has_mixed(self) -> bool:

@@ -80,8 +80,10 @@ def write_profile(path: str | os.PathLike[str], profile: dict[str, Any]) -> Path
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = []
-    for key in ("version", "meta", "prefill", "decode"):
-        value = profile.get(key, {})
+    for key in ("version", "meta", "prefill", "decode", "mixed"):
+        if key not in profile:
+            continue
+        value = profile[key]
         if not isinstance(value, dict):
             sections.append(f" {json.dumps(key)}: {json.dumps(value)}")
             continue

@@ -7,12 +7,13 @@ the mocker loaded with that engine's profile; TTFT and ITL percentiles side by s
     compare_runs()    percentiles, mock/real ratios, the targets (p50 within 10%, p99 within 20%)
     diagnose()        where the real run's time went (turbine/profiler/diagnosis.py): "diagnosis"
     step_accuracy()   each logged real step against a timing model's prediction
-    MarginalTiming    a proposed composition of mixed steps (README: "Timing model")
+    additive_timing() the profile without its mixed-step grid: the mocker's model before it had one
 """
 from __future__ import annotations
 
 import gc
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from turbine.mocker.timing import ProfileTiming, TimingModel
 from turbine.profiler.diagnosis import diagnose, predicted_ms
 from turbine.profiler.workload import EngineRun, WorkloadConfig, build_workload, run_workload, simulate_workload
 
-__all__ = ["FidelityResult", "GcPause", "MarginalTiming", "StepRecord", "StepRecorder", "compare_runs",
+__all__ = ["FidelityResult", "GcPause", "StepRecord", "StepRecorder", "additive_timing", "compare_runs",
            "format_fidelity", "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence",
            "step_points"]
 
@@ -197,46 +198,25 @@ def step_points(records: Sequence[StepRecord], timing: TimingModel) -> list[tupl
     return [(r.ms, predicted_ms(r, timing), _kind(r)) for r in records if r.ms > 0]
 
 
-class MarginalTiming:
-    """Proposed composition of a mixed step: the decode step, plus what ``n`` more tokens add to
-    a forward that already runs the batch's ``b`` tokens:
-
-        ms = decode(b, L) + prefill(n + b, c) - prefill(b, 0)     (b, n > 0)
-
-    Additive ``prefill(n) + decode(b)`` counts twice what every forward pays once (weights read,
-    kernel launches, host work); this counts it once. Pure steps are unchanged."""
-
-    def __init__(self, base: ProfileTiming) -> None:
-        self.base = base
-        self._scale = 1e-3 / base.speedup_ratio
-
-    def step_seconds(self, num_prefill_tokens: int, num_decode_seqs: int, kv_usage: float, *,
-                     mean_prefill_context: float = 0.0, mean_decode_context: float = 0.0) -> float:
-        b, n = num_decode_seqs, num_prefill_tokens
-        ms = self.base.decode_ms(b, mean_decode_context)
-        if n > 0 and b > 0:
-            ms += max(0.0, self.base.prefill_ms(n + b, mean_prefill_context) - self.base.prefill_ms(b))
-        elif n > 0:
-            ms += self.base.prefill_ms(n, mean_prefill_context)
-        return ms * self._scale
+def additive_timing(profile: dict[str, Any]) -> ProfileTiming:
+    """The profile without its ``mixed`` grid (mixed steps cost prefill + decode) and without
+    async scheduling: the baseline the measured grid and the one-step lookahead improve on."""
+    meta = profile.get("meta")
+    meta = {**meta, "async_scheduling": False} if isinstance(meta, dict) else {"async_scheduling": False}
+    return ProfileTiming({**{k: v for k, v in profile.items() if k != "mixed"}, "meta": meta})
 
 
 def mixed_summary(profile: dict[str, Any], points: list[dict[str, float]], context: int) -> dict[str, Any]:
-    """Mixed steps against two compositions of the profile's tables: additive ``prefill(n) +
-    decode(b, L)`` (the mocker's) and ``MarginalTiming`` (turbine/profiler/fidelity.py)."""
-    timing = ProfileTiming(profile)
-    marginal = MarginalTiming(timing)
+    """Measured mixed steps against the additive composition ``prefill(n) + decode(b, L)``: what
+    the profile's mixed grid corrects."""
+    timing = additive_timing(profile)
     out = []
     for p in points:
         n, b, ctx = int(p["new_tokens"]), int(p["batch_size"]), p["decode_context"]
         additive = timing.prefill_ms(n) + timing.decode_ms(b, ctx)
-        marg = 1e3 * marginal.step_seconds(n, b, 0.0, mean_decode_context=ctx)
-        out.append({**p, "additive_ms": round(additive, 4), "marginal_ms": round(marg, 4),
-                    "additive_over_measured": round(additive / p["ms"], 3),
-                    "marginal_over_measured": round(marg / p["ms"], 3)})
+        out.append({**p, "additive_ms": round(additive, 4), "additive_over_measured": round(additive / p["ms"], 3)})
     return {"context_length": context, "points": out,
-            "additive_over_measured_median": statistics.median(q["additive_over_measured"] for q in out),
-            "marginal_over_measured_median": statistics.median(q["marginal_over_measured"] for q in out)}
+            "additive_over_measured_median": statistics.median(q["additive_over_measured"] for q in out)}
 
 
 def _samples(results: Sequence[RequestResult]) -> dict[str, list[float]]:
@@ -303,31 +283,35 @@ class FidelityResult(NamedTuple):
     steps: list[tuple[float, float, str]]  # real steps: (measured, profile's prediction, kind)
 
 
-def mock_timings(profile_path: str, variants: Sequence[str]) -> dict[str, tuple[TimingModel | None, bool]]:
+def mock_timings(profile_path: str, variants: Sequence[str]) -> dict[str, tuple[ProfileTiming | None, bool]]:
     """Per mock variant: its timing and whether it runs on a virtual clock. "profile" is the file
-    as ``MockerConfig.profile`` loads it (timing None) on a MockEngine in real time, "marginal"
-    ``MarginalTiming`` over it; a "@virtual" suffix runs ``simulate_workload`` instead (no asyncio
+    as ``MockerConfig.profile`` loads it (timing None) on a MockEngine in real time, "additive"
+    ``additive_timing`` of it; a "@virtual" suffix runs ``simulate_workload`` instead (no asyncio
     jitter, no wall time spent)."""
-    out: dict[str, tuple[TimingModel | None, bool]] = {}
+    out: dict[str, tuple[ProfileTiming | None, bool]] = {}
     for v in variants:
         name, _, clock = v.partition("@")
-        if name not in ("profile", "marginal") or clock not in ("", "virtual"):
-            raise ValueError(f"unknown mock variant {v!r}; choose profile or marginal, optionally @virtual")
-        base = ProfileTiming.from_file(profile_path)
-        out[v] = (None if name == "profile" and not clock else base if name == "profile" else MarginalTiming(base),
-                  bool(clock))
+        if name not in ("profile", "additive") or clock not in ("", "virtual"):
+            raise ValueError(f"unknown mock variant {v!r}; choose profile or additive, optionally @virtual")
+        if name == "additive":
+            with open(profile_path, encoding="utf-8") as f:
+                out[v] = (additive_timing(json.load(f)), bool(clock))
+        else:
+            out[v] = (ProfileTiming.from_file(profile_path) if clock else None, bool(clock))
     return out
 
 async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_num_batched_tokens: int,
                        workload: WorkloadConfig,
-                       variants: Sequence[str] = ("profile", "profile@virtual", "marginal@virtual"),
+                       variants: Sequence[str] = ("profile", "profile@virtual", "additive@virtual"),
                        recorder: StepRecorder | None = None) -> FidelityResult:
     """The workload on ``real`` (not started yet), then on the mocker per variant (``mock_timings``)
     with the real engine's block size, KV blocks, max_num_seqs, max_num_batched_tokens, context."""
     from turbine.mocker.core import MockerCore
     from turbine.mocker.engine import MockEngine, MockerConfig
 
-    timing = ProfileTiming.from_file(profile_path)
+    with open(profile_path, encoding="utf-8") as f:
+        profile = json.load(f)
+    timing = ProfileTiming(profile)
     timings = mock_timings(profile_path, variants)
     warm, items = build_workload(workload, vocab_size=vocab_size, timing=timing, context_length=real.context_length)
     config = MockerConfig(block_size=real.block_size, num_gpu_blocks=real.num_kv_blocks, max_num_seqs=real.max_num_seqs,
@@ -337,7 +321,7 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
     engines: list[tuple[str, Any]] = [("real", real)]
     for v, (t, virtual) in timings.items():
         if virtual:
-            core = MockerCore(config, vocab_size=vocab_size, timing=t)
+            core = MockerCore(config, vocab_size=vocab_size, timing=t)  # async scheduling as the timing says
             runs[v] = simulate_workload(core, items, warmup=warm, label=v)
         else:
             engines.append((v, MockEngine(config, vocab_size=vocab_size, timing=t)))
@@ -353,7 +337,8 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
     cmp = compare_runs(real_run, runs)
     records = recorder.records if recorder is not None else []
     cmp["steps"] = {"profile": step_accuracy(records, timing),
-                    "marginal": step_accuracy(records, MarginalTiming(timing)), "cadence": step_cadence(records)}
+                    "additive": step_accuracy(records, additive_timing(profile)),
+                    "cadence": step_cadence(records)}
     if recorder is not None:
         mock = next((runs[k] for k in ("profile", "profile@virtual", *runs) if k in runs), None)
         cmp["diagnosis"] = diagnose(real_run, records, timing, gc_pauses=recorder.gc_pauses,

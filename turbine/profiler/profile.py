@@ -9,7 +9,9 @@ The profiler drives any synchronous core (``add_request`` / ``step`` / ``abort``
     decode[i][j]   one step of batch_size[i] one-token decodes of mean length context_length[j]
                    (measured at meta.decode_mean_context, which drifts a token per step, and
                    moved onto the nominal context along the row's measured points)
-    mixed          a few steps with both (meta.mixed): how far ``prefill + decode`` is off
+    mixed[i][j]    one step computing mixed_new_tokens[i] fresh prompt tokens together with
+                   mixed_batch_size[j] decodes of mean length about mixed.context_length (the
+                   decode context nearest 1024); meta.mixed says how far ``prefill + decode`` is off
 
 Timing: wall time of ``step()`` (``sync`` before and after, e.g. ``torch.cuda.synchronize``),
 median of ``repeats`` after ``warmup`` untimed steps. ``clock="reported"`` uses the step's own
@@ -17,7 +19,10 @@ median of ``repeats`` after ``warmup`` untimed steps. ``clock="reported"`` uses 
 A pipelined core (``core.pipelined``: async scheduling, each call launches the next step and
 completes the previous one) is timed without syncs: the call that completes a step waits for
 exactly that step, so in steady state its wall time is the step's time as served, host work
-hidden; results are matched to the step they report.
+hidden; results are matched to the step they report. A mixed step among decodes is timed as the
+two calls around it less one decode step: the call that launches it pays its host work (an eager
+step launches kernel by kernel) and the next call waits for its device work. The profile's
+meta.async_scheduling records the pipelining, so the mocker replays it the same way.
 
 Cells the engine cannot hold (KV blocks, context length, token budget) are filled from the
 measured ones (see ``_fill_rows``) and listed in meta, so the table stays a full grid.
@@ -47,8 +52,8 @@ class ProfileGrid(msgspec.Struct, frozen=True, kw_only=True):
     prefill_cached_tokens: tuple[int, ...] = (0, 1024, 4096, 8192)
     decode_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     decode_context_lengths: tuple[int, ...] = (128, 512, 1024, 2048, 4096, 8192)
-    mixed_new_tokens: tuple[int, ...] = (64, 512, 2048)
-    mixed_batch_sizes: tuple[int, ...] = (1, 8, 32)  # measured at the decode context nearest 1024
+    mixed_new_tokens: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)
+    mixed_batch_sizes: tuple[int, ...] = (1, 8, 32, 128)  # measured at the decode context nearest 1024
     warmup: int = 1
     repeats: int = 5
     # Prompt tokens prefilled to set up one context's decode batches (bounds the profile's time).
@@ -208,6 +213,7 @@ class Profiler:
             for j, (L, (measured, prompt, max_tokens)) in enumerate(plans):
                 self._decode_column(j, measured, prompt, max_tokens, decode, ctx,
                                     mixed if L == mixed_ctx else None)
+            self._drain()  # a pipelined core still holds the step launched before the last aborts
             self._bar = None
         return self._assemble(prefill, decode, ctx, mixed, mixed_ctx, time.perf_counter() - t0)
 
@@ -318,12 +324,14 @@ class Profiler:
             self._tick(f"decode b{b} L{table.cols[j]:g}")
             for mb, n in mixed_points:
                 if mb == b and mixed is not None:
-                    mixed.append(self._mixed_step(b, n, lengths))
+                    mixed.append(self._mixed_step(b, n, lengths, table.ms[rows[b]][j] or 0.0))
         for rid in live:
             core.abort(rid)
 
-    def _mixed_step(self, batch: int, n: int, lengths: dict[str, int]) -> dict[str, float]:
-        """``n`` fresh prompt tokens (a one-token request) in the same step as ``batch`` decodes."""
+    def _mixed_step(self, batch: int, n: int, lengths: dict[str, int], decode_ms: float) -> dict[str, float]:
+        """``n`` fresh prompt tokens (a one-token request) in the same step as ``batch`` decodes.
+        ``decode_ms``: this batch's decode step just measured (a pipelined core's two calls
+        around the mixed step hold one decode step too)."""
         times, contexts = [], []
         for k in range(self.grid.warmup + self.grid.repeats):
             mean_ctx = statistics.fmean(lengths.values())
@@ -331,8 +339,9 @@ class Profiler:
             res, ms = self._step()
             self._count(res, lengths)
             if self.pipelined and not res.num_prefill_tokens:  # that call completed the decode before it
-                res, ms = self._step()
+                res, ms2 = self._step()
                 self._count(res, lengths)
+                ms = max(ms + ms2 - decode_ms, ms2)
             if res.num_prefill_tokens != n or res.num_decode_seqs != batch:
                 raise RuntimeError(f"mixed step ran {res.num_prefill_tokens} prefill tokens and "
                                    f"{res.num_decode_seqs} decodes, expected {n} and {batch}")
@@ -370,11 +379,28 @@ class Profiler:
                         "ms": _round(prefill.ms)},
             "decode": {"batch_size": _ints(decode.rows), "context_length": _ints(decode.cols), "ms": _round(decode.ms)},
         }
+        profile["meta"]["async_scheduling"] = self.pipelined
         if mixed and mixed_ctx is not None:
             from turbine.profiler.fidelity import mixed_summary
 
+            table = _mixed_table(mixed)
+            if table is not None:
+                profile["mixed"] = table
             profile["meta"]["mixed"] = mixed_summary(profile, mixed, mixed_ctx)
         return profile
+
+
+def _mixed_table(points: list[dict[str, float]]) -> dict[str, Any] | None:
+    """The mixed points as the profile's ``mixed`` grid: the token counts measured at every batch
+    size (a count the step budget cut at some batch is dropped); None under two points a side."""
+    cells = {(int(p["new_tokens"]), int(p["batch_size"])): float(p["ms"]) for p in points}
+    batches = sorted({b for _, b in cells})
+    news = sorted(n for n in {n for n, _ in cells} if all((n, b) in cells for b in batches))
+    if len(news) < 2 or len(batches) < 2:
+        return None
+    return {"new_tokens": news, "batch_size": batches,
+            "context_length": round(statistics.fmean(p["decode_context"] for p in points), 1),
+            "ms": [[round(cells[n, b], 4) for b in batches] for n in news]}
 
 
 @contextlib.contextmanager

@@ -191,7 +191,7 @@ class Simulator:
             return
         res = core.step()
         self.stats.preemptions += res.num_preempted
-        if not res.outputs:  # nothing fits now; freed blocks or a new arrival will kick it again
+        if not res.outputs and not core.in_flight:  # nothing fits now; freed blocks or an arrival kick it again
             self._apply_events(w, res, t)
             return
         self.stats.steps += 1
