@@ -71,8 +71,10 @@ def drive(core: BuiltinCore, items: list[tuple[int, GenerateRequest]], abort_at:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("blocks,budget", [(256, 64), (24, 16)])  # roomy / preempting, chunked
-@pytest.mark.parametrize("overlap_prefill", [False, True])
-def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget, overlap_prefill) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("overlap_prefill,eager_min", [(False, 0), (True, 0), (True, 1024)])
+def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget, overlap_prefill, eager_min) -> None:  # type: ignore[no-untyped-def]
+    """eager_min 0: every step launches ahead; 1024: on CPU (no graphs, every step eager) each
+    step is staged behind the one before it, and launched at the start of the next call."""
     probe = make_core()
     for i, n in enumerate((1, 3, 9, 17, 40)):
         probe.add_request(greedy(f"p{i}", [(7 * j + n) % 298 + 2 for j in range(n)], 24, ignore_eos=True))
@@ -82,7 +84,8 @@ def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget, overl
     stop_pool = [t for t, _ in seen.most_common(6)]  # tokens the toy model produces often: stops fire
     items = workload(seed, stop_pool)
     sync = drive(make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget, async_scheduling=False), items)
-    core = make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget, overlap_prefill_steps=overlap_prefill)
+    core = make_core(num_gpu_blocks=blocks, max_num_batched_tokens=budget, overlap_prefill_steps=overlap_prefill,
+                     eager_overlap_min_tokens=eager_min)
     assert core.config.async_scheduling
     got = drive(core, items)
     assert got == sync
@@ -92,9 +95,7 @@ def test_async_outputs_equal_sync_outputs(make_core, seed, blocks, budget, overl
         assert core.scheduler.num_preemptions > 0
 
 
-def test_steps_overlap_and_decodes_read_tokens_on_the_device(make_core) -> None:  # type: ignore[no-untyped-def]
-    core = make_core()
-    assert core.config.overlap_prefill_steps
+def _count_launches(core):  # type: ignore[no-untyped-def]
     launched, fixed = [], []
     orig_launch, orig_prepare = core.runner.launch, core.runner.prepare
 
@@ -108,6 +109,13 @@ def test_steps_overlap_and_decodes_read_tokens_on_the_device(make_core) -> None:
         return batch
 
     core.runner.launch, core.runner.prepare = launch, prepare  # type: ignore[method-assign]
+    return launched, fixed
+
+
+def test_steps_overlap_and_decodes_read_tokens_on_the_device(make_core) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(eager_overlap_min_tokens=0)  # launch every step ahead, eager ones too
+    assert core.config.overlap_prefill_steps
+    launched, fixed = _count_launches(core)
     core.add_request(greedy("a", list(range(10, 31)), 5, ignore_eos=True))
     res = core.step()
     assert [o.token_id is not None for o in res.outputs] == [True]  # the prefill's token
@@ -117,6 +125,37 @@ def test_steps_overlap_and_decodes_read_tokens_on_the_device(make_core) -> None:
     # 1 prefill + 4 decodes; max_tokens is known ahead, so no step runs past the last token
     assert len(launched) == 5
     assert fixed == [False, True, True, True, True]
+
+
+def test_an_eager_step_is_staged_behind_a_short_step(make_core) -> None:  # type: ignore[no-untyped-def]
+    """The prefill's token comes back before the (eager, on CPU) decode behind it is launched;
+    the next call launches that decode first, then completes it; tokens as without staging."""
+    ref = make_core(async_scheduling=False)
+    ref.add_request(greedy("a", list(range(10, 31)), 5, ignore_eos=True))
+    want = []
+    while ref.has_work():
+        want += [o.token_id for o in ref.step().outputs]
+    core = make_core()
+    assert core.config.eager_overlap_min_tokens == 1024
+    launched, fixed = _count_launches(core)
+    core.add_request(greedy("a", list(range(10, 31)), 5, ignore_eos=True))
+    got = [o.token_id for o in core.step().outputs]
+    assert len(launched) == 1 and len(fixed) == 2 and core.in_flight and core.has_work()  # decode staged
+    assert core.stats().num_running == 1
+    res = core.step()
+    assert len(launched) == 2 and res.num_decode_seqs == 1  # launched, then completed, in one call
+    got += [o.token_id for o in res.outputs]
+    while core.has_work():
+        got += [o.token_id for o in core.step().outputs]
+    assert got == want and len(launched) == 5 and fixed == [False, True, True, True, True]
+    # finish_inflight launches a staged step before completing it
+    core.add_request(greedy("b", list(range(40, 61)), 5, ignore_eos=True))
+    core.step()
+    assert core.in_flight
+    done = core.finish_inflight()
+    assert done is not None and done.num_decode_seqs == 1 and not core.in_flight
+    core.abort("b")
+    assert core.stats().kv_active_blocks == 0
 
 
 def test_a_stop_token_known_late_drops_the_extra_step(make_core) -> None:  # type: ignore[no-untyped-def]

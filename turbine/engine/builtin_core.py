@@ -13,6 +13,13 @@ prefill steps alike (``overlap_prefill_steps=False``: behind decode-only steps o
              [free]  wait for step k's tokens             (the device finishes k; k+1 is queued behind it)
              [lock]  complete k ─▶ take KV events          (fill tokens, stop checks, free finished)
 
+An eager step (one with prompt tokens: no CUDA graph) is different: launching it kernel by kernel
+costs ~20 ms of host time on an 8B model (bench/eager_step_host.py), and launched ahead it would
+hold back the tokens of the step in flight that long. So unless the step in flight is itself long
+on the device (``eager_overlap_min_tokens`` prompt tokens or more), the call prepares the eager
+step, completes the one in flight and returns its tokens; the next call launches the eager step
+first ("staged").
+
 Each call returns the results of the step it completed. A sequence that stops on a sampled stop
 token has one more token computed in the step behind it, which is dropped; a sequence that
 reaches max_tokens is not scheduled again. With ``async_scheduling=False`` each call schedules,
@@ -39,7 +46,7 @@ from turbine.engine.kv_cache import (
     KVCacheSpec,
     num_blocks_for_bytes,
 )
-from turbine.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
+from turbine.engine.model_runner import LaunchedStep, ModelRunner, StepBatch, profile_activation_bytes
 from turbine.engine.sampler import check_sampling_options
 from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
@@ -74,6 +81,9 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     async_scheduling: bool = True  # plan and launch the next step while the device runs this one
     # ... also while a step with prefill tokens runs (off: only behind decode-only steps)
     overlap_prefill_steps: bool = True
+    # An eager next step launches ahead only behind a step computing at least this many prompt
+    # tokens (its device time covers the launch); otherwise it is staged (module docstring). 0: always.
+    eager_overlap_min_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -85,6 +95,8 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.context_length is not None and self.context_length <= 1:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if self.eager_overlap_min_tokens < 0:
+            raise ValueError(f"eager_overlap_min_tokens must be >= 0, got {self.eager_overlap_min_tokens}")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold <= 0:
             raise ValueError("long_prefill_token_threshold must be positive when set")
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -115,6 +127,15 @@ class _InFlight(NamedTuple):
     out: SchedulerOutput
     slots: list[int]  # placeholder index of each scheduled entry (Scheduler.advance)
     launched: LaunchedStep
+
+
+class _Staged(NamedTuple):
+    """A step scheduled, packed and advanced but not launched yet."""
+
+    out: SchedulerOutput
+    slots: list[int]
+    batch: StepBatch
+    prev: LaunchedStep | None  # the step in flight when it was packed (its decodes' input tokens)
 
 
 class BuiltinCore:
@@ -154,6 +175,7 @@ class BuiltinCore:
         self.num_steps = 0
         self._lock = threading.Lock()
         self._inflight: _InFlight | None = None
+        self._staged: _Staged | None = None
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], config: BuiltinConfig | None = None) -> BuiltinCore:
@@ -210,7 +232,7 @@ class BuiltinCore:
             return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self._inflight is not None or self.scheduler.has_work()
+        return self.in_flight or self.scheduler.has_work()
 
     @property
     def pipelined(self) -> bool:
@@ -219,8 +241,8 @@ class BuiltinCore:
 
     @property
     def in_flight(self) -> bool:
-        """A launched step awaits completion: the next ``step()`` makes progress."""
-        return self._inflight is not None
+        """A launched (or staged) step awaits completion: the next ``step()`` makes progress."""
+        return self._inflight is not None or self._staged is not None
 
     def get(self, request_id: str) -> Sequence | None:
         return self.scheduler.get(request_id)
@@ -229,33 +251,47 @@ class BuiltinCore:
     def step(self) -> StepResult:
         """Launch the next step (and, with async scheduling, the one after it) and complete one."""
         t0 = time.perf_counter()
+        if self._staged is not None:
+            self._inflight, self._staged = self._launch(self._staged), None
         if self._inflight is None:
-            self._inflight = self._launch_next()
-            if self._inflight is None:
+            staged = self._prepare_next(None)
+            if staged is None:
                 with self._lock:
                     events = self.block_manager.take_events()
                 return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0)
-        done = self._inflight
+            self._inflight = self._launch(staged)
+        done, self._inflight = self._inflight, None
         cfg = self.config
-        ahead = cfg.async_scheduling and (cfg.overlap_prefill_steps or not done.out.num_prefill_tokens)
-        self._inflight = self._launch_next() if ahead else None
+        if cfg.async_scheduling and (cfg.overlap_prefill_steps or not done.out.num_prefill_tokens):
+            nxt = self._prepare_next(done)
+            if nxt is not None:
+                if nxt.batch.graph_batch or done.out.num_prefill_tokens >= cfg.eager_overlap_min_tokens:
+                    self._inflight = self._launch(nxt)
+                else:
+                    self._staged = nxt
         return self._complete(done, t0)
 
     def finish_inflight(self) -> StepResult | None:
         """Complete the step in flight without launching another (None: nothing in flight)."""
+        t0 = time.perf_counter()
+        if self._staged is not None:
+            self._inflight, self._staged = self._launch(self._staged), None
         done, self._inflight = self._inflight, None
-        return self._complete(done, time.perf_counter()) if done is not None else None
+        return self._complete(done, t0) if done is not None else None
 
-    def _launch_next(self) -> _InFlight | None:
-        prev = self._inflight
+    def _prepare_next(self, prev: _InFlight | None) -> _Staged | None:
+        """Schedule, pack and advance the next step (``prev``: the step in flight)."""
+        before = prev.launched if prev is not None else None
         with self._lock:
             out = self.scheduler.schedule()
             if not out.scheduled:
                 return None
-            batch = self.runner.prepare(out, prev.launched if prev is not None else None)
+            batch = self.runner.prepare(out, before)
             slots = self.scheduler.advance(out)
-        launched = self.runner.launch(batch, prev.launched if prev is not None else None)
-        return _InFlight(out, slots, launched)
+        return _Staged(out, slots, batch, before)
+
+    def _launch(self, staged: _Staged) -> _InFlight:
+        return _InFlight(staged.out, staged.slots, self.runner.launch(staged.batch, staged.prev))
 
     def _complete(self, done: _InFlight, t0: float) -> StepResult:
         tw = time.perf_counter()

@@ -30,6 +30,9 @@ __all__ = ["BuiltinConfig", "BuiltinEngine"]
 log = logging.getLogger(__name__)
 
 _MAX_PENDING = 4  # step results the loop has not delivered yet before the step thread waits
+# Before launching, the step thread lets the loop hand out the last step's tokens (at most this
+# long; the device still runs the step in flight meanwhile): see BuiltinEngine._run.
+_SETTLE_WAIT_S = 0.01
 
 
 class BuiltinEngine:
@@ -79,6 +82,9 @@ class BuiltinEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._pending = threading.Semaphore(_MAX_PENDING)
+        self._settled = threading.Event()  # the loop has run the consumers of every posted result
+        self._settled.set()
+        self.settle_wait_s = _SETTLE_WAIT_S
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,7 +136,10 @@ class BuiltinEngine:
                 if not core.has_work():
                     self._wait_for_wake()
                     continue
+                if self.settle_wait_s:
+                    self._settled.wait(self.settle_wait_s)
                 result = core.step()
+                self._settled.clear()
                 if not self._post(loop, result):
                     return
                 if not result.outputs and not core.in_flight:  # nothing could run; wait for the queue to change
@@ -158,3 +167,5 @@ class BuiltinEngine:
     def _deliver(self, result: StepResult) -> None:
         self._pending.release()
         self._hub.deliver(result)
+        # after the consumers this delivery woke (FIFO): then the step thread may launch again
+        self._loop.call_soon(self._settled.set)  # type: ignore[union-attr]
