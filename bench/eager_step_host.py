@@ -11,7 +11,10 @@ script measures where that host time goes, on one ``BuiltinCore`` stepped direct
      delivering tokens, or a thread that never sleeps), at switch intervals of 5 and 0.5 ms;
   3. cProfile of a few 16-token steps: the Python functions that hold the host.
 
-    python bench/eager_step_host.py --out OUT [--model DIR] [--narrow] [--budget-s 90]
+    python bench/eager_step_host.py --out OUT [--model DIR] [--narrow] [--budget-s 90] [--no-results]
+
+Prints the tables, writes OUT/eager_step_host.{json,md} and appends the md to bench/RESULTS.md
+(on a lent device machine the append is lost: copy OUT/eager_step_host.md over by hand).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -91,7 +95,7 @@ class Contender:
             while time.perf_counter() < end:
                 sum(range(200))
 
-    def __enter__(self) -> Contender:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--narrow", action="store_true",
                     help="llama3-8b's 32 layers at hidden 1024: host-bound steps, a checkpoint made in seconds")
     ap.add_argument("--budget-s", type=float, default=90.0, help="stop starting cases after this long")
+    ap.add_argument("--served-s", type=float, default=2.5, help="length of each served case")
+    ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
     import torch
 
@@ -247,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.005)
     served = []
     for mode in ("main thread", "step thread", "engine settle=0", "engine settle=0.01", "engine settle=0"):
-        served.append(served_steps(core, mode))
+        served.append(served_steps(core, mode, seconds=args.served_s))
         print(served[-1], flush=True)
-    lines = ["| served, 8 decodes + a 64-token request every 40 ms | eager steps | eager step ms (as served) | "
-             "decode step ms |", "|---|---:|---:|---:|"]
+    lines = [("| served, 8 decodes + a 64-token request every 40 ms | eager steps | eager step ms (as served) | "
+              "decode step ms |"), "|---|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['eager_steps']} | {r['eager_served_ms']} | {r['decode_ms']} |" for r in served]
     lines += ["", "| case | prompt tokens | decodes | launching call ms | next call ms | host ms |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['tokens']} | {r['decodes']} | {r['launch_call_ms']} | {r['next_call_ms']} | "
@@ -259,9 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     stats = profile_steps(core)
     print(stats)
-    (out / "eager_step_host.json").write_text(json.dumps({"rows": rows, "served": served, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    (out / "eager_step_host.json").write_text(json.dumps({"rows": rows, "served": served, "device": device,
                                                           "torch": torch.__version__}, indent=1))
-    (out / "eager_step_host.md").write_text(table + "\n\n```\n" + stats + "\n```\n")
+    md = (f"## eager_step_host — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {device}, "
+          f"{preset.name} ({preset.num_hidden_layers} layers), torch {torch.__version__}\n\n"
+          + table + "\n\n```\n" + stats + "\n```\n")
+    (out / "eager_step_host.md").write_text(md)
+    if not args.no_results:
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + md)
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -173,3 +174,34 @@ def test_gpu_check_script_runs_on_cpu(tmp_path) -> None:  # type: ignore[no-unty
     assert rc == 0 and report["ok"] and report["logits"]["rel_err_max"] <= 1e-4
     assert report["serving"]["output_tokens"] == 18 and report["serving"]["greedy_prefix_match_vs_dense"] == "6/6"
     assert "| 3 | 20 | 6 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+async def test_the_step_thread_launches_after_the_loop_handed_out_the_last_tokens(make_core) -> None:  # type: ignore[no-untyped-def]
+    """Launching a step while the event loop delivers the previous one's tokens makes both fight
+    for the GIL; the step thread waits (at most settle_wait_s) until the consumers have run."""
+    core = make_core(num_gpu_blocks=64)
+    eng = BuiltinEngine.from_core(core)
+    eng.settle_wait_s = 5.0  # long: a missing hand-off would show as a 5 s stall and a failed check
+    seen: list[int] = []  # tokens the consumer has processed
+    returned: list[int] = []  # tokens the core had returned when each step() began
+    behind: list[int] = []
+    inner = core.step
+
+    def step():  # type: ignore[no-untyped-def]
+        behind.append(sum(returned) - len(seen))
+        res = inner()
+        returned.append(sum(1 for o in res.outputs if o.token_id is not None))
+        return res
+
+    core.step = step  # type: ignore[method-assign]
+    await eng.start()
+    try:
+        t0 = asyncio.get_running_loop().time()
+        async for d in eng.generate(greedy("a", PROMPT, 12)):
+            time.sleep(0.003)  # a slow consumer: without the wait the next step would start meanwhile
+            seen.extend(d.token_ids)
+        assert asyncio.get_running_loop().time() - t0 < 4.0
+    finally:
+        await eng.stop()
+    assert len(seen) == 12 and len(behind) >= 12
+    assert behind == [0] * len(behind)  # every step began after the consumer had its tokens
