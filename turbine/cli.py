@@ -24,6 +24,9 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
     g.add_argument("--speedup-ratio", type=float, default=1.0,
                    help="divide simulated step times by this (1000 = near-zero GPU time)")
     g.add_argument("--profile", default=None, help="measured step-time profile (JSON) instead of the default model")
+    g.add_argument("--mock-async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="schedule one step ahead like an async-scheduling engine (auto: as the profile's engine "
+                   "ran; off without a profile, like Dynamo's mocker)")
     if not builtin:
         return
     g = p.add_argument_group("builtin engine")
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from turbine.launch import BuiltinOptions, WorkerOptions, default_model_dir
-    from turbine.mocker.engine import MockerConfig
+    from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
 
     model_dir = args.model if args.model is not None else default_model_dir(weights=args.engine == "builtin")
     if not model_dir.is_dir():
@@ -133,7 +136,8 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit("turbine: --context-length must be at least 2")
     shared = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     mocker = MockerConfig(block_size=args.block_size or 64, num_gpu_blocks=args.num_gpu_blocks or 16384,
-                          speedup_ratio=args.speedup_ratio, profile=args.profile, **shared)
+                          speedup_ratio=args.speedup_ratio, profile=args.profile,
+                          async_scheduling=ASYNC_SCHEDULING_FLAGS[args.mock_async_scheduling], **shared)
     builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
                              num_gpu_blocks=args.num_gpu_blocks,
                              gpu_memory_utilization=args.gpu_memory_utilization, **shared)

@@ -39,6 +39,7 @@ def test_other_engines_still_reject_unknown_args(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad, message", [
     (["--device", "cpu"], "--device"),
     (["--speedup-ratio=2"], "--speedup-ratio"),
+    (["--mock-async-scheduling", "on"], "--mock-async-scheduling"),
     (["--", "--kv-events-config", "{}"], "--kv-events-config"),
     (["--", "--model", "x"], "--model"),
 ])

@@ -1,6 +1,7 @@
 """`turbine simulate`: the command line writes the same JSON summary as a live replay."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -50,3 +51,25 @@ def test_simulate_plot_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as ex:
         main(["simulate", "--trace", str(tmp_path / "t.jsonl"), "--router", "random", "--router-approx"])
     assert ex.value.code == 2 and "kv router only" in capsys.readouterr().err
+
+
+def test_simulate_schedules_ahead_as_the_profile_or_the_flag_says(tmp_path: Path) -> None:
+    """A profile measured on an async-scheduling engine makes the simulated workers schedule one
+    step ahead (a request joins a step later: higher TTFT); --mock-async-scheduling overrides."""
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"meta": {"async_scheduling": True},
+                                   "prefill": {"new_tokens": [1, 100_000], "ms": [20.0, 2020.0]},
+                                   "decode": {"batch_size": [1, 1000], "ms": [8.0, 40.0]}}))
+    trace = _trace(tmp_path / "t.jsonl")
+    ttft = {}
+    for flag in ("auto", "off"):
+        out = tmp_path / f"{flag}.json"
+        with pytest.raises(SystemExit) as ex:
+            main(["simulate", "--trace", str(trace), "--workers", "1", "--router", "round-robin", "--speed", "100",
+                  "--max-requests", "20", "--json", str(out), "--no-progress", "--num-gpu-blocks", "2048",
+                  "--profile", str(profile), "--mock-async-scheduling", flag])
+        assert ex.value.code == 0
+        d = msgspec.json.decode(out.read_bytes())
+        assert d["mocker"]["async_scheduling"] == (None if flag == "auto" else False)
+        ttft[flag] = d["ttft_ms"]["p50"]
+    assert ttft["auto"] > ttft["off"]

@@ -31,7 +31,7 @@ SHARED_FLAGS: dict[str, str] = {
     "--gpu-memory-utilization": "--gpu-memory-utilization",
 }
 # Turbine flags with no vLLM meaning: refused with --engine vllm rather than silently ignored.
-FOREIGN_FLAGS = ("--device", "--speedup-ratio", "--profile")
+FOREIGN_FLAGS = ("--device", "--speedup-ratio", "--profile", "--mock-async-scheduling")
 
 # Owned by the adapter: its relay subscribes to the publisher these configure.
 OWNED_ARGS = ("--kv-events-config", "--model")

@@ -36,6 +36,10 @@ _GREEDY_SEED = 0x9E3779B97F4A7C15  # greedy tokens depend on the prompt only, ne
 _PACK2 = struct.Struct("<QQ").pack
 
 
+# ``--mock-async-scheduling`` values as ``MockerConfig.async_scheduling``
+ASYNC_SCHEDULING_FLAGS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int = 64
     num_gpu_blocks: int = 16384

@@ -10,7 +10,7 @@ import sys
 from turbine.bench.replay import add_trace_args, write_outputs
 from turbine.bench.report import summarize_trace
 from turbine.bench.trace import TokenSynth, ideal_hit_rate, load_trace
-from turbine.mocker.core import MockerConfig
+from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
 from turbine.sim.simulator import ROUTERS, SimConfig, simulate
 
 
@@ -36,7 +36,8 @@ def main_from_args(a: argparse.Namespace) -> int:
         ctx = a.context_length or max(r.input_length + r.output_length for r in requests)
         mocker = MockerConfig(block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens, speedup_ratio=a.speedup_ratio,
-                              context_length=max(ctx, 2), profile=a.profile)
+                              context_length=max(ctx, 2), profile=a.profile,
+                              async_scheduling=ASYNC_SCHEDULING_FLAGS[a.mock_async_scheduling])
         cfg = SimConfig(workers=a.workers, router=a.router, router_approx=a.router_approx,
                         router_temperature=a.router_temperature, speed=a.speed, vocab_size=a.vocab_size,
                         seed=a.seed, mocker=mocker)
@@ -56,7 +57,8 @@ def main_from_args(a: argparse.Namespace) -> int:
     meta = {"mode": "sim", "trace": str(a.trace), "router": cfg.label(), "workers": cfg.workers, "speed": cfg.speed,
             "mocker": {"block_size": mocker.block_size, "num_gpu_blocks": mocker.num_gpu_blocks,
                        "max_num_seqs": mocker.max_num_seqs, "max_num_batched_tokens": mocker.max_num_batched_tokens,
-                       "speedup_ratio": mocker.speedup_ratio, "profile": mocker.profile},
+                       "speedup_ratio": mocker.speedup_ratio, "profile": mocker.profile,
+                       "async_scheduling": mocker.async_scheduling},
             "sim": res.stats.to_dict()}
     report = summarize_trace(res.results, res.duration_s, slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl,
                              ideal_hit_rate=ideal_hit_rate(requests), meta=meta)
