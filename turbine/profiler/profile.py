@@ -20,9 +20,10 @@ A pipelined core (``core.pipelined``: async scheduling, each call launches the n
 completes the previous one) is timed without syncs: the call that completes a step waits for
 exactly that step, so in steady state its wall time is the step's time as served, host work
 hidden; results are matched to the step they report. A mixed step among decodes is timed as the
-two calls around it less one decode step: the call that launches it pays its host work (an eager
-step launches kernel by kernel) and the next call waits for its device work. The profile's
-meta.async_scheduling records the pipelining, so the mocker replays it the same way.
+two calls around it less one decode step: whether the engine launches it ahead (its host work in
+the first call) or stages it behind the decode (launch and wait in the second), the two calls
+hold one decode step and the mixed step. The profile's meta.async_scheduling records the
+pipelining, so the mocker replays it the same way.
 
 Cells the engine cannot hold (KV blocks, context length, token budget) are filled from the
 measured ones (see ``_fill_rows``) and listed in meta, so the table stays a full grid.
