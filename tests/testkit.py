@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -84,7 +85,26 @@ def metric_values(text: str, name: str) -> list[float]:
 
 
 # --- multi-process deployments ---------------------------------------------------------------
+_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+
+
 def free_port() -> int:
+    """A port free now, below the ephemeral range: a port the kernel hands out for bind(0) could
+    be handed to another process (a vLLM engine's ZMQ sockets) before ours binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = _EPHEMERAL[0]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
