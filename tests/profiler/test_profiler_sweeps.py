@@ -12,7 +12,7 @@ from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.timing import ProfileTiming
 from turbine.profiler import CoreLimits, ProfileGrid, Profiler
 from turbine.profiler.command import write_profile
-from turbine.profiler.profile import _fill_rows
+from turbine.profiler.grid import fill_rows
 
 # Linear in every axis, so bilinear lookup is exact anywhere inside the grid.
 SOURCE = {
@@ -128,13 +128,13 @@ def test_points_the_engine_cannot_hold_are_dropped_or_filled() -> None:
 
 def test_fill_extrapolates_along_the_row_axis() -> None:
     ms = [[1.0, 10.0], [2.0, 20.0], [4.0, None], [8.0, None]]
-    assert _fill_rows(ms, [1, 2, 4, 8]) == [[2, 1], [3, 1]]
+    assert fill_rows(ms, [1, 2, 4, 8]) == [[2, 1], [3, 1]]
     assert ms[2][1] == pytest.approx(40.0) and ms[3][1] == pytest.approx(80.0)  # slope 10 per unit of axis
     ms = [[1.0, 5.0], [2.0, None], [3.0, None]]
-    _fill_rows(ms, [1, 2, 3])  # one measured row: follow the first column's shape
+    fill_rows(ms, [1, 2, 3])  # one measured row: follow the first column's shape
     assert ms[1][1] == pytest.approx(10.0) and ms[2][1] == pytest.approx(15.0)
     with pytest.raises(ValueError, match="no measured point"):
-        _fill_rows([[1.0, None]], [1])
+        fill_rows([[1.0, None]], [1])
 
 
 def test_a_missing_cache_hit_is_an_error_not_a_number() -> None:

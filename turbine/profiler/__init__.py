@@ -4,6 +4,13 @@ that drive the built-in engine.
 """
 from __future__ import annotations
 
-from turbine.profiler.profile import DEFAULT_GRID, QUICK_GRID, CoreLimits, ProfileGrid, Profiler, profile_core
+from turbine.profiler.profile import (
+    DEFAULT_GRID,
+    QUICK_GRID,
+    CoreLimits,
+    ProfileGrid,
+    Profiler,
+    profile_core,
+)
 
 __all__ = ["DEFAULT_GRID", "QUICK_GRID", "CoreLimits", "ProfileGrid", "Profiler", "profile_core"]

@@ -25,7 +25,13 @@ from turbine.bench.stats import Percentiles, RequestResult, render_table
 from turbine.engine.base import Engine
 from turbine.mocker.timing import ProfileTiming, TimingModel
 from turbine.profiler.diagnosis import diagnose, predicted_ms
-from turbine.profiler.workload import EngineRun, WorkloadConfig, build_workload, run_workload, simulate_workload
+from turbine.profiler.workload import (
+    EngineRun,
+    WorkloadConfig,
+    build_workload,
+    run_workload,
+    simulate_workload,
+)
 
 __all__ = ["FidelityResult", "GcPause", "StepRecord", "StepRecorder", "additive_timing", "compare_runs",
            "format_fidelity", "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence",
@@ -283,6 +289,14 @@ class FidelityResult(NamedTuple):
     steps: list[tuple[float, float, str]]  # real steps: (measured, profile's prediction, kind)
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a timing profile is a JSON object")
+    return data
+
+
 def mock_timings(profile_path: str, variants: Sequence[str]) -> dict[str, tuple[ProfileTiming | None, bool]]:
     """Per mock variant: its timing and whether it runs on a virtual clock. "profile" is the file
     as ``MockerConfig.profile`` loads it (timing None) on a MockEngine in real time, "additive"
@@ -294,8 +308,7 @@ def mock_timings(profile_path: str, variants: Sequence[str]) -> dict[str, tuple[
         if name not in ("profile", "additive") or clock not in ("", "virtual"):
             raise ValueError(f"unknown mock variant {v!r}; choose profile or additive, optionally @virtual")
         if name == "additive":
-            with open(profile_path, encoding="utf-8") as f:
-                out[v] = (additive_timing(json.load(f)), bool(clock))
+            out[v] = (additive_timing(_read_json(profile_path)), bool(clock))
         else:
             out[v] = (ProfileTiming.from_file(profile_path) if clock else None, bool(clock))
     return out
@@ -309,8 +322,7 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
     from turbine.mocker.core import MockerCore
     from turbine.mocker.engine import MockEngine, MockerConfig
 
-    with open(profile_path, encoding="utf-8") as f:
-        profile = json.load(f)
+    profile = _read_json(profile_path)  # a small local file, read once before the runs
     timing = ProfileTiming(profile)
     timings = mock_timings(profile_path, variants)
     warm, items = build_workload(workload, vocab_size=vocab_size, timing=timing, context_length=real.context_length)

@@ -26,7 +26,7 @@ hold one decode step and the mixed step. The profile's meta.async_scheduling rec
 pipelining, so the mocker replays it the same way.
 
 Cells the engine cannot hold (KV blocks, context length, token budget) are filled from the
-measured ones (see ``_fill_rows``) and listed in meta, so the table stays a full grid.
+measured ones (see ``grid.fill_rows``) and listed in meta, so the table stays a full grid.
 """
 from __future__ import annotations
 
@@ -35,12 +35,20 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
 
+from turbine.profiler.grid import (
+    clip_axis,
+    fill_rows,
+    ints,
+    mixed_table,
+    regrid,
+    round_ms,
+)
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 
 __all__ = ["DEFAULT_GRID", "QUICK_GRID", "CoreLimits", "ProfileGrid", "Profiler", "SteppableCore", "profile_core"]
@@ -187,10 +195,10 @@ class Profiler:
         """Warm up, sweep prefill, decode and mixed steps; the profile as a JSON-ready dict."""
         lim = self.limits
         t0 = time.perf_counter()
-        new_axis = _clip(self.grid.prefill_new_tokens, lim.max_num_batched_tokens)
+        new_axis = clip_axis(self.grid.prefill_new_tokens, lim.max_num_batched_tokens)
         cached_axis = sorted({c - c % lim.block_size for c in self.grid.prefill_cached_tokens
                               if c + new_axis[0] < lim.context_length and self._fits(c + new_axis[0])})
-        batch_axis = _clip(self.grid.decode_batch_sizes, lim.max_num_seqs)
+        batch_axis = clip_axis(self.grid.decode_batch_sizes, lim.max_num_seqs)
         plans = [(L, self._decode_plan(L, batch_axis, 0)) for L in self.grid.decode_context_lengths]
         plans = [(L, p) for L, p in plans if p is not None]
         if not plans:
@@ -363,9 +371,9 @@ class Profiler:
     def _assemble(self, prefill: _Table, decode: _Table, ctx: list[list[float | None]],
                   mixed: list[dict[str, float]], mixed_ctx: int | None, seconds: float) -> dict[str, Any]:
         lim, g = self.limits, self.grid
-        prefill_filled = _fill_rows(prefill.ms, prefill.rows)
-        _regrid(decode.ms, ctx, decode.cols)
-        decode_filled = _fill_rows(decode.ms, decode.rows)
+        prefill_filled = fill_rows(prefill.ms, prefill.rows)
+        regrid(decode.ms, ctx, decode.cols)
+        decode_filled = fill_rows(decode.ms, decode.rows)
         profile: dict[str, Any] = {
             "version": 1,
             "meta": {
@@ -376,32 +384,19 @@ class Profiler:
                 "prefill_filled": prefill_filled, "decode_filled": decode_filled,
                 "decode_mean_context": [[None if v is None else round(v, 1) for v in row] for row in ctx],
             },
-            "prefill": {"new_tokens": _ints(prefill.rows), "cached_tokens": _ints(prefill.cols),
-                        "ms": _round(prefill.ms)},
-            "decode": {"batch_size": _ints(decode.rows), "context_length": _ints(decode.cols), "ms": _round(decode.ms)},
+            "prefill": {"new_tokens": ints(prefill.rows), "cached_tokens": ints(prefill.cols),
+                        "ms": round_ms(prefill.ms)},
+            "decode": {"batch_size": ints(decode.rows), "context_length": ints(decode.cols), "ms": round_ms(decode.ms)},
         }
         profile["meta"]["async_scheduling"] = self.pipelined
         if mixed and mixed_ctx is not None:
             from turbine.profiler.fidelity import mixed_summary
 
-            table = _mixed_table(mixed)
+            table = mixed_table(mixed)
             if table is not None:
                 profile["mixed"] = table
             profile["meta"]["mixed"] = mixed_summary(profile, mixed, mixed_ctx)
         return profile
-
-
-def _mixed_table(points: list[dict[str, float]]) -> dict[str, Any] | None:
-    """The mixed points as the profile's ``mixed`` grid: the token counts measured at every batch
-    size (a count the step budget cut at some batch is dropped); None under two points a side."""
-    cells = {(int(p["new_tokens"]), int(p["batch_size"])): float(p["ms"]) for p in points}
-    batches = sorted({b for _, b in cells})
-    news = sorted(n for n in {n for n, _ in cells} if all((n, b) in cells for b in batches))
-    if len(news) < 2 or len(batches) < 2:
-        return None
-    return {"new_tokens": news, "batch_size": batches,
-            "context_length": round(statistics.fmean(p["decode_context"] for p in points), 1),
-            "ms": [[round(cells[n, b], 4) for b in batches] for n in news]}
 
 
 @contextlib.contextmanager
@@ -414,63 +409,6 @@ def _progress(total: int, enabled: bool) -> Iterator[Any]:
 
     with tqdm(total=total, desc="profile", unit="pt", dynamic_ncols=True) as bar:
         yield bar
-
-
-def _clip(values: Iterable[int], hi: int) -> list[int]:
-    kept = [v for v in values if v <= hi]
-    return kept or [hi]
-
-
-def _ints(xs: list[float]) -> list[int]:
-    return [int(x) for x in xs]
-
-
-def _round(ms: list[list[float | None]]) -> list[list[float]]:
-    return [[round(float(v), 4) for v in row] for row in ms]  # type: ignore[arg-type]
-
-
-def _regrid(ms: list[list[float | None]], measured_at: list[list[float | None]], axis: Sequence[float]) -> None:
-    """Move each row's measured values from the contexts they were measured at (sequences grow
-    a token per step) onto the nominal axis, piecewise linearly through the row's own points."""
-    for i, row in enumerate(ms):
-        pts = [(measured_at[i][j], v) for j, v in enumerate(row) if v is not None]
-        if len(pts) < 2:
-            continue
-        for j, v in enumerate(row):
-            if v is not None:
-                k = min(max(sum(1 for x, _ in pts if x <= axis[j]) - 1, 0), len(pts) - 2)
-                (x0, y0), (x1, y1) = pts[k], pts[k + 1]
-                row[j] = max(0.0, y0 + (y1 - y0) * (axis[j] - x0) / (x1 - x0))  # type: ignore[operator]
-
-
-def _fill_rows(ms: list[list[float | None]], axis: Sequence[float]) -> list[list[int]]:
-    """Fill unmeasured cells in place; return their [row, col] indices.
-
-    Within a column (fixed context) a missing row past the last measured ones is extrapolated
-    linearly in the row axis from the last two measured rows (never decreasing); otherwise the
-    cell follows the shape of the first column with two measured rows (ratio at the nearest
-    measured row), or copies that row."""
-    filled: list[list[int]] = []
-    n_rows, n_cols = len(ms), len(ms[0])
-    ref = next((j for j in range(n_cols) if sum(ms[i][j] is not None for i in range(n_rows)) >= 2), None)
-    for j in range(n_cols):
-        have = [i for i in range(n_rows) if ms[i][j] is not None]
-        if not have:
-            raise ValueError(f"column {j} of a profile table has no measured point")
-        for i in range(n_rows):
-            if ms[i][j] is not None:
-                continue
-            near = min(have, key=lambda h: abs(h - i))
-            if len(have) >= 2 and i > have[-1]:
-                a, b = have[-2], have[-1]
-                slope = (ms[b][j] - ms[a][j]) / (axis[b] - axis[a])  # type: ignore[operator]
-                ms[i][j] = ms[b][j] + max(0.0, slope) * (axis[i] - axis[b])  # type: ignore[operator]
-            elif ref is not None and ms[i][ref] is not None and ms[near][ref]:
-                ms[i][j] = ms[near][j] * ms[i][ref] / ms[near][ref]  # type: ignore[operator]
-            else:
-                ms[i][j] = ms[near][j]
-            filled.append([i, j])
-    return filled
 
 
 def profile_core(core: SteppableCore, grid: ProfileGrid = DEFAULT_GRID, **kw: Any) -> dict[str, Any]:
