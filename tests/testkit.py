@@ -132,3 +132,18 @@ def spawn(procs: list, *args: str) -> subprocess.Popen:
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     procs.append(p)
     return p
+
+
+def load_bench(name: str, module_name: str | None = None):  # type: ignore[no-untyped-def]
+    """Import ``bench/<name>.py`` (not a package) as a module, registered in sys.modules."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+

@@ -2,12 +2,11 @@
 (core stepped here, on a plain thread, under BuiltinEngine with and without the settle wait)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from testkit import load_bench
 
 torch = pytest.importorskip("torch")
 
@@ -15,12 +14,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_eager_step_host_runs_on_cpu(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[2] / "bench" / "eager_step_host.py"
-    spec = importlib.util.spec_from_file_location("eager_step_host_script", script)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench("eager_step_host")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -159,14 +159,11 @@ async def test_engine_from_a_model_directory(real_tiny_dir) -> None:  # type: ig
 def test_gpu_check_script_runs_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """bench/gpu_check.py is run by hand on a GPU; its CPU path keeps it from rotting."""
     pytest.importorskip("transformers")
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check_script", script)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    from testkit import load_bench
+
+    mod = load_bench("gpu_check")
     rc = mod.main(["--preset", "tiny", "--device", "cpu", "--dir", str(tmp_path / "m"), "--out", str(tmp_path),
                    "--prompts", "2", "--prompt-len", "16", "--requests", "3", "--input-len", "20",
                    "--output-len", "6"])

@@ -4,13 +4,12 @@ the bench's fidelity.json / snippet on CPU."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from testkit import load_bench
 
 from turbine.bench.stats import RequestResult
 from turbine.engine.step import StepOutput
@@ -160,12 +159,7 @@ async def test_split_adds_up_on_a_mocker_run() -> None:
 
 def test_bench_writes_the_diagnosis(model_dir: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "mocker_fidelity_bench_diag", Path(__file__).resolve().parents[2] / "bench" / "mocker_fidelity.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("mocker_fidelity", "mocker_fidelity_bench_diag")
     bench.QUICK_WORKLOAD = SMALL
     out = tmp_path / "out"
     threads = torch.get_num_threads()

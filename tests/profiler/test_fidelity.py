@@ -6,10 +6,10 @@ import importlib.util
 import itertools
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from testkit import load_bench
 
 from turbine.bench.stats import RequestResult
 from turbine.mocker.core import MockerConfig, MockerCore
@@ -26,7 +26,13 @@ from turbine.profiler.fidelity import (
     step_accuracy,
     step_cadence,
 )
-from turbine.profiler.workload import EngineRun, WorkItem, WorkloadConfig, build_workload, simulate_workload
+from turbine.profiler.workload import (
+    EngineRun,
+    WorkItem,
+    WorkloadConfig,
+    build_workload,
+    simulate_workload,
+)
 from turbine.protocols.generate import GenerateRequest, StopConditions
 
 pytestmark = pytest.mark.timeout(90)
@@ -154,12 +160,7 @@ async def test_mocker_against_itself() -> None:
 
 def test_bench_script_end_to_end_on_cpu(model_dir: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "mocker_fidelity_bench", Path(__file__).resolve().parents[2] / "bench" / "mocker_fidelity.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("mocker_fidelity")
     bench.QUICK_WORKLOAD = SMALL
     out = tmp_path / "out"
     threads = torch.get_num_threads()
