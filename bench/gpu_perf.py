@@ -371,6 +371,45 @@ def tune_decode(dev: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
+    """The decode kernel on one layer's KV (Llama-3-8B heads) for a batch of mixed context lengths
+    (64-2200, as served: prompts of 64-2048 plus their outputs) against the same total spread
+    evenly, with the shared split length (default) and with one program per (sequence, KV head)
+    over its whole context (``num_splits=1``: the kernel's choice from batch 17 before the shared
+    split). Served batches mix lengths; the profiler's are uniform; this is the gap between them."""
+    import triton.testing
+
+    from turbine.engine.paged_attention import decode_num_splits
+
+    hkv, d, h, bs = 8, 128, 32, 16
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in (8, 21, 32, 48, 64, 128):
+        spread = (64 + torch.rand(n, generator=gen) * (2200 - 64)).long()
+        even = torch.full((n,), int(spread.float().mean().round()), dtype=torch.long)
+        nb = -(-int(spread.max()) // bs)
+        cache = torch.randn(2, n * nb + 1, bs, hkv, d, device=dev, dtype=torch.bfloat16)
+        tables = torch.randperm(n * nb, device=dev).view(n, nb)
+        q = torch.randn(n, h, d, device=dev, dtype=torch.bfloat16)
+        row: dict[str, Any] = {"batch": n, "splits": decode_num_splits(n, hkv, dev), "mean_ctx": int(even[0]),
+                               "max_ctx": int(spread.max())}
+        for name, lens in (("spread", spread), ("even", even)):
+            args = (q, cache[0], cache[1], tables, lens.to(dev), d ** -0.5)
+            outs = []
+            for policy, kw in (("shared", {}), ("whole", {"num_splits": 1})):
+                outs.append(paged_decode_triton(*args, **kw).float())
+                ms = triton.testing.do_bench(lambda a=args, k=kw: paged_decode_triton(*a, **k), warmup=10, rep=40,
+                                             return_mode="median")
+                row[f"{name}_{policy}_us"] = round(ms * 1000, 1)
+            row[f"{name}_max_abs_diff"] = float((outs[0] - outs[1]).abs().max())  # the two policies agree
+        row["spread_over_even"] = round(row["spread_shared_us"] / row["even_shared_us"], 3)
+        row["whole_spread_over_even"] = round(row["spread_whole_us"] / row["even_whole_us"], 3)
+        rows.append(row)
+        log(f"decode spread {row}")
+        del cache
+    return rows
+
+
 def hf_generate(path: Path, batches: list[int], vocab: int, dev: torch.device, deadline_s: float,
                 res: dict[str, Any], on_result: Any, in_len: int = 1024, out_len: int = 128) -> None:
     """HF ``generate``, static cache (which 5.x compiles), greedy; a first run of the identical
@@ -522,6 +561,16 @@ def markdown(r: dict[str, Any]) -> str:
                                                       else x["error"]) for x in r["hf"]["runs"])
         lines += ["", (f"HF transformers generate (static cache, greedy; the first run of each shape compiles and "
                        f"is timed separately): load {r['hf']['load_s']} s; {runs}.")]
+    ds = r.get("decode_spread")
+    if ds:
+        lines += ["", ("Decode attention, one layer (us), contexts spread over 64-2200 vs the same total spread "
+                       "evenly; shared split length (default) vs one program per sequence and KV head:"), "",
+                  ("| batch | splits | mean / max ctx | spread | even | spread/even | whole ctx: spread | even | "
+                   "spread/even |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in ds:
+            lines.append(f"| {x['batch']} | {x['splits']} | {x['mean_ctx']} / {x['max_ctx']} | {x['spread_shared_us']} "
+                         f"| {x['even_shared_us']} | {x['spread_over_even']} | {x['spread_whole_us']} | "
+                         f"{x['even_whole_us']} | {x['whole_spread_over_even']} |")
     if r.get("tune"):
         cfgs = "; ".join(f"b{t['batch']} bn{t['block_n']} w{t['warps']} s{t['stages']}"
                          f"{' sp' + str(t['splits']) if t.get('splits') else ''}: {t.get('GBps', t.get('error'))} GB/s"
@@ -575,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {r['model']}, fused vs torch {r['fused_check']}")
     if args.tune:
         r["tune"] = tune_decode(dev)
+    r["decode_spread"] = decode_spread(dev)
     t = time.perf_counter()
     core = BuiltinCore(model, cfg, BuiltinConfig(max_num_seqs=256, max_num_batched_tokens=16384,
                                                  gpu_memory_utilization=0.9, context_length=20480))

@@ -144,14 +144,39 @@ def test_split_context_decode_matches_reference(splits: int) -> None:
         torch.testing.assert_close(big[:len(ctxs)].double().cpu(), ref, rtol=tol, atol=tol)
 
 
-def test_decode_num_splits_fills_the_gpu_and_never_exceeds_16() -> None:
-    from turbine.engine.paged_attention import decode_num_splits
+@needs_triton
+def test_one_split_length_for_mixed_contexts_matches_reference() -> None:
+    """A step's split length is shared: short contexts fit split 0 and write their rows
+    directly, a long one spreads over every split and is merged; splits past a context stay
+    empty. The split length arrives as a device tensor, as a CUDA graph passes it."""
+    pytest.importorskip("triton")
+    from turbine.engine.paged_attention import paged_decode_triton
 
-    cpu = torch.device("cpu")  # counts as 8 SMs
-    assert decode_num_splits(1, 2, cpu) == 8
-    assert decode_num_splits(1, 1, cpu) == 16
-    assert decode_num_splits(8, 2, cpu) == 1
+    ctxs = [700, 3, 16, 17, 48, 49, 200]
+    q, kc, vc, tables, lens, ref = _decode_case(torch.float32, ctxs, seed=11, num_blocks=2048)
+    for split in (176, 48, 16 * 44):  # the longest over 4, over ~15, in one split
+        out = torch.full_like(q, float("nan"))
+        paged_decode_triton(q, kc, vc, tables, lens, q.shape[-1] ** -0.5, out=out, num_splits=16, block_n=16,
+                            split_tokens=torch.tensor([split], device=DEV))
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_splits_cover_the_longest_context_and_balance_mixed_lengths() -> None:
+    from turbine.engine.paged_attention import decode_num_splits, decode_split_tokens
+
+    cpu = torch.device("cpu")  # counts as 8 SMs: 32 programs wanted
+    assert decode_num_splits(1, 2, cpu) == 16
+    assert decode_num_splits(4, 2, cpu) == 4
+    assert decode_num_splits(16, 2, cpu) == 1
     assert all(decode_num_splits(n, 8, cpu) in (1, 2, 4, 8, 16) for n in range(1, 300))
+    # 3 sequences (grid of 4, 2 KV heads: 4 splits): one long context among short ones
+    split = decode_split_tokens(4000, 4000 + 2 * 100, 4, 2, cpu, 64)
+    assert split % 64 == 0 and 4 * split >= 4000
+    assert split < 4000 // 2  # the long one spreads over more than two programs
+    # the step's work sets a floor: no split shorter than an even share of it per program
+    assert decode_split_tokens(4000, 10000, 3, 2, cpu, 64) >= 10000 * 2 / 32
+    # even lengths a little over that share stay whole instead of leaving every sequence a stub
+    assert decode_split_tokens(1100, 13 * 1100, 13, 2, cpu, 64) >= 1100
 
 
 @needs_triton

@@ -50,7 +50,7 @@ class EagerGraphs:
         return next((b for b in self.buckets if b >= n), None)
 
     def replay(self, b: int, ints: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        assert ints.shape == (4, b) and tables.shape[0] == b
+        assert ints.shape == (5, b) and tables.shape[0] == b
         real = int((ints[2] != self.pad_slot).sum())
         self.replayed.append((real, b))
         assert (tables[real:] == self.pad_block).all() and (ints[3, real:] == 1).all()

@@ -4,15 +4,17 @@ A decode step of an 8B model is ~350 small and large kernels; launched one by on
 the launches, not the GPU, set the pace at small batch. A graph replays them all in one launch.
 
     static inputs (device, written before each replay)          per bucket b (1, 2, 4, ... max_num_seqs)
-    ints   [4, B]:  input_ids | positions | slot_mapping | context_lens     graph_b reads ints[:, :b]
+    ints   [5, B]:  input_ids | positions | slot_mapping | context_lens     graph_b reads ints[:, :b]
+                    | decode split length (in column 0)
     tables [B, max_blocks]  block tables                                    and tables[:b]
     logits [b, vocab]  written by graph_b's replay (float32)
 
 A step of n decodes runs in the smallest bucket b >= n; the runner pads rows n..b-1 with a token at
 position 0 whose KV goes to a reserved pad block that no sequence owns (context length 1), so a
 padded row is finite, harmless work. Attention reads its lengths from ``context_lens`` on the
-device and its grid depends only on b (``decode_num_splits``), so one capture serves every
-context length up to ``max_blocks * block_size``. Graphs share one memory pool (captured
+device, its split length from ``ints[4, 0]`` (set per step by the runner) and its grid depends
+only on b (``decode_num_splits``), so one capture serves every context length up to
+``max_blocks * block_size``. Graphs share one memory pool (captured
 largest first); replays are serialized by the step loop, so sharing is safe.
 
 Batch sizes up to ``SMALL_M_ROWS`` are captured twice, with cuBLAS and with the weight-streaming
@@ -63,9 +65,10 @@ class DecodeGraphs:
         self.pad_block = int(pad_block)
         self.pad_slot = self.pad_block * attn.kv_cache.block_size
         big = self.max_batch
-        self.ints = torch.zeros((4, big), dtype=torch.int64, device=self.device)
+        self.ints = torch.zeros((5, big), dtype=torch.int64, device=self.device)
         self.ints[2].fill_(self.pad_slot)
         self.ints[3].fill_(1)
+        self.ints[4].fill_(max_blocks * attn.kv_cache.block_size)  # capture: one split covers any context
         self.tables = torch.full((big, self.max_blocks), self.pad_block, dtype=torch.int64, device=self.device)
         self._qstart = torch.arange(big + 1, dtype=torch.int64, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -82,6 +85,7 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.ints[2, :b], query_start_loc=self._qstart[:b + 1], context_lens=self.ints[3, :b],
             block_tables=self.tables[:b], num_decodes=b, query_lens_host=(1,) * b, context_lens_host=(1,) * b,
+            decode_split=self.ints[4, :1],
         )
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -143,7 +147,7 @@ class DecodeGraphs:
         return sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))[reps // 2]
 
     def replay(self, b: int, ints: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """``ints`` [4, b] and ``tables`` [b, w] (already padded to the bucket) -> logits [b, vocab]."""
+        """``ints`` [5, b] and ``tables`` [b, w] (already padded to the bucket) -> logits [b, vocab]."""
         if b not in self.graphs:
             raise ValueError(f"no graph captured for batch size {b}")
         w = tables.shape[1]

@@ -40,6 +40,8 @@ from turbine.engine.paged_attention import (
     CausalAttention,
     PagedAttention,
     PrefillLayout,
+    decode_block_n,
+    decode_split_tokens,
 )
 from turbine.engine.sampler import Sampler, SamplingBatch
 from turbine.engine.scheduler import SchedulerOutput
@@ -58,7 +60,7 @@ class StepBatch:
     request_ids: tuple[str, ...]  # the N sampling sequences, in logits order
     sampling: SamplingBatch | None
     graph_batch: int = 0  # > 0: replay the decode graph of this (padded) batch size
-    graph_ints: torch.Tensor | None = None  # [4, graph_batch]: ids | positions | slots | context lens
+    graph_ints: torch.Tensor | None = None  # [5, graph_batch]: ids | positions | slots | context lens | split
     logits_all_rows: bool = False  # logits_indices is arange(N): no gather needed
     # (rows of input_ids, rows of the in-flight step's tokens): inputs still on the device
     fix: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -182,6 +184,7 @@ class ModelRunner:
             if prev is None:
                 raise ValueError("a decode's input token is still on the device, but no step is in flight")
             fix_src = np.fromiter((prev.row(seqs[i].request_id) for i in fix_dst.tolist()), np.int64, len(fix_dst))
+        split = self._decode_split(clens[:num_decodes], gb or num_decodes)
         if gb:  # pad rows: token 0 at position 0, KV to the pad block, context 1
             pad = gb - n_seqs
             tables[n_seqs:] = graphs.pad_block  # type: ignore[union-attr]
@@ -189,9 +192,11 @@ class ModelRunner:
             positions = np.concatenate((positions, np.zeros(pad, dtype=np.int64)))
             slots = np.concatenate((slots, np.full(pad, graphs.pad_slot, dtype=np.int64)))  # type: ignore[union-attr]
             clens_up = np.concatenate((clens, np.ones(pad, dtype=np.int64)))
-            parts = [ids_arr, positions, slots, clens_up, logits_idx, tables.ravel(), qstart]
+            parts = [ids_arr, positions, slots, clens_up, np.full(gb, split, dtype=np.int64), logits_idx,
+                     tables.ravel(), qstart]
         else:
-            parts = [ids_arr, positions, slots, clens, logits_idx, tables.ravel(), qstart]
+            parts = [ids_arr, positions, slots, clens, np.full(1, split, dtype=np.int64), logits_idx,
+                     tables.ravel(), qstart]
         prefill_host = self._prefill_layout(entries[num_decodes:], qlens[num_decodes:], clens[num_decodes:],
                                             tables[num_decodes:n_seqs]) if not gb else None
         if prefill_host is not None:
@@ -202,13 +207,14 @@ class ModelRunner:
         flat, views = self._upload(parts, aligned=not gb)
         prefill = None
         if prefill_host is not None:
-            prefill = PrefillLayout(cu_q=views[7].to(torch.int32), cu_k=views[8].to(torch.int32),
-                                    gather=views[9] if len(prefill_host[2]) else None,
+            prefill = PrefillLayout(cu_q=views[8].to(torch.int32), cu_k=views[9].to(torch.int32),
+                                    gather=views[10] if len(prefill_host[2]) else None,
                                     max_q=prefill_host[3], max_k=prefill_host[4])
         meta = AttentionMetadata(
-            slot_mapping=views[2], query_start_loc=views[6], context_lens=views[3],
-            block_tables=views[5].view(tables.shape), num_decodes=num_decodes,
+            slot_mapping=views[2], query_start_loc=views[7], context_lens=views[3],
+            block_tables=views[6].view(tables.shape), num_decodes=num_decodes,
             query_lens_host=tuple(qlens.tolist()), context_lens_host=tuple(clens.tolist()), prefill=prefill,
+            decode_split=views[4][:1],
         )
         sampling = None
         if samplers:
@@ -218,11 +224,20 @@ class ModelRunner:
                 vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
                 stage=self.staging.to_device,
             )
-        return StepBatch(views[0], views[1], meta, views[4],
+        return StepBatch(views[0], views[1], meta, views[5],
                          tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
-                         graph_batch=gb, graph_ints=flat[:4 * gb].view(4, gb) if gb else None,
+                         graph_batch=gb, graph_ints=flat[:5 * gb].view(5, gb) if gb else None,
                          logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
                          fix=(views[-2], views[-1]) if len(fix_dst) else None)
+
+    def _decode_split(self, clens: np.ndarray, grid_seqs: int) -> int:
+        """The decode kernel's context split length for decodes of lengths ``clens`` in a grid of
+        ``grid_seqs`` rows (see ``decode_split_tokens``; 0 when the step has no decodes)."""
+        if not len(clens) or not self.attn.use_triton:
+            return 0
+        spec = self.kv_cache.spec
+        return decode_split_tokens(int(clens.max()), int(clens.sum()), grid_seqs, spec.num_kv_heads, self.device,
+                                   decode_block_n(self.block_size))
 
     def _upload(self, parts: list[np.ndarray], *, aligned: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``parts`` in one host->device copy, and a device view of each. ``aligned``: every view
