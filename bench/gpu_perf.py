@@ -302,6 +302,41 @@ def graph_vs_eager(core: BuiltinCore, prompts: Prompts, n: int = 5) -> dict[str,
             "small_m_triton": triton_bucket, "ok": err < (5e-2 if triton_bucket else 1e-2)}
 
 
+def piecewise_vs_eager(core: BuiltinCore, prompts: Prompts, reps: int = 5) -> list[dict[str, Any]]:
+    """A forward of n prompt tokens (one sequence, cache-free attention) through the piecewise
+    graphs and eagerly: median wall ms (host launch included, the point of the graphs) and the
+    last row's hidden-state relative error (the graphs pad to a bucket: other matmul shapes)."""
+    pw, model = core.runner.piecewise, core.model
+    if pw is None:
+        return []
+    rows = []
+    dev = core.device
+    with torch.inference_mode():
+        for n in (16, 200, 512, 1024, 2048):
+            if pw.bucket(n) is None:
+                continue
+            ids = torch.tensor(prompts(n), device=dev)
+            pos = torch.arange(n, device=dev)
+            attn = CausalAttention([n])
+            res: dict[str, Any] = {"tokens": n, "bucket": pw.bucket(n)}
+            for name, fwd in (("eager", model.forward), ("piecewise", pw.forward)):
+                times = []
+                for _ in range(reps + 1):
+                    torch.cuda.synchronize(dev)
+                    t = time.perf_counter()
+                    hidden = fwd(ids, pos, attn)
+                    torch.cuda.synchronize(dev)
+                    times.append((time.perf_counter() - t) * 1e3)
+                res[f"{name}_ms"] = round(statistics.median(times[1:]), 2)
+                res[name] = hidden[-1].double().clone()
+            e, g = res.pop("eager"), res.pop("piecewise")
+            res["rel_err"] = float((g - e).norm() / e.norm())
+            res["ok"] = res["rel_err"] < 1e-2
+            rows.append(res)
+            log(f"piecewise vs eager {res}")
+    return rows
+
+
 def pinned_alloc_probe(dev: torch.device) -> dict[str, float]:
     """How long a fresh pinned allocation takes while ~100 ms of GPU work is queued: if it waits
     for that work, allocating pinned memory per step stalls an async pipeline."""
@@ -501,7 +536,8 @@ def markdown(r: dict[str, Any]) -> str:
                  f"{c['hbm_copy_GBps']} GB/s, bf16 matmul {c['bf16_matmul_TFLOPs']} TFLOP/s")
     lines.append(f"- checkpoint: {r['preset']} random weights, {m['weight_bytes'] / 1e9:.2f} GB, Turbine loader "
                  f"{r['load_s']} s; engine init (KV {eng['kv_tokens']} tokens, decode graphs "
-                 f"{eng['graph_buckets']}) {eng['init_s']} s")
+                 f"{eng['graph_buckets']}, piecewise graphs of token counts {eng.get('piecewise_buckets')}) "
+                 f"{eng['init_s']} s")
     sm = eng.get("small_m_linear")
     if sm:
         lines.append("- decode graphs of batch <= 16, linear layers cuBLAS vs Triton small-M kernel (replay ms, "
@@ -527,6 +563,12 @@ def markdown(r: dict[str, Any]) -> str:
                        f"{e64['wall_s']} / {e64['prefill_steps_s']} / {e64['alloc_retries']}; one step at a "
                        f"time {s64['wall_s']} / {s64['prefill_steps_s']} / {s64['alloc_retries']}; async behind "
                        f"decode steps only {o64['wall_s']} / {o64['prefill_steps_s']} / {o64['alloc_retries']}.")]
+    pv = r.get("piecewise_vs_eager")
+    if pv:
+        lines += ["", "- a forward of n prompt tokens, piecewise graphs vs eager (wall ms, launch included; last "
+                      "row's hidden rel. err): " + "; ".join(
+                          f"{x['tokens']} (bucket {x['bucket']}): {x['piecewise_ms']} vs {x['eager_ms']}, "
+                          f"{x['rel_err']:.1e}" for x in pv)]
     av = r.get("async_vs_sync")
     if av:
         lines += ["", f"- async scheduling vs one step at a time, same greedy requests: {av['identical']}/"
@@ -631,12 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     g = core.runner.graphs
     r["engine"] = {"init_s": round(time.perf_counter() - t, 1), "kv_tokens": core.num_kv_blocks * core.config.block_size,
                    "graph_buckets": g.buckets if g is not None else None,
-                   "small_m_linear": g.small_m if g is not None else None}
+                   "small_m_linear": g.small_m if g is not None else None,
+                   "piecewise_buckets": core.runner.piecewise.buckets if core.runner.piecewise is not None else None}
     del g  # it holds the model and the KV cache: HF needs that memory later
     log(f"engine {r['engine']}")
     if core.runner.graphs is not None:
         r["graph_vs_eager"] = graph_vs_eager(core, prompts)
         log(f"graph vs eager {r['graph_vs_eager']}")
+    r["piecewise_vs_eager"] = piecewise_vs_eager(core, prompts)
     r["pinned_alloc_probe"] = pinned_alloc_probe(dev)
     log(f"pinned allocation probe {r['pinned_alloc_probe']}")
     r["async_vs_sync"] = async_vs_sync(core, prompts)

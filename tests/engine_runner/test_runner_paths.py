@@ -104,6 +104,43 @@ def test_too_many_decodes_for_the_largest_bucket_run_eagerly(make_core, referenc
     assert all(b <= 2 for _, b in graphs.replayed)
 
 
+class EagerPiecewise:
+    """``PiecewiseGraphs``' interface; runs the bucket-padded forward eagerly. Pad rows carry the
+    ids and positions an earlier step left (as the static buffers do) and attention sees the
+    real rows only, so the real rows must come out as an unpadded forward's."""
+
+    def __init__(self, model, buckets: list[int]) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.buckets, self.max_tokens = model, buckets, buckets[-1]
+        self.ids = torch.zeros(self.max_tokens, dtype=torch.int64)
+        self.pos = torch.zeros(self.max_tokens, dtype=torch.int64)
+        self.ran: list[tuple[int, int]] = []
+
+    def forward(self, input_ids, positions, attn):  # type: ignore[no-untyped-def]
+        n = int(input_ids.shape[0])
+        t = next(b for b in self.buckets if b >= n)
+        self.ran.append((n, t))
+        self.ids[:n], self.pos[:n] = input_ids, positions
+
+        class RealRows:
+            def forward(self, layer, q, k, v):  # type: ignore[no-untyped-def]
+                out = torch.full_like(q, 1e4)  # pad rows' attention output: garbage, but finite
+                out[:n] = attn.forward(layer, q[:n], k[:n], v[:n])
+                return out
+
+        return self.model.forward(self.ids[:t], self.pos[:t], RealRows())[:n]
+
+
+def test_steps_with_prompt_tokens_through_padded_piecewise_buckets(make_core, reference) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(max_num_batched_tokens=40)
+    pw = core.runner.piecewise = EagerPiecewise(core.model, [8, 16, 32])  # type: ignore[assignment]
+    for rid in ("a", "b", "c", "d", "e"):
+        core.add_request(greedy(rid, PROMPTS[rid], MAX_TOKENS[rid]))
+    assert run_to_completion(core) == reference
+    assert any(n < t for n, t in pw.ran)  # padded buckets, after larger steps left stale rows
+    assert all(t <= 32 for _, t in pw.ran)
+    assert core.stats().kv_active_blocks == 0
+
+
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):  # type: ignore[no-untyped-def]
     """The flash kernel's semantics: per sequence, causal aligned to the end of its context."""
     outs = []

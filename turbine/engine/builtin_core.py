@@ -13,12 +13,14 @@ prefill steps alike (``overlap_prefill_steps=False``: behind decode-only steps o
              [free]  wait for step k's tokens             (the device finishes k; k+1 is queued behind it)
              [lock]  complete k ─▶ take KV events          (fill tokens, stop checks, free finished)
 
-An eager step (one with prompt tokens: no CUDA graph) is different: launching it kernel by kernel
-costs ~20 ms of host time on an 8B model (bench/eager_step_host.py), and launched ahead it would
-hold back the tokens of the step in flight that long. So unless the step in flight is itself long
-on the device (``eager_overlap_min_tokens`` prompt tokens or more), the call prepares the eager
-step, completes the one in flight and returns its tokens; the next call launches the eager step
-first ("staged").
+A step with prompt tokens replays the piecewise graphs (piecewise_graphs.py: graphs between the
+layers' attentions, attention eager) when it has at most ``piecewise_graph_tokens`` tokens, and
+launches ahead like a decode graph. A fully eager step (more tokens, or no graphs) is different:
+launching it kernel by kernel costs ~20 ms of host time on an 8B model (bench/eager_step_host.py),
+and launched ahead it would hold back the tokens of the step in flight that long. So unless the
+step in flight is itself long on the device (``eager_overlap_min_tokens`` prompt tokens or more),
+the call prepares the eager step, completes the one in flight and returns its tokens; the next
+call launches the eager step first ("staged").
 
 Each call returns the results of the step it completed. A sequence that stops on a sampled stop
 token has one more token computed in the step behind it, which is dropped; a sequence that
@@ -46,7 +48,12 @@ from turbine.engine.kv_cache import (
     KVCacheSpec,
     num_blocks_for_bytes,
 )
-from turbine.engine.model_runner import LaunchedStep, ModelRunner, StepBatch, profile_activation_bytes
+from turbine.engine.model_runner import (
+    LaunchedStep,
+    ModelRunner,
+    StepBatch,
+    profile_activation_bytes,
+)
 from turbine.engine.sampler import check_sampling_options
 from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
@@ -77,6 +84,9 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = 0  # generator of unseeded sampling (None: nondeterministic)
     decode_kernel: str = "auto"  # "auto" | "triton" | "torch" (see PagedAttention)
     cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
+    # ... and piecewise graphs (piecewise_graphs.py) of steps with prompt tokens up to this many
+    # tokens (capped by max_num_batched_tokens; 0: such steps always run eagerly)
+    piecewise_graph_tokens: int = 2048
     long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
     async_scheduling: bool = True  # plan and launch the next step while the device runs this one
     # ... also while a step with prefill tokens runs (off: only behind decode-only steps)
@@ -95,6 +105,8 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.context_length is not None and self.context_length <= 1:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if self.piecewise_graph_tokens < 0:
+            raise ValueError(f"piecewise_graph_tokens must be >= 0, got {self.piecewise_graph_tokens}")
         if self.eager_overlap_min_tokens < 0:
             raise ValueError(f"eager_overlap_min_tokens must be >= 0, got {self.eager_overlap_min_tokens}")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold <= 0:
@@ -155,6 +167,7 @@ class BuiltinCore:
         spec = KVCacheSpec(num_layers=int(mc.num_hidden_layers), num_kv_heads=int(mc.num_key_value_heads),
                            head_dim=int(mc.head_dim), block_size=config.block_size, dtype=self.dtype)
         graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.piecewise_tokens = min(config.piecewise_graph_tokens, config.max_num_batched_tokens) if graphs else 0
         num_blocks = config.num_gpu_blocks or self._auto_num_blocks(spec)
         # With graphs one extra block, owned by no sequence, takes the padded rows' KV writes.
         self.kv_cache = KVCache(spec, num_blocks + 1 if graphs else num_blocks, self.device)
@@ -172,6 +185,8 @@ class BuiltinCore:
                                   pad_block=num_blocks if graphs else None)
         if graphs and self.runner.attn.use_triton:
             self.runner.capture_graphs(config.max_num_seqs)
+        if graphs and self.piecewise_tokens:
+            self.runner.capture_piecewise(self.piecewise_tokens)
         self.num_steps = 0
         self._lock = threading.Lock()
         self._inflight: _InFlight | None = None
@@ -202,6 +217,8 @@ class BuiltinCore:
         budget = total * cfg.gpu_memory_utilization - (total - free) - peak
         if cfg.cuda_graphs:  # the graphs' float32 logits at the largest batch, and the pad block
             budget -= cfg.max_num_seqs * self.vocab_size * 4 + spec.bytes_per_block
+            # the piecewise graphs' pool holds a step's activations at their largest bucket
+            budget -= peak * self.piecewise_tokens // cfg.max_num_batched_tokens
         n = num_blocks_for_bytes(spec, int(budget))
         if n < 1:
             raise ValueError(
@@ -265,7 +282,8 @@ class BuiltinCore:
         if cfg.async_scheduling and (cfg.overlap_prefill_steps or not done.out.num_prefill_tokens):
             nxt = self._prepare_next(done)
             if nxt is not None:
-                if nxt.batch.graph_batch or done.out.num_prefill_tokens >= cfg.eager_overlap_min_tokens:
+                if (nxt.batch.graph_batch or nxt.batch.piecewise
+                        or done.out.num_prefill_tokens >= cfg.eager_overlap_min_tokens):
                     self._inflight = self._launch(nxt)
                 else:
                     self._staged = nxt

@@ -76,6 +76,11 @@ class DecodeGraphs:
         self.small_m: dict[int, dict[str, float]] = {}  # bucket -> replay ms of each way, "triton" kept?
         self._pool: tuple[int, int] | None = None  # the graphs' shared memory pool (set by the first capture)
 
+    @property
+    def pool(self) -> tuple[int, int] | None:
+        """The graphs' memory pool (None before the first capture)."""
+        return self._pool
+
     def bucket(self, n: int) -> int | None:
         """The smallest captured batch size holding ``n`` decodes (None: too many)."""
         i = bisect.bisect_left(self.buckets, n)

@@ -43,6 +43,7 @@ from turbine.engine.paged_attention import (
     decode_block_n,
     decode_split_tokens,
 )
+from turbine.engine.piecewise_graphs import PiecewiseGraphs, default_token_buckets
 from turbine.engine.sampler import Sampler, SamplingBatch
 from turbine.engine.scheduler import SchedulerOutput
 from turbine.engine.sequence import PLACEHOLDER
@@ -62,6 +63,7 @@ class StepBatch:
     graph_batch: int = 0  # > 0: replay the decode graph of this (padded) batch size
     graph_ints: torch.Tensor | None = None  # [5, graph_batch]: ids | positions | slots | context lens | split
     logits_all_rows: bool = False  # logits_indices is arange(N): no gather needed
+    piecewise: bool = False  # the forward replays the piecewise graphs (a step with prompt tokens)
     # (rows of input_ids, rows of the in-flight step's tokens): inputs still on the device
     fix: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -114,6 +116,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.pad_block = pad_block
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
         self._tables = _BlockTables(-(-max_model_len // self.block_size) if max_model_len else 64)
         rotary = getattr(model, "rotary", None)
         if max_model_len is not None and hasattr(rotary, "reserve"):
@@ -132,6 +135,22 @@ class ModelRunner:
         graphs.capture()
         self.graphs = graphs
         return graphs
+
+    def capture_piecewise(self, max_tokens: int, buckets: Seq[int] | None = None) -> PiecewiseGraphs:
+        """Capture the piecewise graphs of steps with prompt tokens, up to ``max_tokens`` tokens
+        (sharing the decode graphs' memory pool when they exist)."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        spec = self.kv_cache.spec
+        pool = self.graphs.pool if self.graphs is not None else None
+        pw = PiecewiseGraphs(self.model, buckets=buckets or default_token_buckets(max_tokens),
+                             num_heads=self.attn.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                             dtype=spec.dtype, device=self.device, pool=pool)
+        if self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        pw.capture()
+        self.piecewise = pw
+        return pw
 
     # -- host side ----------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> StepBatch:
@@ -228,6 +247,7 @@ class ModelRunner:
                          tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
                          graph_batch=gb, graph_ints=flat[:5 * gb].view(5, gb) if gb else None,
                          logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
+                         piecewise=not gb and self.piecewise is not None and n_tok <= self.piecewise.max_tokens,
                          fix=(views[-2], views[-1]) if len(fix_dst) else None)
 
     def _decode_split(self, clens: np.ndarray, grid_seqs: int) -> int:
@@ -302,7 +322,10 @@ class ModelRunner:
             logits = logits[:n] if batch.logits_all_rows else logits.index_select(0, batch.logits_indices)
         else:
             self.attn.set_metadata(batch.attn)
-            hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
+            if batch.piecewise:
+                hidden = self.piecewise.forward(batch.input_ids, batch.positions, self.attn)  # type: ignore[union-attr]
+            else:
+                hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
             if batch.sampling is None:
                 return LaunchedStep((), None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
