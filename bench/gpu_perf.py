@@ -331,7 +331,8 @@ def piecewise_vs_eager(core: BuiltinCore, prompts: Prompts, reps: int = 5) -> li
                 res[name] = hidden[-1].double().clone()
             e, g = res.pop("eager"), res.pop("piecewise")
             res["rel_err"] = float((g - e).norm() / e.norm())
-            res["ok"] = res["rel_err"] < 1e-2
+            # a padded bucket runs other matmul shapes: two bf16 evaluations of this random model differ ~2e-2
+            res["ok"] = res["rel_err"] < 5e-2
             rows.append(res)
             log(f"piecewise vs eager {res}")
     return rows

@@ -56,11 +56,12 @@ from turbine.profiler.plots import plot_fidelity, plot_profile
 from turbine.profiler.profile import QUICK_GRID, ProfileGrid, Profiler
 from turbine.profiler.workload import WorkloadConfig
 
-GPU_GRID = ProfileGrid(prefill_new_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192),
+GPU_GRID = ProfileGrid(prefill_new_tokens=(16, 64, 256, 512, 768, 1024, 1536, 2048, 4096, 8192),
                        prefill_cached_tokens=(0, 512, 2048),
                        decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                        decode_context_lengths=(128, 512, 1024, 2048, 4096),
-                       mixed_new_tokens=(16, 64, 256, 1024, 2048, 4096), mixed_batch_sizes=(1, 8, 32, 128),
+                       mixed_new_tokens=(16, 64, 256, 512, 768, 1024, 1536, 2048, 4096),
+                       mixed_batch_sizes=(1, 8, 32, 128),
                        warmup=2, repeats=5, decode_setup_tokens=200_000)
 GPU_WORKLOAD = WorkloadConfig(phases=((1, 8), (4, 24), (16, 48), (64, 128)), prompt_tokens=(64, 2048),
                               output_tokens=(16, 128), prefix_groups=4, prefix_tokens=512, prefix_share=0.5,

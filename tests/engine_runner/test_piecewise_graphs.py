@@ -16,7 +16,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def test_default_token_buckets() -> None:
-    assert default_token_buckets(2048) == [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert default_token_buckets(2048) == [16, 32, 64, 128, 256, *range(384, 2049, 128)]
+    assert default_token_buckets(1000) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1000]
     assert default_token_buckets(100) == [16, 32, 64, 100]
     assert default_token_buckets(0) == []
 

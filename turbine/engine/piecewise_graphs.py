@@ -13,7 +13,7 @@ alone. So for each token bucket T the forward is captured as ``num_layers + 1`` 
     ...
     segment L:  layer L-1's o_proj and MLP, the final norm         -> hidden [T, hidden_size]
 
-A step of n tokens runs in the smallest bucket T >= n: its ids and positions are copied to the
+A step of n tokens runs in the smallest bucket T >= n (``default_token_buckets``): its ids and positions are copied to the
 front of the static inputs; rows n..T-1 keep what an earlier step left there (valid ids and
 positions, so finite work, and row-independent until attention, which reads rows < n only).
 The segments of every bucket share one memory pool and replay in capture order, one step at a
@@ -34,14 +34,17 @@ from turbine.engine.attention_api import AttentionBackend, CausalLM
 
 __all__ = ["PiecewiseGraphs", "default_token_buckets"]
 
-_LADDER = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+_FINE_FROM = 256  # below: powers of two (a step that small streams the weights: padding is free)
+_FINE_STEP = 128  # above: every 128 tokens (compute-bound: a step pads by at most 128 tokens)
 
 
 def default_token_buckets(max_tokens: int) -> list[int]:
-    """Token counts to capture: a ladder of steps of 1.5-2x up to ``max_tokens``, which is included."""
+    """Token counts to capture, up to ``max_tokens`` (included): 16, 32, .. 256, then every 128."""
     if max_tokens <= 0:
         return []
-    return sorted({t for t in _LADDER if t < max_tokens} | {max_tokens})
+    small = [16 << i for i in range((_FINE_FROM // 16).bit_length())]
+    fine = range(_FINE_FROM + _FINE_STEP, max_tokens, _FINE_STEP)
+    return sorted({t for t in (*small, *fine) if t < max_tokens} | {max_tokens})
 
 
 class _Break:

@@ -61,7 +61,8 @@ class ProfileGrid(msgspec.Struct, frozen=True, kw_only=True):
     prefill_cached_tokens: tuple[int, ...] = (0, 1024, 4096, 8192)
     decode_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     decode_context_lengths: tuple[int, ...] = (128, 512, 1024, 2048, 4096, 8192)
-    mixed_new_tokens: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)
+    # between 256 and 2048 a step's cost climbs in the engine's piecewise-graph buckets: sample it densely
+    mixed_new_tokens: tuple[int, ...] = (16, 64, 256, 512, 768, 1024, 1536, 2048, 4096)
     mixed_batch_sizes: tuple[int, ...] = (1, 8, 32, 128)  # measured at the decode context nearest 1024
     warmup: int = 1
     repeats: int = 5
