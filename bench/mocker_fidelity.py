@@ -230,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
               "profile_meta": profile.get("meta", {}), "fidelity": res.comparison, "stages_s": stages,
               # every real step, for offline analysis: start (ms from the first), ms, host ms, shape
               "real_steps": {"columns": ["start_ms", "ms", "host_ms", "prefill_tokens", "prefill_context",
-                                         "decode_seqs", "decode_context"],
+                                         "decode_seqs", "decode_context", "device_ms"],
                              "rows": [[round((r.start_s - recorder.records[0].start_s) * 1e3, 3), round(r.ms, 3),
                                        None if r.host_s is None else round(r.host_s * 1e3, 3), r.prefill_tokens,
-                                       round(r.prefill_context, 1), r.decode_seqs, round(r.decode_context, 1)]
+                                       round(r.prefill_context, 1), r.decode_seqs, round(r.decode_context, 1),
+                                       None if r.device_ms is None else round(r.device_ms, 3)]
                                       for r in recorder.records]}}
     (out / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_fidelity(res.comparison))

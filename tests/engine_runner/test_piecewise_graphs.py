@@ -66,3 +66,9 @@ def test_engine_serves_prompt_steps_through_piecewise_graphs(real_tiny_dir) -> N
     assert core.runner.piecewise is not None and core.runner.piecewise.buckets == [16, 32, 64]
     assert graphed == eager
     assert core.stats().kv_active_blocks == 0
+    assert core.step().device_s is None  # untimed unless asked
+    core.enable_device_timing()
+    core.add_request(greedy("timed", prompts["r3"], 2))
+    res = core.step()
+    assert res.num_prefill_tokens and res.device_s is not None and 0 < res.device_s < res.duration_s + 1
+    run_to_completion(core)

@@ -133,6 +133,7 @@ class StepResult(NamedTuple):
     num_decode_seqs: int
     num_preempted: int
     host_s: float = 0.0  # of duration_s, the time not spent waiting for the device
+    device_s: float | None = None  # the step's device time (CUDA events; None unless enable_device_timing)
 
 
 class _InFlight(NamedTuple):
@@ -323,8 +324,14 @@ class BuiltinCore:
                    for seq, token, reason, n_out in results]
         out = done.out
         duration = time.perf_counter() - t0
+        device_ms = done.launched.device_ms()
         return StepResult(duration, outputs, events, out.num_prefill_tokens, out.num_decode_seqs,
-                          len(out.preempted), duration - wait_s)
+                          len(out.preempted), duration - wait_s, None if device_ms is None else device_ms / 1e3)
+
+    def enable_device_timing(self, on: bool = True) -> None:
+        """Time each step's device work with CUDA events (``StepResult.device_s``): with async
+        scheduling the call's wall time is not the step's (it overlaps the neighbours')."""
+        self.runner.time_device = on
 
     def stats(self) -> EngineStats:
         with self._lock:

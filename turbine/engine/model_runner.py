@@ -75,14 +75,24 @@ class StepBatch:
 class LaunchedStep:
     """A step queued on the device: its sampled tokens (device) and their copy to the host."""
 
-    __slots__ = ("_rows", "_pending", "request_ids", "tokens")
+    __slots__ = ("_events", "_pending", "_rows", "request_ids", "tokens")
 
     def __init__(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None,
-                 pending: PendingHost | None = None) -> None:
+                 pending: PendingHost | None = None,
+                 events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None) -> None:
         self.request_ids = request_ids
         self.tokens = tokens  # [N] int64 on the device, in request_ids order (None: nothing sampled)
         self._pending = pending
+        self._events = events  # (start, end) around the step's device work (ModelRunner.time_device)
         self._rows: dict[str, int] | None = None
+
+    def device_ms(self) -> float | None:
+        """Device time from the step's first kernel to its sampling (after ``wait``; None: untimed)."""
+        if self._events is None:
+            return None
+        start, end = self._events
+        end.synchronize()
+        return start.elapsed_time(end)
 
     def row(self, request_id: str) -> int:
         """The row of ``request_id``'s token in ``tokens``."""
@@ -117,6 +127,9 @@ class ModelRunner:
         self.pad_block = pad_block
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
+        # CUDA events around each step's device work (LaunchedStep.device_ms): a diagnostic, off
+        # in serving (two event records a step, no synchronization)
+        self.time_device = False
         self._tables = _BlockTables(-(-max_model_len // self.block_size) if max_model_len else 64)
         rotary = getattr(model, "rotary", None)
         if max_model_len is not None and hasattr(rotary, "reserve"):
@@ -308,6 +321,10 @@ class ModelRunner:
         self.num_steps += 1
         if self.device.type == "cuda" and self.device.index is not None:  # this thread launches there
             torch.cuda.set_device(self.device)
+        events = None
+        if self.time_device and self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         if batch.fix is not None:  # inputs sampled by the step in flight, gathered on the device
             if prev is None or prev.tokens is None:
                 raise ValueError("the step needs the in-flight step's tokens")
@@ -330,7 +347,9 @@ class ModelRunner:
                 return LaunchedStep((), None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         tokens = self.sampler(logits.float(), batch.sampling)
-        return LaunchedStep(batch.request_ids, tokens, self.staging.to_host(tokens))
+        if events is not None:
+            events[1].record()
+        return LaunchedStep(batch.request_ids, tokens, self.staging.to_host(tokens), events)
 
 
 class _BlockTables:

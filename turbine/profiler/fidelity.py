@@ -59,6 +59,7 @@ class StepRecord(NamedTuple):
     waiting: int | None = None
     running: int | None = None
     kv_used: float | None = None  # referenced blocks / all blocks
+    device_ms: float | None = None  # the step's device time (StepResult.device_s), where the core times it
 
 
 ALLOC_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
@@ -113,6 +114,8 @@ class StepRecorder:
         self.gc_pauses: list[GcPause] = []
         self._gc_start: tuple[float, int] | None = None
         self._counters = _cuda_counters(getattr(core, "device", None))
+        if hasattr(core, "enable_device_timing"):  # a pipelined step's call time is not its own
+            core.enable_device_timing(True)
         self._last: dict[str, int] | None = None
         self.read_us: list[float] = []  # cost of each allocator-counter read
         self.reset()
@@ -157,14 +160,26 @@ class StepRecorder:
                 tuple(o.request_id for o in outs if o.token_id is None),
                 tuple(o.request_id for o in outs if o.token_id is not None and o.completion_tokens == 1),
                 tuple(o.request_id for o in outs if o.token_id is not None and o.completion_tokens >= 2),
-                res.num_preempted, getattr(res, "host_s", None), gc_ms, alloc, *_load(self.core)))
+                res.num_preempted, getattr(res, "host_s", None), gc_ms, alloc, *_load(self.core),
+                _ms(getattr(res, "device_s", None))))
         return res
 
     def close(self) -> None:
+        if hasattr(self.core, "enable_device_timing"):
+            self.core.enable_device_timing(False)
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         if self.core.__dict__.get("step") is self:
             del self.core.step
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _measured_ms(r: StepRecord) -> float:
+    """The step's own time: its device time where timed, else the call's wall time."""
+    return r.device_ms if r.device_ms is not None else r.ms
 
 
 def _kind(r: StepRecord) -> str:
@@ -172,11 +187,12 @@ def _kind(r: StepRecord) -> str:
 
 
 def step_accuracy(records: Sequence[StepRecord], timing: TimingModel) -> dict[str, dict[str, float]]:
-    """Per step kind: steps, median and p10/p90 of predicted / measured time."""
+    """Per step kind: steps, median and p10/p90 of predicted / measured time (device time where
+    the core reports it: a pipelined call's wall time overlaps its neighbours' steps)."""
     by_kind: dict[str, list[float]] = {}
     for r in records:
-        if r.ms > 0:
-            by_kind.setdefault(_kind(r), []).append(predicted_ms(r, timing) / r.ms)
+        if _measured_ms(r) > 0:
+            by_kind.setdefault(_kind(r), []).append(predicted_ms(r, timing) / _measured_ms(r))
     out = {}
     for kind, ratios in sorted(by_kind.items()):
         q = statistics.quantiles(ratios, n=10) if len(ratios) >= 2 else ratios * 9
@@ -201,7 +217,7 @@ def _r(v: float | None) -> float | None:
 
 def step_points(records: Sequence[StepRecord], timing: TimingModel) -> list[tuple[float, float, str]]:
     """(measured ms, predicted ms, kind) of each record, for a scatter plot."""
-    return [(r.ms, predicted_ms(r, timing), _kind(r)) for r in records if r.ms > 0]
+    return [(_measured_ms(r), predicted_ms(r, timing), _kind(r)) for r in records if _measured_ms(r) > 0]
 
 
 def additive_timing(profile: dict[str, Any]) -> ProfileTiming:
