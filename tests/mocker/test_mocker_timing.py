@@ -203,3 +203,46 @@ def test_mixed_profile_loads_from_file(tmp_path: Path) -> None:
     assert t.has_mixed and t.step_seconds(1000, 9, 0.3, mean_decode_context=100) == pytest.approx(55e-3)
     with pytest.raises(ValueError, match=r"profile\.json: mixed\.context_length"):
         ProfileTiming.from_file(write(tmp_path, {**MIXED, "mixed": {**MIXED["mixed"], "context_length": -5}}))
+
+
+# Padding (meta.padding): the engine runs a step at its CUDA graph's size.
+PADDED = {**MIXED, "meta": {"padding": {"decode_batch": [1, 9, 17], "tokens": [100, 600, 1000, 2000]}}}
+
+
+def test_decode_bucket_costs_its_rows_and_the_real_rows_attention() -> None:
+    t, plain = ProfileTiming(PADDED), ProfileTiming(MIXED)
+    assert t.decode_ms(9, 200) == plain.decode_ms(9, 200) == 19  # a bucket size: the table itself
+    # 5 decodes run as 9: 9 rows at the shortest context (13), plus 5/9 of 9 rows' attention (19 - 13)
+    assert t.decode_ms(5, 200) == pytest.approx(13 + 5 / 9 * 6)
+    assert t.decode_ms(5, 200) > plain.decode_ms(5, 200)  # the unpadded line from batch 1 undercounts
+    assert t.decode_ms(5, 100) == 13
+    assert t.decode_ms(40, 200) == plain.decode_ms(40, 200)  # beyond the largest bucket: unpadded
+
+
+def test_prefill_reads_its_padded_token_count() -> None:
+    t = ProfileTiming(PADDED)
+    assert t.prefill_ms(101, 0) == t.prefill_ms(600, 0) == pytest.approx(10 + 500 / 900 * 90)
+    assert t.prefill_ms(2500, 0) == ProfileTiming(MIXED).prefill_ms(2500, 0)  # beyond: no padding
+
+
+def test_mixed_step_follows_the_padding_staircase_between_grid_points() -> None:
+    # prefill: 0.1 ms a token; the mixed grid sits well above it (the floor stays out of the way)
+    prof = {**MIXED, "mixed": {**MIXED["mixed"], "ms": [[50, 52], [150, 152]]},
+            "meta": {"padding": {"tokens": [128, 512, 1024]}}}
+    t, plain = ProfileTiming(prof), ProfileTiming({k: v for k, v in prof.items() if k != "meta"})
+    assert t.mixed_ms(100, 0, 1, 100) == plain.mixed_ms(100, 0, 1, 100) == 50  # grid points unchanged
+    # 400 + 1 tokens run as 512; the grid's line from 100 to 1000 assumes the prefill table's line
+    # between 101 -> 128 and 1001 -> 1024, which the padded 512 replaces
+    line = 12.8 + (400 - 100) / 900 * (102.4 - 12.8)
+    assert t.mixed_ms(400, 0, 1, 100) == pytest.approx(plain.mixed_ms(400, 0, 1, 100) + 51.2 - line)
+
+
+@pytest.mark.parametrize("padding, match", [
+    ("x", "meta.padding must be an object"),
+    ({"decode_batch": []}, "decode_batch must be a non-empty increasing"),
+    ({"tokens": [16, 16]}, "tokens must be a non-empty increasing"),
+    ({"tokens": [0, 16]}, "tokens must be a non-empty increasing"),
+])
+def test_profile_rejects_malformed_padding(padding: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ProfileTiming({**MIXED, "meta": {"padding": padding}})

@@ -91,6 +91,15 @@ def test_a_pipelined_core_reads_back_the_same_tables() -> None:
     assert MockerCore(MockerConfig(), vocab_size=100, timing=ProfileTiming(prof)).pipelined
 
 
+def test_the_engines_padding_sizes_go_into_the_profile() -> None:
+    assert "padding" not in Profiler(_core(), GRID, clock="reported", progress=False).run()["meta"]
+    core = _core()
+    core.padding = {"decode_batch": [1, 2, 4, 8, 16], "tokens": [16, 32, 64, 128, 256]}  # type: ignore[attr-defined]
+    prof = Profiler(core, GRID, clock="reported", progress=False).run()
+    assert prof["meta"]["padding"] == core.padding
+    assert ProfileTiming(prof).decode_buckets == [1, 2, 4, 8, 16]  # the mocker reads them back
+
+
 def test_profile_file_round_trips_through_profile_timing(tmp_path: Path) -> None:
     prof = Profiler(_core(), GRID, clock="reported", progress=False).run()
     prof["meta"]["model"] = "unit"

@@ -328,6 +328,18 @@ class BuiltinCore:
         return StepResult(duration, outputs, events, out.num_prefill_tokens, out.num_decode_seqs,
                           len(out.preempted), duration - wait_s, None if device_ms is None else device_ms / 1e3)
 
+    @property
+    def padding(self) -> dict[str, list[int]]:
+        """The sizes steps run padded to (the profile's meta.padding, which the mocker models):
+        decode-only batches to "decode_batch" (decode graphs), steps with prompt tokens to
+        "tokens" (piecewise graphs); absent: that kind runs at its own size."""
+        out = {}
+        if self.runner.graphs is not None:
+            out["decode_batch"] = list(self.runner.graphs.buckets)
+        if self.runner.piecewise is not None:
+            out["tokens"] = list(self.runner.piecewise.buckets)
+        return out
+
     def enable_device_timing(self, on: bool = True) -> None:
         """Time each step's device work with CUDA events (``StepResult.device_s``): with async
         scheduling the call's wall time is not the step's (it overlaps the neighbours')."""

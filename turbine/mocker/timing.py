@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,6 +202,15 @@ class ProfileTiming:
         if flag is not None and not isinstance(flag, bool):
             raise ValueError(f"meta.async_scheduling must be true or false, got {flag!r}")
         self.async_scheduling: bool | None = flag
+        # The sizes the engine pads steps to (its CUDA graphs; the profiler's meta.padding): a
+        # decode-only step of b sequences runs as decode_buckets' next size up, a step with prompt
+        # tokens as token_buckets' next token count up. None: no padding.
+        padding = meta.get("padding") if isinstance(meta, dict) else None
+        if padding is not None and not isinstance(padding, dict):
+            raise ValueError("meta.padding must be an object")
+        padding = padding or {}
+        self.decode_buckets = _buckets("meta.padding.decode_batch", padding.get("decode_batch"))
+        self.token_buckets = _buckets("meta.padding.tokens", padding.get("tokens"))
 
     @property
     def has_mixed(self) -> bool:
@@ -220,11 +229,24 @@ class ProfileTiming:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
+    def _padded_tokens(self, n: float) -> float:
+        return _bucket(self.token_buckets, n) or n
+
     def prefill_ms(self, num_tokens: int, context: float = 0.0) -> float:
-        return self.prefill(num_tokens, context) if num_tokens > 0 else 0.0
+        """A prefill-only step; with token buckets it costs its padded token count."""
+        return self.prefill(self._padded_tokens(num_tokens), context) if num_tokens > 0 else 0.0
 
     def decode_ms(self, batch_size: int, context: float = 0.0) -> float:
-        return self.decode(batch_size, context) if batch_size > 0 else 0.0
+        """A decode-only step. With decode buckets it runs as the next bucket B up: the weights
+        and per-row work of B rows (B's row at the shortest context), and attention over the
+        real rows' KV (b / B of what B rows of this context add to that)."""
+        if batch_size <= 0:
+            return 0.0
+        padded = _bucket(self.decode_buckets, batch_size)
+        if padded is None or padded == batch_size or self.decode.y is None:
+            return self.decode(padded or batch_size, context)
+        base = self.decode(padded, self.decode.y[0])
+        return base + batch_size / padded * max(0.0, self.decode(padded, context) - base)
 
     def mixed_ms(
         self, num_tokens: int, prefill_context: float, batch_size: int, decode_context: float
@@ -233,21 +255,36 @@ class ProfileTiming:
 
         The measured grid point, corrected by the prefill and decode tables for what the grid
         did not vary: tokens beyond its range and a prefix-cache context (prefill), batches
-        beyond its range and other decode lengths (decode). Never below either part alone.
-        Without a mixed section, or when either part is empty, the sum of the parts: exactly
-        what ``step_seconds`` predicts, before speedup.
+        beyond its range and other decode lengths (decode; a mixed step's decodes are not
+        padded). With token buckets the step's cost climbs in steps of the padded token count
+        n + b, which a line between two grid points smooths over (they sit where their own
+        n + b padded): the prefill table's step at n + b replaces that line's share. Never below
+        either part alone. Without a mixed section, or when either part is empty, the sum of
+        the parts: exactly what ``step_seconds`` predicts, before speedup.
         """
         prefill = self.prefill_ms(num_tokens, prefill_context)
-        decode = self.decode_ms(batch_size, decode_context)
         if self.mixed is None or num_tokens <= 0 or batch_size <= 0:
-            return prefill + decode
+            return prefill + self.decode_ms(batch_size, decode_context)
+        decode = self.decode(batch_size, decode_context)
         n_c, b_c = self.mixed.clamp(num_tokens, batch_size)
         ms = (
             self.mixed(num_tokens, batch_size)
-            + (prefill - self.prefill(n_c, 0.0))
+            + (prefill - self.prefill_ms(int(n_c), 0.0))
             + (decode - self.decode(b_c, self.mixed_context))
         )
+        if self.token_buckets is not None:
+            ms += self._padding_step(num_tokens, batch_size)
         return max(ms, prefill, decode)
+
+    def _padding_step(self, n: int, b: int) -> float:
+        """The prefill table's cost at the padded n + b, less its line between the mixed grid's
+        neighbouring new-token points (padded the same way) at n."""
+        i, f = _locate(self.mixed.x, n)  # type: ignore[union-attr]
+        if not f:
+            return 0.0
+        x = self.mixed.x  # type: ignore[union-attr]
+        lo, hi = (self.prefill(self._padded_tokens(v + b), 0.0) for v in (x[i], x[i + 1]))
+        return self.prefill(self._padded_tokens(n + b), 0.0) - _lerp(lo, hi, f)
 
     def step_seconds(
         self,
@@ -261,6 +298,23 @@ class ProfileTiming:
         return self._scale * self.mixed_ms(
             num_prefill_tokens, mean_prefill_context, num_decode_seqs, mean_decode_context
         )
+
+
+def _buckets(name: str, values: Any) -> list[int] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+    ) or any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be a non-empty increasing list of positive integers")
+    return list(values)
+
+
+def _bucket(buckets: list[int] | None, n: float) -> int | None:
+    """The smallest bucket holding ``n`` (None: no buckets, or ``n`` beyond the largest)."""
+    if buckets is None or n > buckets[-1]:
+        return None
+    return buckets[bisect_left(buckets, n)]
 
 
 def _mixed_table(section: Any) -> tuple[_Table, float]:

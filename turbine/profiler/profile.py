@@ -390,6 +390,9 @@ class Profiler:
             "decode": {"batch_size": ints(decode.rows), "context_length": ints(decode.cols), "ms": round_ms(decode.ms)},
         }
         profile["meta"]["async_scheduling"] = self.pipelined
+        padding = getattr(self.core, "padding", None)  # the sizes the engine pads steps to (its graphs)
+        if padding:
+            profile["meta"]["padding"] = dict(padding)
         if mixed and mixed_ctx is not None:
             from turbine.profiler.fidelity import mixed_summary
 
