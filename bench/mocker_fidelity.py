@@ -120,7 +120,13 @@ def markdown(report: dict[str, Any], table: str) -> str:
     lines = [f"## mocker_fidelity — {m['date']}", "", f"- machine: {machine(prof)}", model, grid, work,
              f"- measured concurrency per phase (real / mock profile): {conc}",
              "", table, ""]
-    lines.append("Real steps against the timing models (predicted / measured; median, p10-p90):")
+    gcs = cmp.get("gc")
+    if gcs:
+        lines.append("Python GC during each wall-clock run (the heap before it frozen): " + "; ".join(
+            f"{k}: {v['pauses']} pauses, {v['total_ms']} ms, longest {v['longest_ms']} ms, {v['full']} full"
+            for k, v in gcs.items()))
+        lines.append("")
+    lines.append("Real steps against the timing models (predicted / device time; median, p10-p90):")
     lines.append("")
     lines.append("| step kind | steps | profile | additive |")
     lines.append("|---|---:|---:|---:|")

@@ -241,6 +241,33 @@ def mixed_summary(profile: dict[str, Any], points: list[dict[str, float]], conte
             "additive_over_measured_median": statistics.median(q["additive_over_measured"] for q in out)}
 
 
+class _GcWatch:
+    """Python GC pauses while a run is in flight (any thread: a collection holds the GIL)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._start: float | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.pauses.append((info.get("generation", -1), (time.perf_counter() - self._start) * 1e3))
+            self._start = None
+
+    def __enter__(self) -> _GcWatch:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def summary(self) -> dict[str, float]:
+        return {"pauses": len(self.pauses), "total_ms": round(sum(ms for _, ms in self.pauses), 2),
+                "longest_ms": round(max((ms for _, ms in self.pauses), default=0.0), 2),
+                "full": sum(g == 2 for g, _ in self.pauses)}
+
+
 def _samples(results: Sequence[RequestResult]) -> dict[str, list[float]]:
     ok = [r for r in results if r.ok]
     return {"ttft_ms": [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None],
@@ -353,17 +380,27 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
             runs[v] = simulate_workload(core, items, warmup=warm, label=v)
         else:
             engines.append((v, MockEngine(config, vocab_size=vocab_size, timing=t)))
+    gc_runs: dict[str, dict[str, float]] = {}
     for name, engine in engines:
+        # What earlier runs left on the heap (a loaded model, their results) is frozen out of
+        # the collector: a full collection scanning it mid-run stalls the event loop for tens of
+        # ms, a tail latency of this harness, not of the engine under test.
+        gc.collect()
+        gc.freeze()
         await engine.start()
         try:
             on_warm = recorder.reset if recorder is not None and engine is real else None
-            runs[name] = await run_workload(engine, items, warmup=warm, label=name, on_warm=on_warm)
+            with _GcWatch() as watch:
+                runs[name] = await run_workload(engine, items, warmup=warm, label=name, on_warm=on_warm)
+            gc_runs[name] = watch.summary()
         finally:
             await engine.stop()
+            gc.unfreeze()
     runs = {k: runs[k] for k in ["real", *timings]}
     real_run = runs.pop("real")
     cmp = compare_runs(real_run, runs)
     records = recorder.records if recorder is not None else []
+    cmp["gc"] = gc_runs
     cmp["steps"] = {"profile": step_accuracy(records, timing),
                     "additive": step_accuracy(records, additive_timing(profile)),
                     "cadence": step_cadence(records)}
