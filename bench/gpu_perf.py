@@ -415,7 +415,7 @@ def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
     split). Served batches mix lengths; the profiler's are uniform; this is the gap between them."""
     import triton.testing
 
-    from turbine.engine.paged_attention import decode_num_splits
+    from turbine.engine.paged_attention import decode_block_n, decode_num_splits, decode_split_tokens
 
     hkv, d, h, bs = 8, 128, 32, 16
     gen = torch.Generator().manual_seed(seed)
@@ -431,8 +431,12 @@ def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
                                "max_ctx": int(spread.max())}
         for name, lens in (("spread", spread), ("even", even)):
             args = (q, cache[0], cache[1], tables, lens.to(dev), d ** -0.5)
+            # the split length as the runner passes it (a device tensor: no host sync in the timing)
+            split = decode_split_tokens(int(lens.max()), int(lens.sum()), n, hkv, dev, decode_block_n(bs))
+            row[f"{name}_split_tokens"] = split
             outs = []
-            for policy, kw in (("shared", {}), ("whole", {"num_splits": 1})):
+            for policy, kw in (("shared", {"split_tokens": torch.tensor([split], device=dev)}),
+                               ("whole", {"num_splits": 1})):
                 outs.append(paged_decode_triton(*args, **kw).float())
                 ms = triton.testing.do_bench(lambda a=args, k=kw: paged_decode_triton(*a, **k), warmup=10, rep=40,
                                              return_mode="median")
