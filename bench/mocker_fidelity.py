@@ -5,12 +5,12 @@ engine's measured profile, reproduce the engine's TTFT and ITL?
    on the device by Turbine's model maker; --reuse keeps one already in --dir).
 2. Profile: the engine's step times through BuiltinCore (turbine.profiler), written to
    OUT/profile.json with OUT/prefill.png and OUT/decode.png. The grid (GPU; --quick: QUICK_GRID):
-     prefill  new tokens 16..8192 (8 points) x cached 0 / 512 / 2048 (cached + new must stay
+     prefill  new tokens 16..8192 (10 points) x cached 0 / 512 / 2048 (cached + new must stay
               under the context length: llama3-8b's 8192 cuts the top corner, extrapolated)
      decode   batch 1..256 (9 points) x context 128 / 512 / 1024 / 2048 / 4096, at most 200k
               prompt tokens prefilled per context (larger batches extrapolated, listed in meta)
-     mixed    24 points of 16 / 64 / 256 / 1024 / 2048 / 4096 new tokens with 1 / 8 / 32 / 128
-              decodes at context ~1k (the profile's "mixed" grid)
+     mixed    36 points of 16 / 64 / 256 / 512 / 768 / 1024 / 1536 / 2048 / 4096 new tokens with
+              1 / 8 / 32 / 128 decodes at context ~1k (the profile's "mixed" grid)
      2 untimed + 5 timed steps per point, median.
 3. Fidelity: one deterministic open-loop workload (208 requests in phases of target concurrency
    1, 4, 16, 64 with 8, 24, 48, 128 requests; prompts 64-2048 tokens log-uniform, half of them
