@@ -164,8 +164,9 @@ class ProfileTiming:
     """Step time from a measured profile (format: turbine/mocker/README.md).
 
     Pure prefill and pure decode steps read their own tables. A step doing both is their sum,
-    unless the profile measured mixed steps: the engine runs those eagerly and pays the host
-    launch overhead once, so the sum would count it twice (see ``mixed_ms``).
+    unless the profile measured mixed steps: one forward reads the weights once for both parts,
+    so the sum would count that twice (see ``mixed_ms``). ``meta.padding`` (the engine's graph
+    sizes) prices each step at the size it really runs as.
     """
 
     FORMAT_VERSION = 1
