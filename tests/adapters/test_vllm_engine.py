@@ -206,8 +206,20 @@ def test_greedy_output_matches_turbines_builtin_engine(fleet: Fleet) -> None:
 # --- in a fleet ----------------------------------------------------------------------------------
 def test_mixed_fleet_routes_repeats_to_the_holder_and_predicts_vllms_hit(fleet: Fleet) -> None:
     c = fleet.client()
-    prompts = [prompt(20 + i, 300 + 7 * i) for i in range(6)]
-    first = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0) for p in prompts]
+    both = {fleet.vllm_worker.worker_id, fleet.builtin_worker.worker_id}
+
+    def holders(ps: list[list[int]]) -> set[str]:
+        return fleet.call(lambda: {wid for p in ps for wid in fleet.router.index.find_matches_for_tokens(p)})
+
+    # Distinct prompts, one at a time: idle equal workers split ties at random, so send until both
+    # hold some (6 at least; all on one worker after 16 has odds of 2^-15)
+    prompts: list[list[int]] = []
+    first = []
+    while len(prompts) < 6 or (holders(prompts) != both and len(prompts) < 16):
+        i = len(prompts)
+        prompts.append(prompt(20 + i, 300 + 7 * i))
+        first.append(c.completions.create(model="tiny", prompt=prompts[-1], max_tokens=4, temperature=0))
+        time.sleep(0.05)  # its KV events reach the router
     time.sleep(0.2)  # the last KV events reach the router
     stats0 = fleet.call(fleet.router.stats.snapshot)
     again = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0) for p in prompts]
@@ -217,8 +229,7 @@ def test_mixed_fleet_routes_repeats_to_the_holder_and_predicts_vllms_hit(fleet: 
     stats = fleet.call(fleet.router.stats.snapshot)
     assert stats["overlap_abs_error_blocks"] == stats0["overlap_abs_error_blocks"]  # predicted == actual
     assert stats["events_rejected"] == 0
-    holders = fleet.call(lambda: {wid for p in prompts for wid in fleet.router.index.find_matches_for_tokens(p)})
-    assert holders == {fleet.vllm_worker.worker_id, fleet.builtin_worker.worker_id}  # both got work
+    assert holders(prompts) == both  # both got work
 
 
 def test_vllm_snapshot_rebuilds_the_routers_view(fleet: Fleet) -> None:
