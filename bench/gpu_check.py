@@ -121,12 +121,9 @@ def check_logits(model: Any, path: Path, dtype: torch.dtype, device: torch.devic
 
 def check_triton_kernel(device: torch.device) -> dict[str, Any]:
     """Paged decode on random bf16 blocks: Triton kernel vs the SDPA gather path."""
+    from turbine.engine.decode_kernel import paged_decode_triton
     from turbine.engine.kv_cache import KVCache, KVCacheSpec
-    from turbine.engine.paged_attention import (
-        AttentionMetadata,
-        PagedAttention,
-        paged_decode_triton,
-    )
+    from turbine.engine.paged_attention import AttentionMetadata, PagedAttention
 
     h, hkv, d, bs = 32, 8, 128, 16
     cache = KVCache(KVCacheSpec(num_layers=1, num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=torch.bfloat16),

@@ -38,7 +38,8 @@ import torch
 
 from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore
 from turbine.engine.loader import load_model
-from turbine.engine.paged_attention import CausalAttention, paged_decode_triton
+from turbine.engine.decode_kernel import paged_decode_triton
+from turbine.engine.paged_attention import CausalAttention
 from turbine.engine.scheduler import Scheduler, SchedulerConfig
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 
@@ -415,7 +416,7 @@ def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
     split). Served batches mix lengths; the profiler's are uniform; this is the gap between them."""
     import triton.testing
 
-    from turbine.engine.paged_attention import decode_block_n, decode_num_splits, decode_split_tokens
+    from turbine.engine.decode_kernel import decode_block_n, decode_num_splits, decode_split_tokens
 
     hkv, d, h, bs = 8, 128, 32, 16
     gen = torch.Generator().manual_seed(seed)

@@ -130,7 +130,7 @@ def _decode_case(dtype: torch.dtype, ctxs: list[int], seed: int, h: int = 8, hkv
 @pytest.mark.parametrize("splits", [1, 2, 8])
 def test_split_context_decode_matches_reference(splits: int) -> None:
     pytest.importorskip("triton")
-    from turbine.engine.paged_attention import paged_decode_triton
+    from turbine.engine.decode_kernel import paged_decode_triton
 
     ctxs = [1, 3, 4, 5, 63, 64, 65, 130, 300]  # one token, partial blocks, tile edges, splits left empty
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 5e-3)):
@@ -150,7 +150,7 @@ def test_one_split_length_for_mixed_contexts_matches_reference() -> None:
     directly, a long one spreads over every split and is merged; splits past a context stay
     empty. The split length arrives as a device tensor, as a CUDA graph passes it."""
     pytest.importorskip("triton")
-    from turbine.engine.paged_attention import paged_decode_triton
+    from turbine.engine.decode_kernel import paged_decode_triton
 
     ctxs = [700, 3, 16, 17, 48, 49, 200]
     q, kc, vc, tables, lens, ref = _decode_case(torch.float32, ctxs, seed=11, num_blocks=2048)
@@ -162,7 +162,7 @@ def test_one_split_length_for_mixed_contexts_matches_reference() -> None:
 
 
 def test_decode_splits_cover_the_longest_context_and_balance_mixed_lengths() -> None:
-    from turbine.engine.paged_attention import decode_num_splits, decode_split_tokens
+    from turbine.engine.decode_kernel import decode_num_splits, decode_split_tokens
 
     cpu = torch.device("cpu")  # counts as 8 SMs: 32 programs wanted
     assert decode_num_splits(1, 2, cpu) == 16

@@ -139,7 +139,7 @@ def test_kv_cache_layout_and_sizing() -> None:
                     reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 to run on the CPU)")
 def test_triton_decode_kernel_matches_torch() -> None:
     pytest.importorskip("triton")
-    from turbine.engine.paged_attention import paged_decode_triton
+    from turbine.engine.decode_kernel import paged_decode_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [(torch.float32, 1e-4), (torch.float16, 5e-3)]

@@ -33,6 +33,7 @@ import torch
 
 from turbine.engine.attention_api import CausalLM
 from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
+from turbine.engine.decode_kernel import decode_block_n, decode_split_tokens
 from turbine.engine.host_copy import HostStaging, PendingHost
 from turbine.engine.kv_cache import KVCache
 from turbine.engine.paged_attention import (
@@ -40,8 +41,6 @@ from turbine.engine.paged_attention import (
     CausalAttention,
     PagedAttention,
     PrefillLayout,
-    decode_block_n,
-    decode_split_tokens,
 )
 from turbine.engine.piecewise_graphs import PiecewiseGraphs, default_token_buckets
 from turbine.engine.sampler import Sampler, SamplingBatch

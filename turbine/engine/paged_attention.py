@@ -12,12 +12,9 @@ Every layer first writes the step's k/v at ``slot_mapping`` and then attends: qu
 sequence with q new tokens and context c sees keys ``0 .. c - q + i`` (causal over its whole
 context, cached prefix included).
 
-- Decode group: one batched call. On CUDA a Triton kernel reads blocks in place, split along the
-  context (flash-decoding) into pieces of ``decode_split_tokens`` tokens, one length for the whole
-  step: a long sequence among short ones spreads over several programs instead of setting the
-  step's critical path alone. Its grid depends only on the batch size and its bounds come from
-  ``context_lens`` and the split length on the device, so it is CUDA-graph safe. Elsewhere: SDPA
-  over gathered blocks.
+- Decode group: one batched call. On CUDA the Triton kernel of decode_kernel.py reads blocks in
+  place, split along the context by one length for the whole step (``AttentionMetadata.
+  decode_split``); CUDA-graph safe. Elsewhere: SDPA over gathered blocks.
 - Prefills: on CUDA in 16-bit, ONE varlen flash-attention call per layer for all of them
   (``PrefillLayout``; bottom-right causal, grouped-query heads native; a cached prefix is
   gathered from the cache first). Elsewhere, or if that kernel is missing: one SDPA per sequence.
@@ -30,24 +27,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from turbine.engine.decode_kernel import HAS_TRITON, paged_decode_triton
 from turbine.engine.kv_cache import KVCache
 
-try:  # the Triton decode kernel is an accelerator, never a requirement
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
-
-__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "PrefillLayout", "decode_block_n",
-           "decode_num_splits", "decode_split_tokens", "flash_varlen_available", "paged_decode_triton",
+__all__ = ["AttentionMetadata", "CausalAttention", "PagedAttention", "PrefillLayout", "flash_varlen_available",
            "triton_available"]
 
 _GATHER_BUDGET_BYTES = 256 << 20  # portable decode: gather at most this much K+V per chunk
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_GQA = _TORCH_VERSION >= (2, 5)
-_MAX_SPLITS = 16
-_WAVES = 4  # decode programs per SM the split policy aims for
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +71,7 @@ class AttentionMetadata:
 
 
 def triton_available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    return HAS_TRITON and torch.cuda.is_available()
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -167,12 +155,12 @@ class PagedAttention:
         if decode_kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"decode_kernel must be auto, triton or torch, got {decode_kernel!r}")
         on_cuda = kv_cache.device.type == "cuda"
-        if decode_kernel == "triton" and triton is None:
+        if decode_kernel == "triton" and not HAS_TRITON:
             raise ValueError("decode_kernel='triton' but triton is not installed")
         self.kv_cache = kv_cache
         self.num_heads = num_heads
         self.scale = scale if scale is not None else spec.head_dim ** -0.5
-        self.use_triton = decode_kernel == "triton" or (decode_kernel == "auto" and on_cuda and triton is not None)
+        self.use_triton = decode_kernel == "triton" or (decode_kernel == "auto" and on_cuda and HAS_TRITON)
         self.meta: AttentionMetadata | None = None
         self._varlen: bool | None = None
 
@@ -298,190 +286,3 @@ class CausalAttention:
         if start != q.shape[0]:
             raise ValueError(f"seq_lens cover {start} tokens, the step has {q.shape[0]}")
         return torch.cat(outs)
-
-
-# -- Triton decode kernel (CUDA) -------------------------------------------------------------------------
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """The most context splits per (sequence, KV head): a power of two up to 16, the fewest that
-    give ``_WAVES`` programs per SM (1 once the batch alone does). Depends on the batch size
-    only, so a CUDA graph captured for a batch size keeps a valid grid for any context lengths;
-    how many splits a sequence really uses follows from ``decode_split_tokens``."""
-    target = _WAVES * _sm_count(device)
-    splits = 1
-    while splits < _MAX_SPLITS and num_seqs * num_kv_heads * splits < target:
-        splits *= 2
-    return splits
-
-
-def decode_block_n(block_size: int) -> int:
-    """Tokens per tile of the decode kernel's loop (a few KV blocks)."""
-    return max(16, min(64, (1 << max(0, block_size - 1).bit_length()) * 4))
-
-
-def decode_split_tokens(longest: int, total: int, grid_seqs: int, num_kv_heads: int, device: torch.device,
-                        block_n: int) -> int:
-    """Tokens per context split for one decode step (contexts: ``longest`` the longest, ``total``
-    their sum), the same for every sequence: long enough that ``decode_num_splits(grid_seqs)`` splits cover the longest context, and that the step's
-    work (all contexts, every KV head) fills ``_WAVES`` programs per SM, rounded up to tiles.
-    A sequence of c tokens runs ceil(c / split) programs, so in a batch of mixed lengths the
-    longest no longer runs alone on one SM while the rest finish (a per-sequence split would
-    give every sequence the same count of programs, each as long as its context allows)."""
-    splits = decode_num_splits(grid_seqs, num_kv_heads, device)
-    per_program = -(-total * num_kv_heads // (_WAVES * _sm_count(device)))
-    split = max(-(-longest // splits), per_program, 1)
-    if 4 * longest <= 5 * split:  # within a quarter of one split: no context is cut for a stub
-        split = longest
-    return -(-split // block_n) * block_n
-
-
-def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
-                        out: torch.Tensor | None = None, num_splits: int | None = None,
-                        split_tokens: torch.Tensor | int | None = None, block_n: int | None = None,
-                        num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """One query per sequence over its paged context, read in place (no gather).
-
-    q [N, H, D] (D contiguous); k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks];
-    context_lens [N] (>= 1 each). One program per (sequence, KV head, split) computes all query
-    heads of its group with an online softmax over tiles of BLOCK_N tokens. Split s covers tokens
-    [s * split_tokens, (s + 1) * split_tokens): a sequence within one split writes its output
-    directly, longer ones leave partial results that a second kernel merges by their log-sum-exp.
-    ``split_tokens`` (a [1] device tensor in a CUDA graph) times ``num_splits`` must cover the
-    longest context; None derives it with ``decode_split_tokens`` from a host copy of the lengths.
-    """
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    n, h, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
-    group = h // hkv
-    if out is None:
-        out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
-    if n == 0:
-        return out
-    splits = num_splits or decode_num_splits(n, hkv, q.device)
-    block_n = block_n or decode_block_n(bs)
-    if splits > 1:
-        part_o = torch.empty((n, h, splits, d), dtype=torch.float32, device=q.device)
-        part_ml = torch.empty((n, h, splits, 2), dtype=torch.float32, device=q.device)
-        if split_tokens is None:
-            lens = context_lens.tolist()
-            split_tokens = max(decode_split_tokens(max(lens), sum(lens), n, hkv, q.device, block_n),
-                               -(-max(lens) // splits))
-        if isinstance(split_tokens, int):
-            split_tokens = torch.full((1,), split_tokens, dtype=torch.int64, device=q.device)
-    else:
-        part_o = part_ml = out  # unused
-        split_tokens = context_lens  # unused
-    _paged_decode_kernel[(n, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, split_tokens, out, part_o, part_ml, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_HEADS=h, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        HEAD_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=splits,
-        # fp32 caches get exact fp32 dots (Triton would use TF32 and lose ~3 digits); 16-bit use tensor cores.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if splits > 1:
-        _merge_splits_kernel[(n, h)](
-            part_o, part_ml, context_lens, split_tokens, out, out.stride(0), out.stride(1), NUM_HEADS=h,
-            NUM_SPLITS=splits, HEAD_DIM=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), num_warps=1,
-        )
-    return out
-
-
-if triton is not None:
-
-    # The block-table row stride is the widest table of the step: eager (mixed) steps vary it step by
-    # step, and Triton would compile a variant per divisibility class mid-serving (~1 s each).
-    @triton.jit(do_not_specialize=["sbt_n"])
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, split_ptr, out_ptr, po_ptr, pml_ptr, scale,
-                             sq_n, sq_h, sk_blk, sk_tok, sk_head, sbt_n, so_n, so_h,
-                             NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        seq = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        ctx = tl.load(len_ptr + seq).to(tl.int32)
-        if NUM_SPLITS == 1:
-            lo = 0
-            hi = ctx
-            per = ctx
-        else:
-            per = tl.load(split_ptr).to(tl.int32)
-            lo = tl.minimum(split * per, ctx)  # a split past the context runs no tile and stores nothing
-            hi = tl.minimum(lo + per, ctx)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_PAD)
-        g_ok = g < GROUP
-        d_ok = d < HEAD_DIM
-        heads = kvh * GROUP + g
-        q = tl.load(q_ptr + seq * sq_n + heads[:, None] * sq_h + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-        for start in range(lo, hi, BLOCK_N):
-            tok = start + tl.arange(0, BLOCK_N)
-            t_ok = tok < hi
-            blk = tl.load(bt_ptr + seq * sbt_n + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
-            row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + kvh * sk_head
-            kv_mask = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-            m_i = m_new
-        hd_ok = g_ok[:, None] & d_ok[None, :]
-        whole = ctx <= per  # the context fits one split: split 0 holds it all and writes the output
-        if whole:
-            acc = acc / l_i[:, None]
-            tl.store(out_ptr + seq * so_n + heads[:, None] * so_h + d[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=hd_ok & (split == 0))
-        else:  # partial results: unnormalized acc, running max (log2 units) and sum
-            part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
-            used = lo < hi
-            tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=hd_ok & used)
-            tl.store(pml_ptr + part * 2, m_i, mask=g_ok & used)
-            tl.store(pml_ptr + part * 2 + 1, l_i, mask=g_ok & used)
-
-    @triton.jit
-    def _merge_splits_kernel(po_ptr, pml_ptr, len_ptr, split_ptr, out_ptr, so_n, so_h, NUM_HEADS: tl.constexpr,
-                             NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
-        seq = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        ctx = tl.load(len_ptr + seq).to(tl.int32)
-        per = tl.load(split_ptr).to(tl.int32)
-        if ctx > per:  # else the decode kernel wrote this row itself
-            sp = tl.arange(0, NUM_SPLITS)
-            sp_ok = sp * per < ctx
-            d = tl.arange(0, HEAD_PAD)
-            d_ok = d < HEAD_DIM
-            part = (seq * NUM_HEADS + head) * NUM_SPLITS + sp
-            m = tl.load(pml_ptr + part * 2, mask=sp_ok, other=float("-inf"))
-            lsum = tl.load(pml_ptr + part * 2 + 1, mask=sp_ok, other=0.0)
-            m_max = tl.max(m, 0)  # finite: split 0 always holds a token
-            w = tl.math.exp2(m - m_max)  # splits past the context: exp2(-inf) = 0
-            o = tl.load(po_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=sp_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            acc = tl.sum(w[:, None] * o, 0) / tl.sum(w * lsum, 0)
-            tl.store(out_ptr + seq * so_n + head * so_h + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
