@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import msgspec
 
@@ -33,7 +33,7 @@ from turbine.profiler.workload import (
     simulate_workload,
 )
 
-__all__ = ["FidelityResult", "GcPause", "StepRecord", "StepRecorder", "additive_timing", "compare_runs",
+__all__ = ["FidelityResult", "GcLog", "GcPause", "StepRecord", "StepRecorder", "additive_timing", "compare_runs",
            "format_fidelity", "mixed_summary", "mock_timings", "run_fidelity", "step_accuracy", "step_cadence",
            "step_points"]
 
@@ -102,32 +102,13 @@ def _load(core: Any) -> tuple[int | None, int | None, float | None]:
     return (getattr(sched, "num_waiting", None), getattr(sched, "num_running", None), kv)
 
 
-class StepRecorder:
-    """Logs every step of a core (shadowing its ``step`` on the instance until ``close()``): shape,
-    start/end, the request ids it carried, host time, GC pauses inside it and allocator counters.
-    GC pauses anywhere in the process are kept in ``gc_pauses`` (a ``gc.callbacks`` hook)."""
+class GcLog:
+    """Python GC pauses (any thread: a collection holds the GIL) while hooked into
+    ``gc.callbacks`` (``watch_gc`` / ``unwatch_gc``, or ``with``), kept in ``gc_pauses``."""
 
-    def __init__(self, core: Any) -> None:
-        self.core = core
-        self._step = core.step
-        self.records: list[StepRecord] = []
+    def __init__(self) -> None:
         self.gc_pauses: list[GcPause] = []
         self._gc_start: tuple[float, int] | None = None
-        self._counters = _cuda_counters(getattr(core, "device", None))
-        if hasattr(core, "enable_device_timing"):  # a pipelined step's call time is not its own
-            core.enable_device_timing(True)
-        self._last: dict[str, int] | None = None
-        self.read_us: list[float] = []  # cost of each allocator-counter read
-        self.reset()
-        gc.callbacks.append(self._on_gc)
-        core.step = self
-
-    def reset(self) -> None:
-        """Forget what was logged so far (after a warm-up)."""
-        self.records.clear()
-        self.gc_pauses.clear()
-        self.read_us.clear()
-        self._last = self._counters() if self._counters is not None else None
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         # GC holds the GIL and never nests: a stop always follows its own start.
@@ -136,6 +117,53 @@ class StepRecorder:
         elif self._gc_start is not None:
             self.gc_pauses.append(GcPause(self._gc_start[0], time.monotonic(), self._gc_start[1]))
             self._gc_start = None
+
+    def watch_gc(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def __enter__(self) -> Self:
+        self.watch_gc()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unwatch_gc()
+
+    def gc_summary(self) -> dict[str, float]:
+        """Count, total and longest pause (ms), and how many were full (generation 2) collections."""
+        ms = [(p.end_s - p.start_s) * 1e3 for p in self.gc_pauses]
+        return {"pauses": len(ms), "total_ms": round(sum(ms), 2), "longest_ms": round(max(ms, default=0.0), 2),
+                "full": sum(p.generation == 2 for p in self.gc_pauses)}
+
+
+class StepRecorder(GcLog):
+    """Logs every step of a core (shadowing its ``step`` on the instance until ``close()``): shape,
+    start/end, the request ids it carried, host time, GC pauses inside it and allocator counters.
+    GC pauses anywhere in the process are kept in ``gc_pauses`` (a ``gc.callbacks`` hook)."""
+
+    def __init__(self, core: Any) -> None:
+        super().__init__()
+        self.core = core
+        self._step = core.step
+        self.records: list[StepRecord] = []
+        self._counters = _cuda_counters(getattr(core, "device", None))
+        if hasattr(core, "enable_device_timing"):  # a pipelined step's call time is not its own
+            core.enable_device_timing(True)
+        self._last: dict[str, int] | None = None
+        self.read_us: list[float] = []  # cost of each allocator-counter read
+        self.reset()
+        self.watch_gc()
+        core.step = self
+
+    def reset(self) -> None:
+        """Forget what was logged so far (after a warm-up)."""
+        self.records.clear()
+        self.gc_pauses.clear()
+        self.read_us.clear()
+        self._last = self._counters() if self._counters is not None else None
 
     def __call__(self) -> Any:
         n_gc = len(self.gc_pauses)
@@ -167,8 +195,7 @@ class StepRecorder:
     def close(self) -> None:
         if hasattr(self.core, "enable_device_timing"):
             self.core.enable_device_timing(False)
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
+        self.unwatch_gc()
         if self.core.__dict__.get("step") is self:
             del self.core.step
 
@@ -239,33 +266,6 @@ def mixed_summary(profile: dict[str, Any], points: list[dict[str, float]], conte
         out.append({**p, "additive_ms": round(additive, 4), "additive_over_measured": round(additive / p["ms"], 3)})
     return {"context_length": context, "points": out,
             "additive_over_measured_median": statistics.median(q["additive_over_measured"] for q in out)}
-
-
-class _GcWatch:
-    """Python GC pauses while a run is in flight (any thread: a collection holds the GIL)."""
-
-    def __init__(self) -> None:
-        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
-        self._start: float | None = None
-
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        elif self._start is not None:
-            self.pauses.append((info.get("generation", -1), (time.perf_counter() - self._start) * 1e3))
-            self._start = None
-
-    def __enter__(self) -> _GcWatch:
-        gc.callbacks.append(self._on_gc)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._on_gc)
-
-    def summary(self) -> dict[str, float]:
-        return {"pauses": len(self.pauses), "total_ms": round(sum(ms for _, ms in self.pauses), 2),
-                "longest_ms": round(max((ms for _, ms in self.pauses), default=0.0), 2),
-                "full": sum(g == 2 for g, _ in self.pauses)}
 
 
 def _samples(results: Sequence[RequestResult]) -> dict[str, list[float]]:
@@ -390,9 +390,9 @@ async def run_fidelity(real: Engine, profile_path: str, *, vocab_size: int, max_
         await engine.start()
         try:
             on_warm = recorder.reset if recorder is not None and engine is real else None
-            with _GcWatch() as watch:
+            with GcLog() as log:
                 runs[name] = await run_workload(engine, items, warmup=warm, label=name, on_warm=on_warm)
-            gc_runs[name] = watch.summary()
+            gc_runs[name] = log.gc_summary()
         finally:
             await engine.stop()
             gc.unfreeze()
