@@ -172,6 +172,8 @@ def test_requests_are_validated(make_core) -> None:  # type: ignore[no-untyped-d
         BuiltinConfig(gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="dtype"):
         BuiltinConfig(dtype="int8")
+    with pytest.raises(ValueError, match="piecewise_graph_tokens"):
+        BuiltinConfig(piecewise_graph_tokens=-1)
     # CPU default sizing: 256 MiB capped at 128k tokens (the toy needs 512 bytes per token).
     auto = make_core(num_gpu_blocks=None, context_length=64)
     assert auto.num_kv_blocks * 4 == 1 << 17 and auto.kv_cache.nbytes == (1 << 17) * 512
