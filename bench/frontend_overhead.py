@@ -120,7 +120,7 @@ def measure(sys_: System, a: argparse.Namespace) -> list[LoadReport]:
         cfg = LoadConfig(url=sys_.url, concurrency=c, num_requests=a.num_requests, warmup=2 * c,
                          prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens, stream=True,
                          fresh_conn=a.fresh_conn, seed=a.seed, pids=sys_.pids(),
-                         tokenizer=sys_.tokenizer, label=sys_.label)
+                         tokenizer=sys_.tokenizer, label=sys_.label, progress=False)
         rep = asyncio.run(run_load(cfg))
         print(f"[bench] {sys_.label} c={c}: {rep.ok}/{rep.requests} ok, {rep.req_per_s:.1f} req/s, "
               f"frontend {rep.cpu_ms_per_request.get('frontend') or 0:.2f} CPU ms/req", flush=True)

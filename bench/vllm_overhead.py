@@ -233,7 +233,7 @@ def main(argv: list[str]) -> int:
                     cfg = LoadConfig(url=s.url, model="tiny", num_requests=a.num_requests, concurrency=c,
                                      prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens, completions=True,
                                      tokenizer=str(model), warmup=max(c, 4), seed=1000 * c + r, pids=s.targets(),
-                                     label=f"{s.label} r{r}")
+                                     label=f"{s.label} r{r}", progress=False)
                     rep = asyncio.run(run_load(cfg))
                     if rep.errors:
                         raise SystemExit(f"[bench] {s.label} c={c}: {rep.errors} errors: {rep.first_errors}")

@@ -20,14 +20,18 @@ from aiohttp import web
 
 from turbine.bench import cpu as cpu_mod
 from turbine.bench.loadgen import (
+    AllFailed,
     LoadConfig,
     SseStream,
     arrival_times,
     build_bodies,
+    endpoint_url,
+    models_url,
     run_load,
     send_request,
 )
 from turbine.bench.prompts import build_prompts
+from turbine.bench.replay import ReplayConfig
 from turbine.bench.stats import Percentiles, RequestResult, format_table, percentile, summarize
 
 
@@ -55,7 +59,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_get("/v1/models", self.models)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, handler_cancellation=True)  # a client hang-up ends its handler
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -226,6 +230,24 @@ def test_config_validation():
         LoadConfig(url="127.0.0.1:8000").validate()
 
 
+def test_url_forms():
+    chat, comp = "http://h:8/v1/chat/completions", "http://h:8/v1/completions"
+    for url in ("http://h:8", "http://h:8/", "http://h:8/v1", "http://h:8/v1/", chat, chat + "/"):
+        assert endpoint_url(url, completions=False) == chat, url
+        assert models_url(url) == "http://h:8/v1/models", url
+    assert endpoint_url("http://h:8/v1", completions=True) == endpoint_url(comp, completions=True) == comp
+    assert models_url(comp) == "http://h:8/v1/models"
+    assert endpoint_url("https://h/proxy/v1/", completions=False) == "https://h/proxy/v1/chat/completions"
+    assert ReplayConfig(url="http://h:8/v1").endpoint() == comp  # trace mode had the same /v1/v1 bug
+    for bad in ("http://h:8/v2", "http://h:8/v1/models", "http://h:8/api"):
+        with pytest.raises(ValueError, match="cannot use url path"):
+            LoadConfig(url=bad).validate()
+    with pytest.raises(ValueError, match="these requests are for /v1/chat/completions"):
+        LoadConfig(url=comp).validate()  # chat bodies to the completions endpoint would all fail
+    with pytest.raises(ValueError, match="http://"):
+        endpoint_url("http:///v1", completions=False)
+
+
 def test_cpu_meter_and_pid_parsing():
     assert cpu_mod.parse_pids("fe=12, w=34+") == [cpu_mod.Target("fe", 12), cpu_mod.Target("w", 34, True)]
     for bad in ("fe", "fe=x", "=3", "a=1,a=2"):
@@ -319,6 +341,78 @@ async def test_open_loop_follows_the_schedule_not_the_responses(server):
     assert last + 0.3 <= rep.duration_s <= last + 0.3 + 3.0
 
 
+@pytest.mark.parametrize("suffix,completions", [
+    ("", False), ("/", False), ("/v1", False), ("/v1/", False), ("/v1/chat/completions", False),
+    ("/v1", True), ("/v1/completions", True),
+])
+async def test_every_url_form_reaches_the_endpoint_and_model_list(server, suffix, completions):
+    cfg = LoadConfig(url=server.url + suffix, concurrency=1, num_requests=2, warmup=0, prompts=["x"],
+                     completions=completions, progress=False)
+    rep = await run_load(cfg)  # model=None: GET /v1/models from the same URL
+    assert (rep.ok, rep.errors) == (2, 0), rep.first_errors
+    assert [b["model"] for b in server.bodies] == ["fake-model"] * 2
+    assert all(("prompt" in b) == completions for b in server.bodies)
+
+
+async def test_stops_early_when_every_request_fails_and_cancels_the_rest(server):
+    # 20 at a time: the 16 FAIL500s fail at once, the 4 others hang for 30 s. Waiting for those,
+    # or sending all 500, would take far longer than the 15 s allowed; cancelling them hangs up.
+    server.first_delay = 30.0
+    cfg = LoadConfig(url=server.url, model="m", concurrency=20, num_requests=500, warmup=0,
+                     prompts=["FAIL500"] * 16 + ["hang"] * 4, timeout_s=60, progress=False)
+    t0 = time.monotonic()
+    with pytest.raises(AllFailed, match="first 16 load requests all failed") as ex:
+        await asyncio.wait_for(run_load(cfg), 15)
+    assert time.monotonic() - t0 < 10
+    assert len(server.bodies) < 60
+    for _ in range(100):  # the hung requests' connections were closed, so their handlers end
+        if server.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.in_flight == 0
+    assert str(ex.value).count("HTTP 500: boom") == 1  # distinct first errors only
+
+
+async def test_stops_early_in_open_loop(server):
+    cfg = LoadConfig(url=server.url, model="m", concurrency=None, rate=500.0, num_requests=2000,
+                     warmup=0, prompts=["FAIL500"], progress=False)
+    with pytest.raises(AllFailed, match="HTTP 500"):
+        await asyncio.wait_for(run_load(cfg), 15)
+    assert len(server.bodies) < 200  # the schedule would send 2000 over 4 s
+
+
+async def test_stops_after_a_failed_warmup(server):
+    cfg = LoadConfig(url=server.url, model="m", concurrency=4, num_requests=200, warmup=4,
+                     prompts=["FAIL500"], progress=False)
+    with pytest.raises(AllFailed, match="first 4 warm-up requests all failed"):
+        await asyncio.wait_for(run_load(cfg), 15)
+    assert len(server.bodies) == 4  # the measured phase never started
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_cli_stops_early_against_a_closed_port():
+    port = _closed_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turbine.bench.loadgen", "--url", f"http://127.0.0.1:{port}/v1", "--model", "m",
+        "--concurrency", "4", "-n", "1000", "--prompt-tokens", "20", "--warmup", "0", "--no-progress",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    err = stderr.decode()
+    assert proc.returncode == 1, err
+    assert "stopped early: the first 16 load requests all failed" in err and f"127.0.0.1:{port}" in err
+    assert "Traceback" not in err and "%|" not in err  # a message, no progress bar
+    assert "TTFT" not in stdout.decode()  # no table of zeros
+
+
 async def test_cli_writes_json(server, tmp_path):
     out = tmp_path / "r.json"
     proc = await asyncio.create_subprocess_exec(
@@ -337,4 +431,5 @@ async def test_cli_writes_json(server, tmp_path):
         assert key in d
     assert d["ok"] == 6 and set(d["ttft_ms"]) == {"p50", "p90", "p99"}
     assert "test" in d["cpu_pct"] and "TTFT p50" in stdout.decode()
+    assert "load: 100%" in stderr.decode() and "warm-up: 100%" in stderr.decode()  # progress bars
     assert all(b["max_tokens"] == 5 and b["min_tokens"] == 5 for b in server.bodies)

@@ -7,8 +7,10 @@ different servers do the same work. Bodies are serialised once, up front, and se
 aiohttp's `json=` path writes headers and body separately and meets ~40 ms Nagle/delayed-ACK
 stalls on loopback.
 
-    python -m turbine.bench.loadgen --url http://127.0.0.1:8000 --concurrency 16 -n 200 \
+    python -m turbine.bench.loadgen --url http://127.0.0.1:8000/v1 --concurrency 16 -n 200 \
         --prompt-tokens 500 --max-tokens 50 --pids frontend=1234
+
+A run whose first requests all fail stops early (`AllFailed`) instead of sending all of them.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ _HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 class LoadConfig:
     """One load phase. Exactly one of `concurrency` (closed loop) or `rate` (open loop, req/s)."""
 
-    url: str = "http://127.0.0.1:8000"  # base URL, or a full .../v1/... endpoint URL
+    url: str = "http://127.0.0.1:8000"  # http://h:p, http://h:p/v1 or a full endpoint; see endpoint_url
     model: str | None = None  # None: the first model listed by GET /v1/models
     num_requests: int = 200
     concurrency: int | None = 16
@@ -57,6 +59,7 @@ class LoadConfig:
     prompts: Sequence[str] | None = None  # explicit prompts (cycled) instead of generated ones
     label: str = ""
     extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
+    progress: bool = True  # a tqdm bar per phase on stderr (off for in-process benchmarks)
 
     def validate(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -73,18 +76,60 @@ class LoadConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts, when given, must not be empty")
-        if urlsplit(self.url).scheme not in ("http", "https"):
-            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        self.endpoint()  # raises on a URL we cannot place
 
     def endpoint(self) -> str:
-        if "/v1/" in self.url:
-            return self.url
-        return self.url.rstrip("/") + ("/v1/completions" if self.completions else "/v1/chat/completions")
+        return endpoint_url(self.url, self.completions)
 
     def warmup_count(self) -> int:
         if self.warmup is not None:
             return self.warmup
         return self.concurrency if self.concurrency is not None else 8
+
+
+# ---- URLs --------------------------------------------------------------------------------------
+_CHAT, _COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+def _split_url(url: str) -> tuple[str, str | None]:
+    """(root, endpoint): `url` without its /v1 part, and the /v1 endpoint it names, if any.
+
+    Users pass a bare ``http://h:p``, the ``http://h:p/v1`` that `turbine serve` prints, or a
+    full endpoint URL; appending ``/v1/...`` to whatever was given posted to ``/v1/v1/...`` and
+    failed every request. A prefix before /v1 (a reverse proxy) is kept; any other path is
+    refused rather than guessed at.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"url must start with http:// or https://, got {url!r}")
+    path, named = parts.path.rstrip("/"), None
+    for endpoint in (_CHAT, _COMPLETIONS):
+        if path.endswith(endpoint):
+            path, named = path[: -len(endpoint)], endpoint
+            break
+    else:
+        if path.endswith("/v1"):
+            path = path[: -len("/v1")]
+        elif path:
+            raise ValueError(f"cannot use url path {parts.path!r}: give http://host:port, http://host:port/v1, "
+                             f"or a full {_CHAT} or {_COMPLETIONS} URL")
+    return f"{parts.scheme}://{parts.netloc}{path}", named
+
+
+def endpoint_url(url: str, completions: bool) -> str:
+    """Where requests are posted, from any form `_split_url` accepts. An endpoint named in `url`
+    must be the one the bodies are built for (chat messages vs. a completions prompt)."""
+    root, named = _split_url(url)
+    want = _COMPLETIONS if completions else _CHAT
+    if named is not None and named != want:
+        raise ValueError(f"url {url!r} names {named}, but these requests are for {want}: "
+                         "give the base URL instead")
+    return root + want
+
+
+def models_url(url: str) -> str:
+    """``GET /v1/models`` for any form `_split_url` accepts."""
+    return _split_url(url)[0] + "/v1/models"
 
 
 # ---- response shapes (unknown fields ignored; only what is measured is decoded) -------------
@@ -301,9 +346,8 @@ def build_bodies(cfg: LoadConfig, model: str, count: int) -> list[bytes]:
 
 
 async def first_model(session: aiohttp.ClientSession, url: str) -> str:
-    """The id of the first model the server lists (GET <base>/v1/models)."""
-    parts = urlsplit(url)
-    async with session.get(f"{parts.scheme}://{parts.netloc}/v1/models") as resp:
+    """The id of the first model the server lists (GET <base>/v1/models); `url` in any form."""
+    async with session.get(models_url(url)) as resp:
         resp.raise_for_status()
         data = msgspec.json.decode(await resp.read()).get("data") or []
     if not data:
@@ -311,8 +355,60 @@ async def first_model(session: aiohttp.ClientSession, url: str) -> str:
     return str(data[0]["id"])
 
 
+FAIL_FAST = 16  # a phase stops when its first this-many finished requests (fewer if n is) all failed
+
+
+class AllFailed(RuntimeError):
+    """The first requests of a phase all failed, so the run stopped early."""
+
+
+class _Phase:
+    """A phase's progress bar and fail-fast check, wrapped around its `send`.
+
+    A wrong URL or model, or a dead server, fails every request: sending all n of them wastes
+    minutes and ends in a 0% table. So when the first `k` finished requests all failed, `send`
+    raises `AllFailed`, whose TaskGroup cancels the requests still outstanding. The check is a few
+    integer operations per request; a phase with a success among its first k runs as before.
+    """
+
+    def __init__(self, send: Send, desc: str, n: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self._send, self.desc, self.k = send, desc, min(FAIL_FAST, n)
+        self.finished = self.failed = 0
+        self.first_errors: list[str] = []
+        self.bar = tqdm(total=n, unit="req", disable=not progress, dynamic_ncols=True, desc=desc)
+
+    async def send(self, body: bytes) -> RequestResult:
+        r = await self._send(body)
+        self.finished += 1
+        self.bar.update(1)
+        if not r.ok:
+            self.failed += 1
+            err = r.error or "unknown error"
+            if len(self.first_errors) < 3 and err not in self.first_errors:
+                self.first_errors.append(err)
+            self.bar.set_postfix(errors=self.failed, refresh=False)
+        if self.finished == self.k and self.failed == self.k:
+            errors = "".join(f"\n  error: {e}" for e in self.first_errors)
+            raise AllFailed(f"stopped early: the first {self.k} {self.desc} requests all failed{errors}")
+        return r
+
+    async def run(self, loop: Awaitable[list[RequestResult]]) -> list[RequestResult]:
+        """Await the phase's loop; `AllFailed` comes out bare, not in a TaskGroup's ExceptionGroup."""
+        try:
+            return await loop
+        except* AllFailed as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            self.bar.close()
+
+
 async def run_load(cfg: LoadConfig) -> LoadReport:
-    """Warm up (unmeasured), then run one measured phase and summarise it."""
+    """Warm up (unmeasured), then run one measured phase and summarise it.
+
+    Raises `AllFailed` when either phase's first requests all fail.
+    """
     cfg.validate()
     targets = parse_pids(cfg.pids) if isinstance(cfg.pids, str) else list(cfg.pids)
     targets.append(Target("loadgen", os.getpid()))  # a saturated client skews every number
@@ -330,14 +426,16 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
             return await send_request(session, url, body, cfg.stream)
 
         if warm:
-            await closed_loop(send, warm, cfg.concurrency or min(n_warm, 8))
+            phase = _Phase(send, "warm-up", n_warm, cfg.progress)
+            await phase.run(closed_loop(phase.send, warm, cfg.concurrency or min(n_warm, 8)))
+        phase = _Phase(send, "load", cfg.num_requests, cfg.progress)
         meter = CpuMeter(targets)
         meter.start()
         t0 = perf_counter()
         if cfg.rate is not None:
-            results = await open_loop(send, measured, cfg.rate, cfg.seed)
+            results = await phase.run(open_loop(phase.send, measured, cfg.rate, cfg.seed))
         else:
-            results = await closed_loop(send, measured, cfg.concurrency or 1)
+            results = await phase.run(closed_loop(phase.send, measured, cfg.concurrency or 1))
         duration = perf_counter() - t0
         cpu = meter.stop()
     return summarize(results, duration, cpu, label=cfg.label, concurrency=cfg.concurrency,
@@ -366,6 +464,7 @@ def add_loadgen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or dir, for exact prompt length")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s")
     p.add_argument("--label", default="")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
 
 
@@ -377,6 +476,7 @@ def config_from_args(a: argparse.Namespace) -> LoadConfig:
         max_tokens=a.max_tokens, ignore_eos=not a.no_ignore_eos, stream=not a.no_stream,
         fresh_conn=a.fresh_conn, completions=a.completions, warmup=a.warmup, seed=a.seed,
         pids=a.pids, timeout_s=a.timeout, tokenizer=a.tokenizer, label=a.label,
+        progress=not a.no_progress,
     )
 
 
@@ -390,14 +490,21 @@ def _run(coro: Awaitable[LoadReport]) -> LoadReport:
 
 
 def main_from_args(a: argparse.Namespace) -> int:
-    """Run one phase from parsed args, print its table (and JSON file); 1 if nothing succeeded."""
+    """Run one phase from parsed args, print its table (and JSON file); 1 if nothing succeeded
+    (or the run stopped early), 2 on bad input or when the model list cannot be fetched."""
     try:
         cfg = config_from_args(a)
         cfg.validate()
+        report = _run(run_load(cfg))
+    except AllFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = _run(run_load(cfg))
+    except aiohttp.ClientError as e:  # only GET /v1/models raises: send_request turns these into results
+        print(f"error: cannot list models at {models_url(a.url)}: {e}", file=sys.stderr)
+        return 2
     print(format_table([report]))
     for err in report.first_errors:
         print(f"  error: {err}", file=sys.stderr)

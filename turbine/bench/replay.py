@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
 
-from turbine.bench.loadgen import first_model, send_request
+from turbine.bench.loadgen import endpoint_url, first_model, send_request
 from turbine.bench.report import (
     DEFAULT_SLO_ITL_MS,
     DEFAULT_SLO_TTFT_MS,
@@ -45,7 +44,7 @@ from turbine.bench.trace import (
 
 @dataclass
 class ReplayConfig:
-    url: str = "http://127.0.0.1:8000"  # base URL, or the full .../v1/completions URL
+    url: str = "http://127.0.0.1:8000"  # http://h:p, http://h:p/v1 or the full .../v1/completions URL
     speed: float = 1.0  # recorded arrival times are divided by this
     model: str | None = None  # None: the first model the server lists
     vocab_size: int = DEFAULT_VOCAB_SIZE
@@ -59,13 +58,12 @@ class ReplayConfig:
     def validate(self) -> None:
         if not self.speed > 0:
             raise ValueError(f"speed must be positive, got {self.speed}")
-        if urlsplit(self.url).scheme not in ("http", "https"):
-            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        self.endpoint()  # raises on a URL we cannot place
         if not self.timeout_s > 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 
     def endpoint(self) -> str:
-        return self.url if "/v1/" in self.url else self.url.rstrip("/") + "/v1/completions"
+        return endpoint_url(self.url, completions=True)
 
 
 @dataclass
@@ -176,7 +174,7 @@ def main_from_args(a: argparse.Namespace) -> int:
         requests = load_trace(a.trace, a.max_requests)
         cfg = ReplayConfig(url=a.url, speed=a.speed, model=a.model, vocab_size=a.vocab_size, seed=a.seed,
                            slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl, timeout_s=a.timeout,
-                           meta={"trace": str(a.trace)})
+                           progress=not a.no_progress, meta={"trace": str(a.trace)})
         cfg.validate()
         TokenSynth(cfg.vocab_size)  # checks the vocabulary size before any request is sent
         out = asyncio.run(replay(requests, cfg))
