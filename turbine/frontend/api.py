@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +19,7 @@ from turbine.frontend.http_server import HttpRequest, HttpResponse
 from turbine.frontend.metrics import FrontendMetrics, ModelMetrics
 from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.frontend.openai_protocol import (
+    MAX_CHOICES,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -29,6 +32,7 @@ from turbine.frontend.openai_protocol import (
     PromptTokensDetails,
     Usage,
     decode_request,
+    model_named,
     stop_list,
     validate_chat,
     validate_completion,
@@ -38,45 +42,112 @@ from turbine.protocols.generate import SamplingOptions, StopConditions
 log = logging.getLogger("turbine.frontend")
 
 INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized on a thread, off the event loop
+# Text longer than context_length * this cannot fit: real text averages 2-5 characters a token,
+# so the bound refuses only prompts that would be refused after a long tokenization anyway.
+MAX_CHARS_PER_TOKEN = 32
 _json = msgspec.json.Encoder()
 _DONE = b"data: [DONE]\n\n"
+Route = Callable[[HttpRequest, HttpResponse], Awaitable[None]]
 
 
 class OpenAIApi:
     def __init__(self, registry: ModelRegistry, generation: Generation, metrics: FrontendMetrics,
-                 max_inflight: int = 0):
+                 max_inflight: int = 0, api_keys: tuple[str, ...] = ()):
         self.registry = registry
         self.generation = generation
         self.metrics = metrics
         self.max_inflight = max_inflight
+        self.api_keys = tuple(k.encode() for k in api_keys)
         self.inflight = 0
-        self.routes: dict[tuple[str, str], Callable[[HttpRequest, HttpResponse], Awaitable[None]]] = {
-            ("POST", "/v1/chat/completions"): self.chat_completions,
-            ("POST", "/v1/completions"): self.completions,
-            ("GET", "/v1/models"): self.list_models,
-            ("GET", "/health"): self.health,
-            ("GET", "/metrics"): self.prometheus,
-        }
+        # path -> method -> (handler, metrics label, needs the API key)
+        self.routes: dict[str, dict[str, tuple[Route, str, bool]]] = {}
+        self.add_route("POST", "/v1/chat/completions", self.chat_completions, "chat")
+        self.add_route("POST", "/v1/completions", self.completions, "completions")
+        self.add_route("GET", "/v1/models", self.list_models, "models")
+        self.add_route("GET", "/v1/models/{model}", self.get_model, "models")
+        self.add_route("GET", "/health", self.health, "health", auth=False)
+        self.add_route("GET", "/metrics", self.prometheus, "metrics")
+
+    def add_route(self, method: str, path: str, handler: Route, label: str, *, auth: bool = True) -> None:
+        """``path`` may end in one ``{name}`` segment: the handler reads it as ``req.path_arg``."""
+        self.routes.setdefault(path, {})[method] = (handler, label, auth)
+
+    def _match(self, path: str) -> tuple[dict[str, tuple[Route, str, bool]] | None, str]:
+        methods = self.routes.get(path)
+        if methods is not None:
+            return methods, ""
+        head, _, tail = path.rpartition("/")
+        if tail:
+            methods = self.routes.get(head + "/{" + "model}")
+            if methods is not None:
+                return methods, urllib.parse.unquote(tail)
+        return None, ""
 
     # --- dispatch ------------------------------------------------------------------------------
     async def handle(self, req: HttpRequest, resp: HttpResponse) -> None:
-        route = self.routes.get((req.method, req.path))
+        """Route, authenticate, run; every reply (4xx included) is counted in the request metrics."""
+        methods, arg = self._match(req.path)
+        label = "other"
         try:
-            if route is None:
-                if any(path == req.path for _, path in self.routes):
-                    raise ApiError(405, f"method {req.method} is not allowed on {req.path}")
+            if methods is None:
                 raise ApiError(404, f"no route {req.method} {req.path}")
-            await route(req, resp)
+            method = "GET" if req.method == "HEAD" else req.method
+            allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ()), "OPTIONS"}))
+            if req.method == "OPTIONS":
+                resp.send(204, b"", headers=[("allow", allow)])
+                return
+            route = methods.get(method)
+            if route is None:
+                raise ApiError(405, f"method {req.method} is not allowed on {req.path}", headers=[("allow", allow)])
+            handler, label, auth = route
+            if auth and self.api_keys:
+                self._authenticate(req)
+            req.path_arg = arg
+            await handler(req, resp)
+        except (asyncio.CancelledError, ConnectionError):
+            resp.status = 499  # the client closed the request
+            raise
         except ApiError as e:
             if not resp.started:
-                resp.send(e.status, e.body())
+                resp.send(e.status, e.body(), headers=e.headers)
             elif not resp.finished:  # headers are out: report in-band, then end the stream
                 resp.write_chunk(b"data: " + e.body() + b"\n\n" + _DONE)
                 resp.end_stream()
+        finally:
+            if label not in ("health", "metrics"):  # a label only for models that exist: bounded
+                known = req.model if req.model in self.registry.models else ""
+                self.metrics.count(known, label, resp.status or 499)
+
+    def _authenticate(self, req: HttpRequest) -> None:
+        header = req.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise ApiError(401, "You didn't provide an API key. Provide it in the Authorization header "
+                                "(Authorization: Bearer YOUR_KEY).", code="invalid_api_key",
+                           headers=[("www-authenticate", "Bearer")])
+        given = key.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
+        # compare against every key in full, so timing says nothing about which part matched
+        ok = False
+        for k in self.api_keys:
+            ok |= hmac.compare_digest(given, k)
+        if not ok:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers=[("www-authenticate", "Bearer")])
 
     async def list_models(self, req: HttpRequest, resp: HttpResponse) -> None:
-        data = [ModelInfo(m.name, "model", m.created, "turbine") for m in self.registry.served()]
+        data = [self._model_info(m) for m in self.registry.served()]
         resp.send(200, _json.encode(ModelList("list", data)))
+
+    async def get_model(self, req: HttpRequest, resp: HttpResponse) -> None:
+        m = self.registry.models.get(req.path_arg)
+        if m is None or not m.workers:
+            raise ApiError(404, f"The model `{req.path_arg}` does not exist.", param="model",
+                           code="model_not_found")
+        resp.send(200, _json.encode(self._model_info(m)))
+
+    @staticmethod
+    def _model_info(m: ServedModel) -> ModelInfo:
+        return ModelInfo(m.name, "model", m.created, "turbine")
 
     async def health(self, req: HttpRequest, resp: HttpResponse) -> None:
         served = self.registry.served()
@@ -92,10 +163,17 @@ class OpenAIApi:
 
     # --- the two generation endpoints --------------------------------------------------------
     async def chat_completions(self, req: HttpRequest, resp: HttpResponse) -> None:
-        body: ChatCompletionRequest = decode_request(req.body, ChatCompletionRequest)
+        body: ChatCompletionRequest = self._decode(req, ChatCompletionRequest)
         validate_chat(body)
         m = self._model(body.model)
         assert m.tokenizer is not None
+        chars = 0
+        for x in body.messages:
+            if isinstance(x.content, str):
+                chars += len(x.content)
+            elif x.content:
+                chars += sum(len(part.get("text") or "") for part in x.content)
+        self._check_prompt_chars(m, chars, "messages")
         messages = [msgspec.structs.asdict(x) for x in body.messages]
         for msg in messages:
             for k in [k for k, v in msg.items() if v is None and k != "content"]:
@@ -112,10 +190,16 @@ class OpenAIApi:
         await self._serve(req, resp, "chat", body, m, [prompt_ids], max_tokens, [""])
 
     async def completions(self, req: HttpRequest, resp: HttpResponse) -> None:
-        body: CompletionRequest = decode_request(req.body, CompletionRequest)
+        body: CompletionRequest = self._decode(req, CompletionRequest)
         validate_completion(body)
         m = self._model(body.model)
         p = body.prompt
+        n_prompts = 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
+        if n_prompts * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{n_prompts} prompts x n={body.n} asks for {n_prompts * body.n} choices; at most "
+                                f"{MAX_CHOICES} are allowed per request", param="n")
+        for text in ([p] if isinstance(p, str) else p if isinstance(p[0], str) else ()):
+            self._check_prompt_chars(m, len(text), "prompt")  # type: ignore[arg-type]
         if isinstance(p, str):
             prompts = [await self._encode(m, p, add_special_tokens=True)]
             texts = [p]
@@ -135,12 +219,31 @@ class OpenAIApi:
         await self._serve(req, resp, "completions", body, m, prompts, body.max_tokens, echo)
 
     # --- shared ---------------------------------------------------------------------------------
+    @staticmethod
+    def _decode(req: HttpRequest, kind: type[Any]) -> Any:
+        try:
+            body = decode_request(req.body, kind)
+        except ApiError:
+            req.model = model_named(req.body)
+            raise
+        req.model = body.model
+        return body
+
     def _model(self, name: str) -> ServedModel:
         m = self.registry.get(name)
         self.registry.candidates(m)  # 503 early, before any tokenizing, when nobody serves it
         if self.max_inflight and self.inflight >= self.max_inflight:
             raise ApiError(429, f"the server is at its in-flight limit of {self.max_inflight} requests; retry later")
         return m
+
+    @staticmethod
+    def _check_prompt_chars(m: ServedModel, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text too long to fit the context at any plausible density."""
+        limit = m.card.context_length * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise ApiError(400, f"The prompt has {chars} characters; this model's maximum context length is "
+                                f"{m.card.context_length} tokens, and prompts over {limit} characters are refused "
+                                "without tokenizing them.", param=param, code="context_length_exceeded")
 
     async def _encode(self, m: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
         tok = m.tokenizer
@@ -188,23 +291,15 @@ class OpenAIApi:
         t0 = time.perf_counter()
         self.inflight += 1
         mm.inflight.inc()
-        status = 200
         try:
             if body.stream:
                 await self._stream(resp, kind, body, m, specs, rid, mm, echo)
             else:
                 await self._unary(resp, kind, body, m, specs, rid, mm, echo)
-        except ApiError as e:
-            status = e.status
-            raise
-        except (asyncio.CancelledError, ConnectionError):
-            status = 499  # client closed the request
-            raise
         finally:
             self.inflight -= 1
             mm.inflight.dec()
             mm.e2e.observe(time.perf_counter() - t0)
-            self.metrics.count(m.name, kind, status)
 
     def _usage(self, specs: list[ChoiceSpec], ends: list[ChoiceEnd], mm: ModelMetrics) -> Usage:
         """Prompt tokens count once per prompt (n choices share it); completions add up."""

@@ -91,6 +91,9 @@ class ChatTemplate:
             raise ValueError(f"invalid chat template (line {exc.lineno}): {exc.message}") from exc
         self.source = source
         self.content_format: ContentFormat = detect_content_format(ast)
+        # OpenAI's `developer` role is the system role of newer models; a template that never
+        # names it (most open models) gets it as `system`, the role it was trained with.
+        self.knows_developer = "developer" in source
 
     def render(
         self,
@@ -109,6 +112,10 @@ class ChatTemplate:
                 "add_generation_prompt and continue_final_message cannot both be set"
             )
         chat = normalize_messages(messages, self.content_format)
+        if not self.knows_developer:
+            for msg in chat:
+                if msg.get("role") == "developer":
+                    msg["role"] = "system"
         try:
             text = self._template.render(
                 messages=chat,

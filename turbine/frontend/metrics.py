@@ -5,7 +5,12 @@ resolved once per model so the per-token path is a bare ``observe``.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from turbine.protocols.load import WorkerLoad
 
@@ -53,7 +58,12 @@ class FrontendMetrics:
         self.waiting = Gauge("turbine_worker_requests_waiting", "Requests queued on the worker",
                              ["model", "worker"], registry=r)
         self.workers = Gauge("turbine_frontend_workers", "Workers serving the model", ["model"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self._models: dict[str, ModelMetrics] = {}
+
+    def watch_serving(self, http: Any, registry: Any, generation: Any, client: Any) -> None:
+        """Export the counters the HTTP server, registry, generation and request plane keep."""
+        self.registry.register(_ServingCollector(http, registry, generation, client))
 
     def model(self, name: str) -> ModelMetrics:
         mm = self._models.get(name)
@@ -80,3 +90,44 @@ class FrontendMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ServingCollector:
+    """Reads plain counters at scrape time, so the serving path only ever bumps integers."""
+
+    def __init__(self, http: Any, registry: Any, generation: Any, client: Any) -> None:
+        self.http, self.model_registry, self.generation, self.client = http, registry, generation, client
+
+    def collect(self) -> Iterator[Metric]:
+        http = self.http
+        yield GaugeMetricFamily("turbine_http_connections", "Open client connections", value=len(http.connections))
+        yield GaugeMetricFamily("turbine_http_max_connections", "Connection cap", value=http.max_connections)
+        yield CounterMetricFamily("turbine_http_connections_refused", "Connections refused at the cap",
+                                  value=http.refused)
+        rejected = CounterMetricFamily("turbine_http_requests_rejected",
+                                       "Requests refused before routing (malformed, over a limit, too slow)",
+                                       labels=["status"])
+        for status, n in sorted(http.rejected.items()):
+            rejected.add_metric([str(status)], n)
+        yield rejected
+        timeouts = CounterMetricFamily("turbine_http_timeouts", "Connections closed by a timeout", labels=["kind"])
+        for kind, n in http.timeouts.items():
+            timeouts.add_metric([kind], n)
+        yield timeouts
+        rejected_records = self.model_registry.rejected_records + getattr(self.model_registry.discovery, "rejected", 0)
+        yield CounterMetricFamily("turbine_frontend_discovery_records_rejected",
+                                  "Discovery records skipped as malformed", value=rejected_records)
+        yield CounterMetricFamily("turbine_frontend_migrations",
+                                  "Streams continued on another worker after theirs failed mid-way",
+                                  value=self.generation.migrations)
+        yield CounterMetricFamily("turbine_frontend_retries",
+                                  "Requests a worker refused before starting (draining, unreachable), sent to another",
+                                  value=self.generation.retries)
+        yield CounterMetricFamily("turbine_request_plane_stalls",
+                                  "Worker connections dropped because the worker went silent",
+                                  value=getattr(self.client, "stalls", 0))
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped from outside the loop (tests)
+            tasks = 0
+        yield GaugeMetricFamily("turbine_process_asyncio_tasks", "Tasks alive on the event loop", value=tasks)

@@ -13,10 +13,17 @@ from msgspec import Meta
 from turbine.frontend.errors import ApiError
 
 MAX_N = 128
+MAX_CHOICES = 128  # prompts x n in one request
 MAX_STOP = 16
+MAX_STOP_CHARS = 1024
+MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, template kwargs, parts)
+_I32 = 2**31 - 1
+_I64 = 2**63 - 1
 
-PosInt = Annotated[int, Meta(ge=1)]
-NonNegInt = Annotated[int, Meta(ge=0)]
+# Every integer has bounds: values past 64 bits cannot be encoded for the workers.
+PosInt = Annotated[int, Meta(ge=1, le=_I32)]
+NonNegInt = Annotated[int, Meta(ge=0, le=_I32)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=_I64)]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -33,31 +40,31 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
     model: str
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: PosInt | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
-    seed: int | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=_I32)] | None = None
+    seed: Seed | None = None
     n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: NonNegInt = 0
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: Annotated[list[NonNegInt], Meta(max_length=1024)] | None = None
     user: str | None = None
     # Accepted only at their no-op values (see validate_common).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-    best_of: int | None = None
+    logprobs: bool | Annotated[int, Meta(ge=0, le=_I32)] | None = None
+    best_of: PosInt | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: PosInt | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=_I32)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -71,17 +78,54 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     suffix: str | None = None
 
 
+class _ModelOnly(msgspec.Struct):
+    model: str = ""
+
+
+def model_named(body: bytes) -> str:
+    """The ``model`` field of a body that failed validation (for metrics), or ""."""
+    try:
+        return msgspec.json.decode(body, type=_ModelOnly).model
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+
+
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
     if not body:
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
-        return msgspec.json.decode(body, type=kind)
+        req = msgspec.json.decode(body, type=kind)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
     except msgspec.ValidationError as e:
         msg = str(e)
         param = msg.rsplit("at `$.", 1)[1].rstrip("`").split("[")[0] if "at `$." in msg else None
         raise ApiError(400, f"invalid request: {msg}", param=param) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
+    for name in _FREE_FORM:  # fields typed Any; everything else has a fixed shape
+        value = getattr(req, name, None)
+        if value is not None and _depth(value) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"`{name}` is nested more than {MAX_JSON_DEPTH} levels deep", param=name)
+    for m in getattr(req, "messages", ()):
+        if (isinstance(m.content, list) and _depth(m.content) > MAX_JSON_DEPTH) or \
+                (m.tool_calls is not None and _depth(m.tool_calls) > MAX_JSON_DEPTH):
+            raise ApiError(400, f"a message is nested more than {MAX_JSON_DEPTH} levels deep", param="messages")
+    return req
+
+
+_FREE_FORM = ("tools", "tool_choice", "response_format", "chat_template_kwargs", "logit_bias")
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """Nesting depth of decoded JSON (stops counting past the limit)."""
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return level
+    return max((_depth(v, level + 1) for v in value if isinstance(v, (dict, list))), default=level + 1)
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -92,6 +136,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
         raise ApiError(400, f"at most {MAX_STOP} stop sequences are allowed", param="stop")
     if any(not s for s in stops):
         raise ApiError(400, "stop sequences must be non-empty strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop sequences are limited to {MAX_STOP_CHARS} characters", param="stop")
     return stops
 
 
@@ -140,7 +186,7 @@ def validate_completion(req: CompletionRequest) -> None:
         raise ApiError(400, "prompt must not be empty", param="prompt")
 
     def is_ids(x: Any) -> bool:
-        return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
+        return isinstance(x, list) and bool(x) and all(type(t) is int and 0 <= t <= _I32 for t in x)
 
     if all(isinstance(x, str) and x for x in p) or is_ids(p) or all(is_ids(x) for x in p):
         return
