@@ -25,10 +25,32 @@ from turbine.router.router import Router
 from turbine.runtime.discovery import Discovery, Instance
 from turbine.runtime.events import EventSubscriber
 from turbine.runtime.request_plane import RequestPlaneClient
+from turbine.runtime.tcp import parse_address
 
 log = logging.getLogger("turbine.frontend")
 
-SUSPECT_S = 5.0  # how long a worker whose stream broke is skipped unless discovery re-adds it
+# A worker whose request failed to start or broke is set aside for SUSPECT_S, doubling with
+# each failure in a row up to SUSPECT_MAX_S; a stream that gets going clears it.
+SUSPECT_S = 1.0
+SUSPECT_MAX_S = 30.0
+_instance_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Instance))
+
+
+def check_record(inst: Instance) -> Instance:
+    """The record as the wire contract allows it (card constraints, usable addresses), or ValueError.
+
+    In-process discovery hands over objects nobody decoded, so the check round-trips them."""
+    enc, dec = _instance_codec
+    try:
+        inst = dec.decode(enc.encode(inst))
+    except msgspec.DecodeError as e:
+        raise ValueError(f"invalid record: {e}") from None
+    scheme = inst.address.partition("://")[0]
+    if scheme == "tcp":
+        parse_address(inst.address)
+    elif scheme != "inproc":
+        raise ValueError(f"request address {inst.address!r} is neither tcp:// nor inproc://")
+    return inst  # the event address is the subscriber's to judge (connect raises ValueError)
 
 
 @dataclass
@@ -51,7 +73,8 @@ class ModelRegistry:
         self.subscriber = subscriber
         self.router_factory = router_factory
         self.models: dict[str, ServedModel] = {}
-        self._suspect: dict[str, float] = {}
+        self._suspect: dict[str, tuple[float, float]] = {}  # worker -> (until, current backoff)
+        self.rejected_records = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._tokenizer_loads: dict[str, asyncio.Task[None]] = {}
         self._on_model_added = on_model_added
@@ -63,6 +86,15 @@ class ModelRegistry:
         self._spawn(self._watch_discovery())
         if self.subscriber is not None:
             self._spawn(self._watch_events())
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) until the workers already in discovery are usable: their records
+        applied and their tokenizers loaded, so a frontend that replaces another one in a rolling
+        restart takes no request it would answer with 503."""
+        await asyncio.sleep(0)  # the watch applies the initial snapshot
+        loads = list(self._tokenizer_loads.values())
+        if loads:
+            await asyncio.wait(loads, timeout=timeout)
 
     async def close(self) -> None:
         await self.kv_sync.close()
@@ -79,21 +111,38 @@ class ModelRegistry:
 
     # --- discovery ------------------------------------------------------------------------
     async def _watch_discovery(self) -> None:
+        """One bad record costs a log line and a metric, never the watch."""
         async for ev in self.discovery.watch():
             inst = ev.instance
             if inst.component != "worker" or inst.endpoint != "generate" or inst.model_card is None:
                 continue
-            if ev.kind == "added":
-                self._add(inst)
-            else:
-                self._remove(inst)
+            try:
+                if ev.kind == "added":
+                    self._add(check_record(inst))
+                else:
+                    self._remove(inst)
+            except Exception as e:  # noqa: BLE001
+                self.rejected_records += 1
+                log.warning("discovery: skipping the record of %s: %s", inst.instance_id, e)
+                if ev.kind == "added":  # an update that broke a known worker's record retires it
+                    with contextlib.suppress(Exception):
+                        self._remove(inst)
 
     def _add(self, inst: Instance) -> None:
+        """Everything that can fail on a bad record (router options, the event address) runs
+        before any state changes, so a refused record leaves no trace."""
         card = inst.model_card
         assert card is not None
         m = self.models.get(card.model_name)
+        router = self.router_factory(card) if m is None else None
+        old = m.workers.get(inst.instance_id) if m is not None else None
+        if old is not None and old.event_address != inst.event_address:
+            self._remove(old)  # re-registered elsewhere: forget the old subscription first
+        if inst.event_address and self.subscriber is not None:
+            self.subscriber.connect(inst.event_address)
         if m is None:
-            m = self.models[card.model_name] = ServedModel(card.model_name, card, self.router_factory(card))
+            assert router is not None
+            m = self.models[card.model_name] = ServedModel(card.model_name, card, router)
             if self._on_model_added is not None:
                 self._on_model_added(m)
         elif card.block_size != m.card.block_size:
@@ -103,7 +152,6 @@ class ModelRegistry:
         self._suspect.pop(inst.instance_id, None)
         self.metrics.workers.labels(m.name).set(len(m.workers))
         if inst.event_address and self.subscriber is not None:
-            self.subscriber.connect(inst.event_address)
             self.kv_sync.add_worker(inst.event_address, inst.instance_id, inst.address, m.router)
         if m.tokenizer is None and m.name not in self._tokenizer_loads:
             self._tokenizer_loads[m.name] = asyncio.get_running_loop().create_task(self._load_tokenizer(m))
@@ -113,6 +161,7 @@ class ModelRegistry:
         card = inst.model_card
         assert card is not None
         m = self.models.get(card.model_name)
+        self._suspect.pop(inst.instance_id, None)
         if m is None or m.workers.pop(inst.instance_id, None) is None:
             return
         self.metrics.workers.labels(m.name).set(len(m.workers))
@@ -163,13 +212,22 @@ class ModelRegistry:
         if m.tokenizer is None:
             raise ApiError(503, f"model `{m.name}` is still loading its tokenizer; retry shortly")
         now = time.monotonic()
-        ids = [w for w in m.workers if self._suspect.get(w, 0.0) <= now]
+        suspect = self._suspect
+        ids = [w for w in m.workers if w not in suspect or suspect[w][0] <= now]
         if not ids:
-            raise ApiError(503, f"no worker is serving model `{m.name}` right now")
+            raise ApiError(503, f"no worker is serving model `{m.name}` right now", headers=[("retry-after", "1")])
         return ids
 
     def mark_suspect(self, worker_id: str) -> None:
-        self._suspect[worker_id] = time.monotonic() + SUSPECT_S
+        """Set a failing worker aside; each failure in a row doubles the time (capped)."""
+        _, last = self._suspect.get(worker_id, (0.0, 0.0))
+        backoff = min(SUSPECT_MAX_S, last * 2) if last else SUSPECT_S
+        self._suspect[worker_id] = (time.monotonic() + backoff, backoff)
+        log.info("worker %s set aside for %.1f s after a failed request", worker_id, backoff)
+
+    def mark_healthy(self, worker_id: str) -> None:
+        if self._suspect:
+            self._suspect.pop(worker_id, None)
 
     def served(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.workers]

@@ -56,6 +56,8 @@ class FileDiscovery:
         self._view: dict[str, Instance] = {}
         self._scanned: dict[str, Instance] = {}  # the last scan's live instances
         self._cache: dict[str, tuple[bytes, Instance]] = {}  # file name -> (raw, decoded)
+        self._bad: dict[str, bytes] = {}  # file name -> the unreadable content already reported
+        self.rejected = 0  # distinct malformed records seen (each logged once)
         self._loaded = False
         self._watchers = Watchers()
         self._poll_task: asyncio.Task[None] | None = None
@@ -177,6 +179,7 @@ class FileDiscovery:
         now = time.time()
         live: dict[str, Instance] = {}
         cache: dict[str, tuple[bytes, Instance]] = {}
+        bad: dict[str, bytes] = {}
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
@@ -204,12 +207,16 @@ class FileDiscovery:
             else:
                 try:
                     inst = _decoder.decode(raw).instance
-                except msgspec.DecodeError as exc:
-                    log.warning("file discovery: ignoring unreadable record %s: %s", e.path, exc)
+                except msgspec.DecodeError as exc:  # malformed, or a card that breaks its constraints
+                    bad[name] = raw
+                    if self._bad.get(name) != raw:
+                        self.rejected += 1
+                        log.warning("file discovery: ignoring malformed record %s: %s", e.path, exc)
                     continue
             cache[name] = (raw, inst)
             live[inst.instance_id] = inst
         self._cache = cache
+        self._bad = bad
         return live
 
     def _remove_stale(self, path: str, now: float) -> None:
