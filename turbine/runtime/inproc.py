@@ -109,6 +109,14 @@ class InProcServer:
         self.address = SCHEME + name
         return self.address
 
+    @property
+    def active_streams(self) -> set[ActiveStream]:
+        return self._core.active
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new calls (WorkerUnavailable) and wait up to ``grace_s`` for running ones."""
+        await self._core.drain(grace_s)
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """Unregister (new calls get WorkerUnavailable), let running handlers finish for
         ``grace_s``, then cancel the rest (their callers get StreamBroken)."""

@@ -151,6 +151,8 @@ class RequestPlaneServer(Protocol):
 
     async def start(self) -> str: ...
 
+    async def drain(self, grace_s: float) -> None: ...
+
     async def stop(self, grace_s: float = 0.0) -> None: ...
 
 
@@ -244,11 +246,16 @@ class ServerCore:
         if st.timer is not None:
             st.timer.cancel()
 
-    async def shutdown(self, grace_s: float = 0.0) -> None:
-        """Refuse new requests, let running ones finish for ``grace_s``, then cancel the rest."""
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests (WorkerUnavailable: callers retry elsewhere) and wait up to
+        ``grace_s`` for the running ones to finish."""
         self.draining = True
         if grace_s > 0 and self.active:
             await asyncio.wait([s.task for s in self.active if s.task is not None], timeout=grace_s)
+
+    async def shutdown(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for ``grace_s``, then cancel the rest."""
+        await self.drain(grace_s)
         for st in list(self.active):
             st.cancel("shutdown")
         tasks = [s.task for s in self.active if s.task is not None]
@@ -455,10 +462,11 @@ def make_client(**tcp_options: Any) -> SchemeClient:
 
 
 def make_server(kind: Literal["tcp", "inproc"] = "tcp", *, host: str = "127.0.0.1", port: int = 0,
-                name: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> RequestPlaneServer:
+                name: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                token: str | None = None) -> RequestPlaneServer:
     if kind == "tcp":
         from turbine.runtime.tcp import TcpServer
-        return TcpServer(host=host, port=port, max_frame_bytes=max_frame_bytes)
+        return TcpServer(host=host, port=port, max_frame_bytes=max_frame_bytes, token=token)
     if kind == "inproc":
         from turbine.runtime.inproc import InProcServer
         return InProcServer(name, max_frame_bytes=max_frame_bytes)

@@ -12,10 +12,24 @@ once per event-loop iteration (sooner past ``FLUSH_BYTES``), so a token stream c
 per loop turn rather than one per frame. Handlers wait for the socket only when the transport is
 over its high-water mark. ``Request.deadline_ms`` is the *remaining* budget, so clocks of the two
 machines never need to agree.
+
+Liveness and trust:
+
+- A server sends ``Ping`` on a connection that has running streams but sent nothing for
+  ``HEARTBEAT_S``. A client that hears nothing on a connection with open streams for
+  ``stall_timeout_s`` fails them with ``StreamBroken`` (a frozen or unreachable peer: SIGSTOP, a
+  dead link) and drops the connection, so callers migrate instead of waiting forever. A long
+  prefill is not a stall: the peer's event loop keeps pinging.
+- With a cluster token, a client's first frame is ``Hello(token)``; the server compares it in
+  constant time and closes connections that do not present it, before reading anything larger
+  than ``HELLO_MAX_BYTES``. Frames from a client are bounded by the server's
+  ``max_frame_bytes``; a frame begun must keep arriving (``READ_STALL_S``); connections are capped.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import socket
 import struct
@@ -45,6 +59,11 @@ log = logging.getLogger("turbine.runtime")
 
 FLUSH_BYTES = 256 * 1024  # flush synchronously past this much buffered output
 WRITE_HIGH_WATER = 1024 * 1024  # transport buffer size at which handlers wait for the socket
+HEARTBEAT_S = 1.0  # a server pings a connection with running streams after this much silence
+DEFAULT_STALL_TIMEOUT_S = 10.0  # a client gives up on a connection silent this long
+READ_STALL_S = 30.0  # a frame begun must not go silent for longer (server side)
+HELLO_MAX_BYTES = 4096  # the most a server reads from a client before it has shown the token
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 # --- frames --------------------------------------------------------------------------------------
@@ -75,7 +94,17 @@ class Cancel(msgspec.Struct, array_like=True, tag=4, gc=False):
     deadline: bool = False  # the client gave up because its deadline passed
 
 
-Frame = Request | Data | End | Error | Cancel
+class Ping(msgspec.Struct, array_like=True, tag=5, gc=False):
+    """Server -> client: alive, with streams running (sent only after HEARTBEAT_S of silence)."""
+
+
+class Hello(msgspec.Struct, array_like=True, tag=6, gc=False):
+    """Client -> server, first frame: the cluster token (empty when the client has none)."""
+
+    token: str
+
+
+Frame = Request | Data | End | Error | Cancel | Ping | Hello
 
 _HEADER = struct.Struct(">I")
 _PLACEHOLDER = b"\0\0\0\0"
@@ -119,6 +148,7 @@ class _FramedConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._rbuf = bytearray()
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self.last_rx = self.last_tx = self._loop.time()
 
     # -- lifecycle --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,6 +193,7 @@ class _FramedConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._wbuf and not self.closed:
             data, self._wbuf = self._wbuf, bytearray()
+            self.last_tx = self._loop.time()
             self.transport.write(data)  # type: ignore[union-attr]
 
     def pause_writing(self) -> None:
@@ -188,6 +219,7 @@ class _FramedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:  # type: ignore[override]
         if self.closed:
             return
+        self.last_rx = self._loop.time()
         buf: bytes | bytearray = data
         if self._rbuf:
             self._rbuf += data
@@ -275,12 +307,20 @@ class _ServerSink:
 
 class _ServerConnection(_FramedConnection):
     def __init__(self, server: TcpServer) -> None:
-        super().__init__(server._core.max_frame_bytes)
+        token = server._token
+        super().__init__(HELLO_MAX_BYTES if token else server._core.max_frame_bytes)
         self.server = server
         self.streams: dict[int, ActiveStream] = {}
+        self.authenticated = token is None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if len(self.server._connections) >= self.server.max_connections:
+            log.warning("request plane: connection limit (%d) reached; refusing a connection",
+                        self.server.max_connections)
+            self.closed = True
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self.server._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -296,6 +336,16 @@ class _ServerConnection(_FramedConnection):
 
     def frame_received(self, frame: Frame) -> None:
         t = type(frame)
+        if not self.authenticated:
+            token = self.server._token
+            assert token is not None
+            if t is not Hello or not hmac.compare_digest(frame.token.encode(), token.encode()):  # type: ignore[union-attr]
+                self.server.refused_auth += 1
+                self.protocol_error("a client did not present the cluster token")
+                return
+            self.authenticated = True
+            self.max_frame_bytes = self.server._core.max_frame_bytes
+            return
         if t is Request:
             sid = frame.stream_id  # type: ignore[union-attr]
             if sid in self.streams:
@@ -312,7 +362,7 @@ class _ServerConnection(_FramedConnection):
             if st is not None:
                 st.sink.live = False  # type: ignore[attr-defined]
                 st.cancel("deadline" if frame.deadline else "client")  # type: ignore[union-attr]
-        else:
+        elif t is not Hello:  # a Hello to a server without a token is harmless
             self.protocol_error(f"unexpected {t.__name__} frame from a client")
 
 
@@ -320,15 +370,37 @@ class TcpServer:
     """Serves registered endpoints on ``tcp://host:port`` (port 0 = ephemeral)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, advertise_host: str | None = None) -> None:
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, advertise_host: str | None = None,
+                 token: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.host = host
         self.port = port
         self.advertise_host = advertise_host
         self.address: str | None = None
+        self.max_connections = max_connections
+        self.refused_auth = 0
+        self._token = token or None
         self._core = ServerCore(max_frame_bytes)
         self._server: asyncio.Server | None = None
         self._connections: set[_ServerConnection] = set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopped = False
+
+    @property
+    def draining(self) -> bool:
+        return self._core.draining
+
+    @property
+    def active_streams(self) -> set[ActiveStream]:
+        return self._core.active
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting connections, refuse new requests on open ones (WorkerUnavailable: the
+        caller retries elsewhere), and wait up to ``grace_s`` for running requests to finish."""
+        if self._server is not None:
+            self._server.close()
+        await self._core.drain(grace_s)
 
     def register(self, endpoint: str, handler: Handler) -> None:
         self._core.register(endpoint, handler)
@@ -338,12 +410,27 @@ class TcpServer:
             raise RuntimeError("TcpServer.start() called twice")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ServerConnection(self), self.host, self.port)
+        self._heartbeat_task = loop.create_task(self._heartbeats())
         port = self._server.sockets[0].getsockname()[1]
         host = self.advertise_host or self.host
         if host in ("", "0.0.0.0", "::"):
             host = socket.gethostname()
         self.address = format_address(host, port)
         return self.address
+
+    async def _heartbeats(self) -> None:
+        """Ping connections with running streams that have been quiet; drop stalled readers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            now = loop.time()
+            for conn in list(self._connections):
+                if conn.closed:
+                    continue
+                if conn.streams and now - conn.last_tx >= HEARTBEAT_S:
+                    conn.send(Ping())
+                if conn._rbuf and now - conn.last_rx > READ_STALL_S:
+                    conn.protocol_error(f"a frame stalled unfinished for {READ_STALL_S:.0f} s")
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let running handlers finish for ``grace_s``, cancel the rest, close."""
@@ -353,6 +440,10 @@ class TcpServer:
         if self._server is not None:
             self._server.close()
         await self._core.shutdown(grace_s)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._heartbeat_task
         for conn in list(self._connections):
             conn.close()
         if self._server is not None:
@@ -384,6 +475,8 @@ class _ClientConnection(_FramedConnection):
     def open(self, endpoint: str, payload: bytes, deadline: float | None, rx: StreamReceiver) -> _ClientHandle:
         if self.closed:
             raise WorkerUnavailable(f"connection to {self.address} is closed")
+        if not self.streams:  # silence before this stream says nothing about the peer
+            self.last_rx = self._loop.time()
         sid = self._next_id
         self._next_id = sid + 1
         ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000 + 0.999))
@@ -405,6 +498,8 @@ class _ClientConnection(_FramedConnection):
             rx = self.streams.pop(frame.stream_id, None)
             if rx is not None:
                 rx.finish(error_from_code(frame.code, frame.message))  # type: ignore[union-attr]
+        elif t is Ping:
+            pass
         else:
             self.protocol_error(f"unexpected {t.__name__} frame from a server")
 
@@ -423,14 +518,21 @@ class _ClientConnection(_FramedConnection):
 class TcpClient:
     """Streams calls to ``tcp://`` servers over one pooled connection per address."""
 
-    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, connect_timeout: float = 5.0) -> None:
+    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, connect_timeout: float = 5.0,
+                 token: str | None = None, stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S) -> None:
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout}")
+        if stall_timeout_s is not None and stall_timeout_s <= HEARTBEAT_S:
+            raise ValueError(f"stall_timeout_s must exceed the {HEARTBEAT_S} s heartbeat, got {stall_timeout_s}")
         self._max_frame_bytes = max_frame_bytes
         self._connect_timeout = connect_timeout
+        self._token = token or None
+        self._stall_timeout_s = stall_timeout_s
         self._pool: dict[str, _ClientConnection] = {}
         self._connecting: dict[str, asyncio.Task[_ClientConnection]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
         self._closed = False
+        self.stalls = 0  # connections dropped because the peer went silent
 
     def stream(self, address: str, endpoint: str, payload: bytes, *,
                timeout: float | None = None) -> AsyncGenerator[bytes, None]:
@@ -447,6 +549,11 @@ class TcpClient:
     async def close(self) -> None:
         """Close every connection; streams still running end with StreamBroken."""
         self._closed = True
+        watch, self._watch_task = self._watch_task, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
         for t in list(self._connecting.values()):
             t.cancel()
         for conn in list(self._pool.values()):
@@ -491,8 +598,23 @@ class TcpClient:
         if self._closed:
             conn.close()
             raise WorkerUnavailable("client is closed")
+        if self._token is not None:
+            conn.send(Hello(self._token))
         self._pool[address] = conn
+        if self._stall_timeout_s is not None and self._watch_task is None:
+            self._watch_task = loop.create_task(self._watch_stalls(self._stall_timeout_s))
         return conn
+
+    async def _watch_stalls(self, stall_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            now = loop.time()
+            for conn in list(self._pool.values()):
+                if conn.streams and not conn.closed and now - conn.last_rx > stall_s:
+                    self.stalls += 1
+                    conn.protocol_error(f"no data from {conn.address} for {stall_s:g} s "
+                                        "(the peer is frozen or unreachable)")
 
     def _forget(self, conn: _ClientConnection) -> None:
         if self._pool.get(conn.address) is conn:
