@@ -21,10 +21,11 @@ class ServerThread:
         self.workers = workers
         self.speedup = speedup
         self.mocker_kw = mocker_kw
-        self.max_inflight = int(mocker_kw.pop("max_inflight", 0))  # type: ignore[call-overload]
-        self.request_timeout_s = mocker_kw.pop("request_timeout_s", None)
+        from turbine.frontend.service import FrontendConfig
+
+        frontend_kw = {k: mocker_kw.pop(k) for k in list(mocker_kw) if k in FrontendConfig.__dataclass_fields__}
+        self.frontend = FrontendConfig(port=0, **frontend_kw)  # type: ignore[arg-type]
         self.engine = mocker_kw.pop("engine", "mock")
-        self.router = mocker_kw.pop("router", None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.dep = None
@@ -41,10 +42,7 @@ class ServerThread:
             opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
                                  mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
         fut = asyncio.run_coroutine_threadsafe(
-            start_all_in_one(opts, workers=self.workers, host="127.0.0.1", port=0, max_inflight=self.max_inflight,
-                             request_timeout_s=self.request_timeout_s,  # type: ignore[arg-type]
-                             router=self.router),  # type: ignore[arg-type]
-            self.loop)
+            start_all_in_one(opts, workers=self.workers, frontend=self.frontend), self.loop)
         self.dep = fut.result(timeout=60)
         return self
 
@@ -61,7 +59,7 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         if self.dep is not None:
-            asyncio.run_coroutine_threadsafe(self.dep.stop(), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self.dep.stop(grace_s=0), self.loop).result(timeout=30)
         pending = asyncio.run_coroutine_threadsafe(_pending_tasks(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

@@ -61,15 +61,46 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-overlap-weight", type=float, default=1.0,
                    help="weight of prefill work (blocks to compute) against decode load in the kv cost")
     p.add_argument("--max-inflight", type=int, default=0,
-                   help="answer 429 beyond this many concurrent requests (0 = no limit)")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds a request may take end to end before it is cancelled (504)")
+                   help="answer 429 beyond this many concurrent requests (0 = bounded by --max-connections only)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take end to end, migrations included, before it is cancelled "
+                   "(504); default 600, the OpenAI client's own")
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on the API (repeat for several keys; default: "
+                   "$TURBINE_API_KEY if set, else no authentication); /health stays open")
+    g.add_argument("--tls-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    g.add_argument("--tls-keyfile", default=None, help="the certificate's private key (PEM)")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help="client connections (default: the file-descriptor limit less a reserve); at the cap the "
+                   "longest-idle keep-alive connection is closed, or the newcomer gets a 503")
+    g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body (413 beyond)")
+    g.add_argument("--keepalive-timeout", type=float, default=30.0, help="seconds an idle connection is kept")
+    g.add_argument("--header-timeout", type=float, default=15.0,
+                   help="seconds a client has to send a request's headers (408 after)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: stop accepting, and give running requests this long to finish")
+
+
+def _add_fleet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--discovery-dir", type=Path, required=True, help="file-discovery directory shared by the fleet")
+    p.add_argument("--cluster-token", default=None,
+                   help="the fleet's shared secret for the request plane (default: $TURBINE_CLUSTER_TOKEN, else a "
+                   "token file the first process creates in the discovery directory, readable by its user only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turbine", description=__doc__)
+    # allow_abbrev=False everywhere: a prefix must never stand for an option (`--discovery etcd://`
+    # silently meaning `--discovery-dir`).
+    parser = argparse.ArgumentParser(prog="turbine", description=__doc__, allow_abbrev=False)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw):  # type: ignore[no-untyped-def]
+        return _add_parser(name, allow_abbrev=False, **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("serve", help="frontend + router + workers in one process (embedded discovery)")
     _add_model_args(p, required=False)
@@ -78,14 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
     _add_frontend_args(p)
-    p.add_argument("--discovery-dir", type=Path, required=True, help="file-discovery directory shared with workers")
+    _add_fleet_args(p)
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT, to run several frontends on one port")
+    p.add_argument("--stall-timeout", type=float, default=10.0,
+                   help="seconds without a frame from a worker (it pings every second while busy) before its "
+                   "streams move to another worker")
 
     p = sub.add_parser("worker", help="serve a model as worker(s) registered in discovery")
     _add_model_args(p, required=True)
-    p.add_argument("--discovery-dir", type=Path, required=True)
+    _add_fleet_args(p)
     p.add_argument("--num-workers", type=int, default=1, help="simulated workers in this process (mock engine)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of the request and event planes")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: leave discovery, refuse new requests, and give running ones this long")
     p.add_argument("--vllm-metrics-port", type=int, default=None,
                    help="--engine vllm: serve vLLM's own /metrics and /health on this port")
 
@@ -180,6 +216,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The frontend's whole configuration, built and validated once."""
+    import os
+
+    from turbine.frontend.http_server import HttpLimits
+    from turbine.frontend.service import FrontendConfig
+
+    keys = args.api_key or ([os.environ["TURBINE_API_KEY"]] if os.environ.get("TURBINE_API_KEY") else [])
+    try:
+        limits = HttpLimits(max_body_bytes=args.max_body_bytes, keepalive_timeout_s=args.keepalive_timeout,
+                            header_timeout_s=args.header_timeout, max_connections=args.max_connections)
+        return FrontendConfig(host=args.host, port=args.port, router=_router_config(args), http=limits,
+                              max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
+                              api_keys=tuple(keys), tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
+                              reuse_port=getattr(args, "reuse_port", False), drain_timeout_s=args.drain_timeout)
+    except ValueError as e:
+        raise SystemExit(f"turbine: {e}") from None
+
+
 def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from turbine.frontend.service import RouterConfig
 
@@ -197,26 +252,30 @@ async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
 
     if args.cmd == "serve":
-        dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers, host=args.host,
-                                            port=args.port, router=_router_config(args), max_inflight=args.max_inflight,
-                                            request_timeout_s=args.request_timeout)
+        dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers,
+                                            frontend=_frontend_config(args))
         assert dep.frontend is not None
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     elif args.cmd == "frontend":
-        dep = await launch.start_frontend(discovery_dir=args.discovery_dir, host=args.host, port=args.port,
-                                          router=_router_config(args), max_inflight=args.max_inflight,
-                                          reuse_port=args.reuse_port, request_timeout_s=args.request_timeout)
+        if args.stall_timeout <= 1.0:
+            raise SystemExit("turbine: --stall-timeout must exceed the workers' 1 s heartbeat")
+        dep = await launch.start_frontend(discovery_dir=args.discovery_dir, frontend=_frontend_config(args),
+                                          cluster_token=args.cluster_token, stall_timeout_s=args.stall_timeout)
         assert dep.frontend is not None
         print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     else:
+        if args.drain_timeout < 0:
+            raise SystemExit("turbine: --drain-timeout must be >= 0")
         dep = await launch.start_worker_process(_worker_options(args), discovery_dir=args.discovery_dir,
-                                                num_workers=args.num_workers)
+                                                num_workers=args.num_workers, cluster_token=args.cluster_token,
+                                                drain_timeout_s=args.drain_timeout)
         print(f"Turbine worker(s) {', '.join(w.worker_id for w in dep.workers)} ready", flush=True)
+    abort = None
     try:
-        await launch.wait_for_signal()
+        abort = await launch.wait_for_signal()
     finally:
-        await dep.stop()
+        await dep.stop(abort=abort)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 import msgspec
 
 from turbine.adapters.vllm_args import VllmOptions
-from turbine.frontend.service import Frontend, RouterConfig
+from turbine.frontend.service import Frontend, FrontendConfig
 from turbine.engine.base import Engine
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
 from turbine.protocols.model_card import ModelCard
 from turbine.runtime.discovery import Discovery, MemoryDiscovery, MemoryStore, make_discovery
+from turbine.runtime.fleet_token import fleet_token
 from turbine.runtime.events import (
     EventPublisher,
     EventSubscriber,
@@ -30,7 +31,7 @@ from turbine.runtime.events import (
     ZmqEventSubscriber,
 )
 from turbine.runtime.inproc import InProcClient, InProcServer
-from turbine.runtime.tcp import TcpClient, TcpServer
+from turbine.runtime.tcp import DEFAULT_STALL_TIMEOUT_S, TcpClient, TcpServer
 from turbine.worker.worker import Worker
 
 log = logging.getLogger("turbine")
@@ -66,6 +67,7 @@ class BuiltinOptions:
 
 
 ENGINES = ("mock", "builtin", "vllm")
+READY_TIMEOUT_S = 120.0  # serve: workers registered, tokenizer loaded
 
 
 @dataclass
@@ -155,7 +157,7 @@ def _terminate_self(err: BaseException) -> None:
 
 
 async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, inproc: bool,
-                        bus: InProcEventBus | None = None) -> list[Worker]:
+                        bus: InProcEventBus | None = None, token: str | None = None) -> list[Worker]:
     tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, opts.model_dir)
     workers = []
     for _ in range(n):
@@ -164,34 +166,61 @@ async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, in
             assert bus is not None
             server, publisher = InProcServer(), bus.publisher()
         else:
-            server, publisher = TcpServer(host=opts.host), ZmqEventPublisher(host=opts.host)
+            server, publisher = TcpServer(host=opts.host, token=token), ZmqEventPublisher(host=opts.host)
         w = Worker(engine, card, discovery=discovery, server=server, publisher=publisher)
         await w.start()
         workers.append(w)
     return workers
 
 
-async def wait_for_signal() -> None:
+async def wait_for_signal() -> asyncio.Event:
+    """Wait for SIGINT/SIGTERM; returns an event set by a second one (stop draining, exit now)."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    first, again = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if first.is_set():
+            log.warning("second signal: stopping without waiting for running requests")
+            again.set()
+        first.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        loop.add_signal_handler(sig, on_signal)
+    await first.wait()
+    return again
 
 
 @dataclass
 class Deployment:
-    """Everything one process runs; ``stop`` tears it down in the reverse order."""
+    """Everything one process runs; ``stop`` drains and tears it down in the reverse order."""
 
     frontend: Frontend | None = None
     workers: list[Worker] = field(default_factory=list)
     discovery: Discovery | None = None
+    drain_timeout_s: float = 30.0
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None, abort: asyncio.Event | None = None) -> None:
+        """Drain: the frontend stops accepting and finishes its streams, then each worker leaves
+        discovery and finishes its requests (``grace_s`` each), then everything closes.
+        ``abort`` (a second signal) cuts the waiting short."""
+        grace = self.drain_timeout_s if grace_s is None else grace_s
+
+        async def bounded(coro) -> None:  # type: ignore[no-untyped-def]
+            if abort is None:
+                await coro
+                return
+            task = asyncio.ensure_future(coro)
+            stop = asyncio.ensure_future(abort.wait())
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+        if self.frontend is not None and grace > 0:
+            await bounded(self.frontend.drain(grace))
+        await bounded(asyncio.gather(*(w.drain(grace) for w in self.workers), return_exceptions=True))
         for w in self.workers:
             with contextlib.suppress(Exception):
                 await w.stop()
@@ -202,41 +231,47 @@ class Deployment:
                 await self.discovery.close()
 
 
-async def start_all_in_one(opts: WorkerOptions, *, workers: int, host: str, port: int,
-                           router: RouterConfig | None = None, max_inflight: int = 0,
-                           request_timeout_s: float | None = None) -> Deployment:
+async def start_all_in_one(opts: WorkerOptions, *, workers: int,
+                           frontend: FrontendConfig | None = None) -> Deployment:
     """Frontend, router and ``workers`` workers in this process, on embedded discovery."""
+    frontend = frontend or FrontendConfig()
     store = MemoryStore()
     bus = InProcEventBus()
-    dep = Deployment(discovery=MemoryDiscovery(store))
-    subscriber = bus.subscriber()
-    dep.frontend = Frontend(discovery=MemoryDiscovery(store), client=InProcClient(), subscriber=subscriber,
-                            host=host, port=port, router=router, max_inflight=max_inflight,
-                            request_timeout_s=request_timeout_s)
+    dep = Deployment(discovery=MemoryDiscovery(store), drain_timeout_s=frontend.drain_timeout_s)
+    dep.frontend = Frontend(frontend, discovery=MemoryDiscovery(store), client=InProcClient(),
+                            subscriber=bus.subscriber())
     await dep.frontend.start()
     dep.workers = await start_workers(opts, workers, dep.discovery, inproc=True, bus=bus)
-    await dep.frontend.registry.ready.wait()
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await dep.frontend.registry.ready.wait()
+    except TimeoutError:
+        await dep.stop(grace_s=0)
+        raise RuntimeError(f"the frontend did not see a usable worker within {READY_TIMEOUT_S:.0f} s "
+                           "(the log says why)") from None
     return dep
 
 
-async def start_frontend(*, discovery_dir: Path, host: str, port: int, router: RouterConfig | None = None,
-                         max_inflight: int = 0, reuse_port: bool = False,
-                         request_timeout_s: float | None = None) -> Deployment:
+async def start_frontend(*, discovery_dir: Path, frontend: FrontendConfig | None = None,
+                         cluster_token: str | None = None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Deployment:
+    frontend = frontend or FrontendConfig()
     discovery = make_discovery("file", discovery_dir)
-    fe = Frontend(discovery=discovery, client=TcpClient(), subscriber=ZmqEventSubscriber(),
-                  host=host, port=port, router=router, max_inflight=max_inflight, reuse_port=reuse_port,
-                  request_timeout_s=request_timeout_s)
+    token = fleet_token(discovery_dir, cluster_token)
+    client = TcpClient(token=token, stall_timeout_s=stall_timeout_s)
+    fe = Frontend(frontend, discovery=discovery, client=client, subscriber=ZmqEventSubscriber())
     await fe.start()
-    return Deployment(frontend=fe, discovery=discovery)
+    return Deployment(frontend=fe, discovery=discovery, drain_timeout_s=frontend.drain_timeout_s)
 
 
-async def start_worker_process(opts: WorkerOptions, *, discovery_dir: Path, num_workers: int = 1) -> Deployment:
+async def start_worker_process(opts: WorkerOptions, *, discovery_dir: Path, num_workers: int = 1,
+                               cluster_token: str | None = None, drain_timeout_s: float = 30.0) -> Deployment:
     discovery = make_discovery("file", discovery_dir)
-    workers = await start_workers(opts, num_workers, discovery, inproc=False)
-    return Deployment(workers=workers, discovery=discovery)
+    token = fleet_token(discovery_dir, cluster_token)
+    workers = await start_workers(opts, num_workers, discovery, inproc=False, token=token)
+    return Deployment(workers=workers, discovery=discovery, drain_timeout_s=drain_timeout_s)
 
 
 __all__ = [
     "Deployment", "EventPublisher", "EventSubscriber", "WorkerOptions", "default_model_dir", "start_all_in_one",
-    "start_frontend", "start_worker_process", "wait_for_signal",
+    "fleet_token", "start_frontend", "start_worker_process", "wait_for_signal",
 ]

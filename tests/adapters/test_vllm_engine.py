@@ -61,7 +61,7 @@ class Fleet:
     def __enter__(self) -> Fleet:
         from turbine.adapters.vllm_engine import VllmEngine
         from turbine.engine.builtin_engine import BuiltinEngine
-        from turbine.frontend.service import Frontend, RouterConfig
+        from turbine.frontend.service import Frontend, FrontendConfig, RouterConfig
         from turbine.runtime.discovery import MemoryDiscovery, MemoryStore
         from turbine.runtime.events import InProcEventBus
         from turbine.runtime.inproc import InProcClient
@@ -71,9 +71,9 @@ class Fleet:
         self.builtin = BuiltinEngine(self.model_dir, device="cpu", dtype="float32", block_size=BS,
                                      num_gpu_blocks=512, max_num_seqs=8)
         self.store, self.bus = MemoryStore(), InProcEventBus()
-        self.frontend = Frontend(discovery=MemoryDiscovery(self.store), client=InProcClient(),
-                                 subscriber=self.bus.subscriber(), host="127.0.0.1", port=0,
-                                 router=RouterConfig(policy="kv"))
+        self.frontend = Frontend(FrontendConfig(port=0, router=RouterConfig(policy="kv")),
+                                 discovery=MemoryDiscovery(self.store), client=InProcClient(),
+                                 subscriber=self.bus.subscriber())
         self.run(self.frontend.start())
         self.vllm_worker = self.add_worker(self.vllm, self.vllm.model_card("tiny", self.model_dir))
         self.builtin_worker = self.add_worker(self.builtin, self._card(self.builtin, "builtin"))

@@ -34,7 +34,7 @@ def synthetic_trace(n: int = 150, rate: float = 10.0, seed: int = 7) -> list[Tra
 
 
 async def test_simulator_agrees_with_live_replay(model_dir: Path) -> None:
-    from turbine.frontend.service import RouterConfig
+    from turbine.frontend.service import FrontendConfig, RouterConfig
     from turbine.launch import WorkerOptions, start_all_in_one
 
     trace = synthetic_trace()
@@ -43,13 +43,12 @@ async def test_simulator_agrees_with_live_replay(model_dir: Path) -> None:
     assert all(r.ok for r in sim.results)
 
     opts = WorkerOptions(model_dir=model_dir, model_name="tiny", mocker=MOCKER, context_length=MOCKER.context_length)
-    dep = await start_all_in_one(opts, workers=2, host="127.0.0.1", port=0,
-                                 router=RouterConfig(policy=policy, seed=0))
+    dep = await start_all_in_one(opts, workers=2, frontend=FrontendConfig(port=0, router=RouterConfig(policy=policy, seed=0)))
     try:
         assert dep.frontend is not None
         live = await replay(trace, ReplayConfig(url=dep.frontend.url, progress=False))
     finally:
-        await dep.stop()
+        await dep.stop(grace_s=0)
 
     from turbine.bench.report import summarize_trace
 

@@ -29,6 +29,7 @@ from turbine.runtime.request_plane import (
 )
 
 MAX_MIGRATIONS = 3
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # end to end, migrations included (the OpenAI client's own default)
 _delta_decoder = msgspec.msgpack.Decoder(GenerateDelta)
 _req_encoder = msgspec.msgpack.Encoder()
 
@@ -51,10 +52,12 @@ class Generation:
     """Shared by all requests of a frontend: the routing, transport and metric handles."""
 
     def __init__(self, registry: ModelRegistry, client: RequestPlaneClient,
-                 request_timeout_s: float | None = None):
+                 request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S):
         self.registry = registry
         self.client = client
         self.request_timeout_s = request_timeout_s
+        self.migrations = 0  # streams that had started, continued on another worker
+        self.retries = 0  # requests a worker refused before starting them, sent to another
 
     async def stream_choice(self, m: ServedModel, spec: ChoiceSpec,
                             mm: ModelMetrics | None) -> AsyncIterator[str | ChoiceEnd]:
@@ -71,6 +74,7 @@ class Generation:
         stop_hit = False
         router = m.router
         t_last = time.perf_counter()
+        deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
         first_token = True
         for attempt in range(MAX_MIGRATIONS + 1):
             tokens = spec.prompt_ids + generated if generated else spec.prompt_ids
@@ -85,10 +89,16 @@ class Generation:
                     min_tokens=max(0, spec.stop.min_tokens - len(generated)),
                     ignore_eos=spec.stop.ignore_eos, stop_token_ids=spec.stop.stop_token_ids),
             )
-            stream = self.client.stream(inst.address, "generate", _req_encoder.encode(req),
-                                        timeout=self.request_timeout_s)
             routed_first = observed = False
+            stream = None
             try:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the request's deadline passed")
+                try:
+                    stream = self.client.stream(inst.address, "generate", _req_encoder.encode(req), timeout=remaining)
+                except ValueError as e:  # an address this client cannot use
+                    raise WorkerUnavailable(str(e)) from None
                 async for raw in stream:
                     d = _delta_decoder.decode(raw)
                     if d.error:
@@ -96,6 +106,7 @@ class Generation:
                     if not routed_first:
                         routed_first = True
                         router.first_token(sub_id)
+                        self.registry.mark_healthy(worker_id)
                     if d.cached_tokens is not None and not observed:
                         observed = True
                         router.observe_actual(sub_id, decision.overlap_blocks, d.cached_tokens)
@@ -121,8 +132,12 @@ class Generation:
                     if d.finish_reason is not None:
                         finish = d.finish_reason
                         break
-            except (StreamBroken, WorkerUnavailable):
+            except (StreamBroken, WorkerUnavailable) as e:
                 self.registry.mark_suspect(worker_id)
+                if routed_first or isinstance(e, StreamBroken):
+                    self.migrations += 1
+                else:
+                    self.retries += 1
                 continue
             except DeadlineExceeded:
                 raise ApiError(504, "the request timed out") from None
@@ -130,10 +145,12 @@ class Generation:
                 raise ApiError(500, f"worker error: {e}") from None
             finally:
                 router.finished(sub_id)
-                with contextlib.suppress(Exception):
-                    await stream.aclose()  # type: ignore[attr-defined]
+                if stream is not None:
+                    with contextlib.suppress(Exception):
+                        await stream.aclose()
             if finish == "abort":  # the worker shut down under us: continue elsewhere
                 self.registry.mark_suspect(worker_id)
+                self.migrations += 1
                 finish = None
                 continue
             if finish is None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 
 from turbine.frontend.api import OpenAIApi
-from turbine.frontend.generation import Generation
-from turbine.frontend.http_server import HttpServer
+from turbine.frontend.generation import DEFAULT_REQUEST_TIMEOUT_S, Generation
+from turbine.frontend.http_server import HttpLimits, HttpServer
 from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.protocols.model_card import ModelCard
@@ -37,36 +38,85 @@ class RouterConfig:
                       seed=self.seed)
 
 
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Everything a frontend is configured with, built once (by the CLI or a test) and validated here."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router: RouterConfig = field(default_factory=RouterConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)
+    max_inflight: int = 0  # 429 beyond it; 0 = bounded only by the connection cap
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    reuse_port: bool = False
+    drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 0:
+            raise ValueError("max_inflight must be >= 0")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError("the request timeout must be positive")
+        if self.drain_timeout_s < 0:
+            raise ValueError("the drain timeout must be >= 0")
+        if any(not k for k in self.api_keys):
+            raise ValueError("an API key must not be empty")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("TLS needs both a certificate file and a key file")
+        self.router.build(ModelCard(model_name="check", tokenizer_source="", block_size=16, total_kv_blocks=1,
+                                    max_num_seqs=1, context_length=2))  # bad router options fail at start
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_certfile is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"cannot load the TLS certificate {self.tls_certfile}: {e}") from None
+        return ctx
+
+
 class Frontend:
-    def __init__(self, *, discovery: Discovery, client: RequestPlaneClient, subscriber: EventSubscriber | None,
-                 host: str = "127.0.0.1", port: int = 8000, router: RouterConfig | None = None,
-                 max_inflight: int = 0, max_body_bytes: int = 32 * 1024 * 1024,
-                 request_timeout_s: float | None = None, reuse_port: bool = False):
+    def __init__(self, config: FrontendConfig | None = None, *, discovery: Discovery, client: RequestPlaneClient,
+                 subscriber: EventSubscriber | None):
+        self.config = config = config or FrontendConfig()
         self.metrics = FrontendMetrics()
-        self.router_config = router or RouterConfig()
-        self.router_config.build(ModelCard(model_name="check", tokenizer_source="", block_size=16, total_kv_blocks=1,
-                                           max_num_seqs=1, context_length=2))  # bad options fail at start
         self.client = client
         self.subscriber = subscriber
-        self.registry = ModelRegistry(discovery, self.metrics, client, self.router_config.build, subscriber,
+        self.registry = ModelRegistry(discovery, self.metrics, client, config.router.build, subscriber,
                                       on_model_added=self._model_added)
-        self.generation = Generation(self.registry, client, request_timeout_s)
-        self.api = OpenAIApi(self.registry, self.generation, self.metrics, max_inflight=max_inflight)
-        self.http = HttpServer(self.api.handle, host=host, port=port, max_body_bytes=max_body_bytes,
-                               reuse_port=reuse_port)
+        self.generation = Generation(self.registry, client, config.request_timeout_s)
+        self.api = OpenAIApi(self.registry, self.generation, self.metrics, max_inflight=config.max_inflight,
+                             api_keys=config.api_keys)
+        self.http = HttpServer(self.api.handle, host=config.host, port=config.port, limits=config.http,
+                               reuse_port=config.reuse_port, ssl_context=config.ssl_context())
+        self.metrics.watch_serving(self.http, self.registry, self.generation, client)
 
     def _model_added(self, m: ServedModel) -> None:
         register_prometheus(self.metrics.registry, m.router, m.name)
 
     @property
     def url(self) -> str:
-        return f"http://{self.http.host}:{self.http.port}"
+        host = self.http.host
+        return f"{self.http.scheme}://{f'[{host}]' if ':' in host else host}:{self.http.port}"
 
     async def start(self) -> str:
         await self.registry.start()
+        await self.registry.settle(timeout=30.0)
         await self.http.start()
         log.info("frontend listening on %s", self.url)
         return self.url
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting connections and let running requests finish (SIGTERM)."""
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        log.info("frontend draining: %d connections, up to %.0f s", len(self.http.connections), grace)
+        cut = await self.http.drain(grace)
+        if cut:
+            log.warning("frontend drain: %d requests still running after %.0f s were cut off", cut, grace)
 
     async def stop(self) -> None:
         await self.http.stop()

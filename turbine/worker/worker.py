@@ -68,6 +68,16 @@ class Worker:
         log.info("worker %s serving %s at %s", self.worker_id, self.card.model_name, self.address)
         return self.instance
 
+    async def drain(self, grace_s: float) -> None:
+        """Leave discovery, refuse new requests (callers retry them elsewhere), and give running
+        ones ``grace_s`` to finish; what still runs after that is cut off by ``stop()``."""
+        with contextlib.suppress(Exception):
+            await self.discovery.unregister(self.worker_id)
+        if self.own_server:
+            running = len(getattr(self.server, "active_streams", ()))
+            log.info("worker %s draining: %d requests running, up to %.0f s", self.worker_id, running, grace_s)
+            await self.server.drain(grace_s)
+
     async def stop(self) -> None:
         """Leave discovery first (no new requests), then abort what runs, then close."""
         with contextlib.suppress(Exception):
