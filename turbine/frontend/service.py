@@ -65,6 +65,7 @@ class FrontendConfig:
             raise ValueError("an API key must not be empty")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both a certificate file and a key file")
+        self.ssl_context()  # an unreadable certificate fails at start, with its path
         self.router.build(ModelCard(model_name="check", tokenizer_source="", block_size=16, total_kv_blocks=1,
                                     max_num_seqs=1, context_length=2))  # bad router options fail at start
 
