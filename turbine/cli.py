@@ -27,6 +27,11 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
     g.add_argument("--mock-async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="schedule one step ahead like an async-scheduling engine (auto: as the profile's engine "
                    "ran; off without a profile, like Dynamo's mocker)")
+    g.add_argument("--kv-bytes-per-token", type=int, default=131072,
+                   help="disaggregation: KV bytes a token costs, all layers (default: Llama-3.1-8B in bf16)")
+    g.add_argument("--transfer-bandwidth", type=float, default=25.0,
+                   help="disaggregation: GB/s of the link a decode worker pulls KV over")
+    g.add_argument("--transfer-latency", type=float, default=0.0005, help="disaggregation: seconds per pull")
     if not builtin:
         return
     g = p.add_argument_group("builtin engine")
@@ -46,6 +51,10 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                    help="HF-format model directory (tokenizer.json, config.json)"
                    + ("" if required else "; default: a tiny generated model"))
     p.add_argument("--model-name", default=None, help="served model name (default: the directory name)")
+    p.add_argument("--kv-transfer", default="auto", choices=["auto", "tcp", "nixl", "cuda_ipc", "inproc"],
+                   help="builtin engine, disaggregation: how KV blocks move between workers (auto: in-process in "
+                   "one process, CUDA IPC between GPUs of a node, NIXL when installed, else TCP); prefill and "
+                   "decode workers must use the same")
     _add_engine_args(p)
 
 
@@ -80,6 +89,13 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send a request's headers (408 after)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM: stop accepting, and give running requests this long to finish")
+    g = p.add_argument_group("disaggregated serving (models with prefill and decode workers)")
+    g.add_argument("--disagg-min-prefill-tokens", type=int, default=512,
+                   help="prompts with fewer uncached tokens (on the chosen decode worker) are prefilled there")
+    g.add_argument("--disagg-max-prefill-queue", type=int, default=32768,
+                   help="when every prefill worker has this many prompt tokens queued, prefill on the decode worker")
+    g.add_argument("--disagg-hold", type=float, default=30.0,
+                   help="seconds a prefill worker keeps a prompt's KV for the decode worker's pull, at most")
 
 
 def _add_fleet_args(p: argparse.ArgumentParser) -> None:
@@ -105,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="frontend + router + workers in one process (embedded discovery)")
     _add_model_args(p, required=False)
     _add_frontend_args(p)
-    p.add_argument("--workers", type=int, default=1, help="number of workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="aggregated workers (default 1, or 0 with --prefill-workers/--decode-workers)")
+    p.add_argument("--prefill-workers", type=int, default=0, help="prefill workers (disaggregated serving)")
+    p.add_argument("--decode-workers", type=int, default=0, help="decode workers (disaggregated serving)")
 
     p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
     _add_frontend_args(p)
@@ -119,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=True)
     _add_fleet_args(p)
     p.add_argument("--num-workers", type=int, default=1, help="simulated workers in this process (mock engine)")
+    p.add_argument("--role", default="agg", choices=["agg", "prefill", "decode"],
+                   help="agg: serve requests whole; prefill/decode: one half of a disaggregated model (a model "
+                   "with both is served disaggregated; with no prefill worker, decode workers serve whole)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of the request and event planes")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM: leave discovery, refuse new requests, and give running ones this long")
@@ -159,7 +181,8 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     model_dir = args.model if args.model is not None else default_model_dir(weights=args.engine == "builtin")
     if not model_dir.is_dir():
         raise SystemExit(f"turbine: model directory {model_dir} does not exist")
-    for name, v in (("--workers", getattr(args, "workers", 1)), ("--num-workers", getattr(args, "num_workers", 1)),
+    for name, v in (("--workers", getattr(args, "workers", None) or 1),
+                    ("--num-workers", getattr(args, "num_workers", 1)),
                     ("--block-size", args.block_size), ("--num-gpu-blocks", args.num_gpu_blocks),
                     ("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if v is not None and v < 1:
@@ -171,15 +194,22 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.context_length is not None and args.context_length < 2:
         raise SystemExit("turbine: --context-length must be at least 2")
     shared = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    mocker = MockerConfig(block_size=args.block_size or 64, num_gpu_blocks=args.num_gpu_blocks or 16384,
-                          speedup_ratio=args.speedup_ratio, profile=args.profile,
-                          async_scheduling=ASYNC_SCHEDULING_FLAGS[args.mock_async_scheduling], **shared)
+    try:
+        mocker = MockerConfig(block_size=args.block_size or 64, num_gpu_blocks=args.num_gpu_blocks or 16384,
+                              speedup_ratio=args.speedup_ratio, profile=args.profile,
+                              async_scheduling=ASYNC_SCHEDULING_FLAGS[args.mock_async_scheduling],
+                              kv_bytes_per_token=args.kv_bytes_per_token,
+                              transfer_bandwidth_gbps=args.transfer_bandwidth,
+                              transfer_latency_s=args.transfer_latency, **shared)
+    except ValueError as e:
+        raise SystemExit(f"turbine: {e}") from None
     builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
                              num_gpu_blocks=args.num_gpu_blocks,
                              gpu_memory_utilization=args.gpu_memory_utilization, **shared)
     opts = WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine, mocker=mocker,
                          builtin=builtin, host=getattr(args, "host", "127.0.0.1"),
-                         context_length=args.context_length)
+                         context_length=args.context_length, role=getattr(args, "role", "agg"),
+                         kv_transfer=args.kv_transfer)
     if args.engine == "vllm":
         opts.vllm = _vllm_options(args)
         opts.context_length = None  # translated into vLLM's --max-model-len when given
@@ -220,6 +250,7 @@ def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The frontend's whole configuration, built and validated once."""
     import os
 
+    from turbine.disagg import DisaggConfig
     from turbine.frontend.http_server import HttpLimits
     from turbine.frontend.service import FrontendConfig
 
@@ -227,7 +258,9 @@ def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     try:
         limits = HttpLimits(max_body_bytes=args.max_body_bytes, keepalive_timeout_s=args.keepalive_timeout,
                             header_timeout_s=args.header_timeout, max_connections=args.max_connections)
-        return FrontendConfig(host=args.host, port=args.port, router=_router_config(args), http=limits,
+        disagg = DisaggConfig(min_remote_prefill_tokens=args.disagg_min_prefill_tokens,
+                              max_prefill_queue_tokens=args.disagg_max_prefill_queue, hold_s=args.disagg_hold)
+        return FrontendConfig(host=args.host, port=args.port, router=_router_config(args), http=limits, disagg=disagg,
                               max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
                               api_keys=tuple(keys), tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
                               reuse_port=getattr(args, "reuse_port", False), drain_timeout_s=args.drain_timeout)
@@ -252,8 +285,12 @@ async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
 
     if args.cmd == "serve":
-        dep = await launch.start_all_in_one(_worker_options(args), workers=args.workers,
-                                            frontend=_frontend_config(args))
+        disagg = args.prefill_workers or args.decode_workers
+        workers = args.workers if args.workers is not None else (0 if disagg else 1)
+        if min(workers, args.prefill_workers, args.decode_workers) < 0 or not (workers or args.decode_workers):
+            raise SystemExit("turbine: serve needs at least one --workers or --decode-workers worker")
+        dep = await launch.start_all_in_one(_worker_options(args), workers=workers, frontend=_frontend_config(args),
+                                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers)
         assert dep.frontend is not None
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ from turbine.runtime.events import (
     ZmqEventSubscriber,
 )
 from turbine.runtime.inproc import InProcClient, InProcServer
+from turbine.runtime.request_plane import RequestPlaneClient
+from turbine.transfer.manager import KvTransferManager
+from turbine.transfer.mock import MockTransfer
 from turbine.runtime.tcp import DEFAULT_STALL_TIMEOUT_S, TcpClient, TcpServer
 from turbine.worker.worker import Worker
 
@@ -80,6 +84,12 @@ class WorkerOptions:
     vllm: VllmOptions = field(default_factory=VllmOptions)
     host: str = "127.0.0.1"
     context_length: int | None = None  # None: the model's max_position_embeddings
+    role: str = "aggregated"  # "aggregated" | "prefill" | "decode" (disaggregated serving)
+    kv_transfer: str = "auto"  # the built-in engine's transfer backend: auto | tcp | nixl | cuda_ipc | inproc
+
+
+ROLES = {"agg": "aggregated", "aggregated": "aggregated", "prefill": "prefill", "decode": "decode"}
+TRANSFER_BACKENDS = ("auto", "tcp", "nixl", "cuda_ipc", "inproc")
 
 
 def model_context_length(model_dir: Path, fallback: int) -> int:
@@ -156,18 +166,39 @@ def _terminate_self(err: BaseException) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def make_transfer(opts: WorkerOptions, engine: Engine, client: RequestPlaneClient, *,
+                  inproc: bool) -> KvTransferManager | None:
+    """The KV transfer manager of one worker (disaggregation); None for engines without one."""
+    if isinstance(engine, MockEngine):
+        return KvTransferManager(MockTransfer(client, engine.core.transfer_seconds), client,
+                                 block_bytes=engine.config.block_size * engine.config.kv_bytes_per_token)
+    data = getattr(engine, "kv_data", None)
+    if data is None:
+        return None  # e.g. vLLM: it serves requests whole
+    from turbine.transfer.backends import make_backend  # torch
+
+    backend = make_backend(opts.kv_transfer, engine, client, inproc=inproc)
+    return KvTransferManager(backend, client, block_bytes=engine.kv_layout.block_bytes)  # type: ignore[attr-defined]
+
+
 async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, inproc: bool,
-                        bus: InProcEventBus | None = None, token: str | None = None) -> list[Worker]:
+                        bus: InProcEventBus | None = None, token: str | None = None,
+                        client: RequestPlaneClient | None = None) -> list[Worker]:
+    """``client``: the request-plane client workers use to reach each other (KV transfers)."""
     tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, opts.model_dir)
+    if client is None:
+        client = InProcClient() if inproc else TcpClient(token=token)
     workers = []
     for _ in range(n):
         engine, card = await asyncio.to_thread(build_engine, opts, tokenizer)
+        card = msgspec.structs.replace(card, role=ROLES[opts.role])
         if inproc:
             assert bus is not None
             server, publisher = InProcServer(), bus.publisher()
         else:
             server, publisher = TcpServer(host=opts.host, token=token), ZmqEventPublisher(host=opts.host)
-        w = Worker(engine, card, discovery=discovery, server=server, publisher=publisher)
+        w = Worker(engine, card, discovery=discovery, server=server, publisher=publisher,
+                   transfer=make_transfer(opts, engine, client, inproc=inproc))
         await w.start()
         workers.append(w)
     return workers
@@ -198,6 +229,7 @@ class Deployment:
     workers: list[Worker] = field(default_factory=list)
     discovery: Discovery | None = None
     drain_timeout_s: float = 30.0
+    clients: list[RequestPlaneClient] = field(default_factory=list)  # the workers' own (KV transfers)
 
     async def stop(self, grace_s: float | None = None, abort: asyncio.Event | None = None) -> None:
         """Drain: the frontend stops accepting and finishes its streams, then each worker leaves
@@ -224,6 +256,9 @@ class Deployment:
         for w in self.workers:
             with contextlib.suppress(Exception):
                 await w.stop()
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                await c.close()
         if self.frontend is not None:
             await self.frontend.stop()
         if self.discovery is not None:
@@ -231,17 +266,22 @@ class Deployment:
                 await self.discovery.close()
 
 
-async def start_all_in_one(opts: WorkerOptions, *, workers: int,
-                           frontend: FrontendConfig | None = None) -> Deployment:
-    """Frontend, router and ``workers`` workers in this process, on embedded discovery."""
+async def start_all_in_one(opts: WorkerOptions, *, workers: int, frontend: FrontendConfig | None = None,
+                           prefill_workers: int = 0, decode_workers: int = 0) -> Deployment:
+    """Frontend, router and workers in this process, on embedded discovery: ``workers``
+    aggregated ones, plus ``prefill_workers`` and ``decode_workers`` (a disaggregated model)."""
     frontend = frontend or FrontendConfig()
     store = MemoryStore()
     bus = InProcEventBus()
-    dep = Deployment(discovery=MemoryDiscovery(store), drain_timeout_s=frontend.drain_timeout_s)
+    client = InProcClient()
+    dep = Deployment(discovery=MemoryDiscovery(store), drain_timeout_s=frontend.drain_timeout_s, clients=[client])
     dep.frontend = Frontend(frontend, discovery=MemoryDiscovery(store), client=InProcClient(),
                             subscriber=bus.subscriber())
     await dep.frontend.start()
-    dep.workers = await start_workers(opts, workers, dep.discovery, inproc=True, bus=bus)
+    for role, n in (("aggregated", workers), ("prefill", prefill_workers), ("decode", decode_workers)):
+        if n:
+            role_opts = dataclasses.replace(opts, role=role)
+            dep.workers += await start_workers(role_opts, n, dep.discovery, inproc=True, bus=bus, client=client)
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await dep.frontend.registry.ready.wait()
@@ -267,8 +307,9 @@ async def start_worker_process(opts: WorkerOptions, *, discovery_dir: Path, num_
                                cluster_token: str | None = None, drain_timeout_s: float = 30.0) -> Deployment:
     discovery = make_discovery("file", discovery_dir)
     token = fleet_token(discovery_dir, cluster_token)
-    workers = await start_workers(opts, num_workers, discovery, inproc=False, token=token)
-    return Deployment(workers=workers, discovery=discovery, drain_timeout_s=drain_timeout_s)
+    client = TcpClient(token=token)
+    workers = await start_workers(opts, num_workers, discovery, inproc=False, token=token, client=client)
+    return Deployment(workers=workers, discovery=discovery, drain_timeout_s=drain_timeout_s, clients=[client])
 
 
 __all__ = [

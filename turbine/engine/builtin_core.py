@@ -55,9 +55,10 @@ from turbine.engine.model_runner import (
     profile_activation_bytes,
 )
 from turbine.engine.sampler import check_sampling_options
-from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
-from turbine.engine.step import StepOutput
+from turbine.engine.step import StepOutput, step_output
+from turbine.protocols.kv_transfer import KvLayout
 from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
 
@@ -134,6 +135,7 @@ class StepResult(NamedTuple):
     num_preempted: int
     host_s: float = 0.0  # of duration_s, the time not spent waiting for the device
     device_s: float | None = None  # the step's device time (CUDA events; None unless enable_device_timing)
+    pulls: list[PullOrder] = []  # copies admission ordered (disaggregation): the caller runs them
 
 
 class _InFlight(NamedTuple):
@@ -239,8 +241,13 @@ class BuiltinCore:
             check_sampling_options(request.sampling)
         except ValueError as e:
             raise ValueError(f"request {request.request_id!r}: {e}") from None
-        seq = Sequence(request.request_id, tokens, stop=request.stop, sampling=request.sampling,
-                       lora_name=request.lora_name, arrival_time=arrival_time)
+        seq = Sequence.from_request(request, arrival_time)
+        if seq.kv_source is not None:
+            layout = seq.kv_source.agent.layout
+            why = "it has none (a mock worker)" if layout is None else self.kv_layout.mismatch(layout)
+            if why:
+                raise ValueError(f"request {request.request_id!r}: cannot take the peer's KV blocks: "
+                                 f"layouts differ ({why})")
         with self._lock:
             self.scheduler.add(seq)
 
@@ -248,6 +255,34 @@ class BuiltinCore:
         """Drop a request in any state; its blocks are free when this returns."""
         with self._lock:
             return self.scheduler.abort(request_id)
+
+    # -- disaggregation ---------------------------------------------------------------------------------
+    @property
+    def kv_layout(self) -> KvLayout:
+        spec = self.kv_cache.spec
+        dtype = str(spec.dtype).removeprefix("torch.")
+        return KvLayout(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                        block_size=spec.block_size, dtype=dtype)
+
+    def finish_pull(self, request_id: str, ok: bool) -> bool:
+        with self._lock:
+            return self.scheduler.finish_pull(request_id, ok)
+
+    def release(self, request_id: str) -> bool:
+        with self._lock:
+            return self.scheduler.release(request_id)
+
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        with self._lock:
+            return self.scheduler.held_blocks(request_id)
+
+    def expire_held(self) -> None:
+        with self._lock:
+            self.scheduler.expire_held()
+
+    def next_hold_deadline(self) -> float | None:
+        with self._lock:
+            return self.scheduler.next_hold_deadline()
 
     def has_work(self) -> bool:
         return self.in_flight or self.scheduler.has_work()
@@ -269,6 +304,8 @@ class BuiltinCore:
     def step(self) -> StepResult:
         """Launch the next step (and, with async scheduling, the one after it) and complete one."""
         t0 = time.perf_counter()
+        if self.scheduler.held:
+            self.expire_held()
         if self._staged is not None:
             self._inflight, self._staged = self._launch(self._staged), None
         if self._inflight is None:
@@ -276,7 +313,8 @@ class BuiltinCore:
             if staged is None:
                 with self._lock:
                     events = self.block_manager.take_events()
-                return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0)
+                    pulls = self.scheduler.take_pulls()
+                return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0, pulls=pulls)
             self._inflight = self._launch(staged)
         done, self._inflight = self._inflight, None
         cfg = self.config
@@ -317,16 +355,18 @@ class BuiltinCore:
         sampled = done.launched.wait()
         wait_s = time.perf_counter() - tw
         with self._lock:
-            results = self.scheduler.complete(done.out, done.slots, sampled)
+            sched = self.scheduler
+            results = sched.complete(done.out, done.slots, sampled)
+            outputs = [step_output(sched, seq, token, reason, n_out) for seq, token, reason, n_out in results]
             events = self.block_manager.take_events()
+            pulls = sched.take_pulls()
         self.num_steps += 1
-        outputs = [StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens, n_out)
-                   for seq, token, reason, n_out in results]
         out = done.out
         duration = time.perf_counter() - t0
         device_ms = done.launched.device_ms()
         return StepResult(duration, outputs, events, out.num_prefill_tokens, out.num_decode_seqs,
-                          len(out.preempted), duration - wait_s, None if device_ms is None else device_ms / 1e3)
+                          len(out.preempted), duration - wait_s, None if device_ms is None else device_ms / 1e3,
+                          pulls)
 
     @property
     def padding(self) -> dict[str, list[int]]:

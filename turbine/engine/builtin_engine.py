@@ -18,12 +18,14 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
 from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore, StepResult
 from turbine.engine.streams import StreamHub
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored
+from turbine.protocols.kv_transfer import KvLayout
 
 __all__ = ["BuiltinConfig", "BuiltinEngine"]
 
@@ -77,6 +79,7 @@ class BuiltinEngine:
         self.max_num_seqs = core.config.max_num_seqs
         self.context_length = core.context_length
         self._hub = StreamHub(core, lambda: self._wake.set())
+        self._hub.finish_pull = self._finish_pull
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -107,6 +110,34 @@ class BuiltinEngine:
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
         self._hub.sink = sink
+
+    # -- disaggregation -------------------------------------------------------------------------------
+    @property
+    def kv_layout(self) -> KvLayout:
+        return self.core.kv_layout
+
+    @property
+    def kv_data(self) -> Any:
+        """The paged KV cache tensor ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` that
+        transfer backends read and write."""
+        return self.core.kv_cache.data
+
+    def set_kv_transfer(self, manager: Any) -> None:
+        """The transfer manager that runs this engine's pulls and describes what it holds."""
+        self._hub.transfer = manager
+        manager.bind(self._finish_pull)
+
+    def _finish_pull(self, request_id: str, ok: bool) -> None:
+        self.core.finish_pull(request_id, ok)
+        self._wake.set()
+
+    def release_kv(self, transfer_id: str) -> bool:
+        ok = self.core.release(transfer_id)
+        self._wake.set()
+        return ok
+
+    def held_blocks(self, transfer_id: str) -> list[int] | None:
+        return self.core.held_blocks(transfer_id)
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -150,7 +181,13 @@ class BuiltinEngine:
                 loop.call_soon_threadsafe(self._hub.finish_all, "error", f"engine failure: {exc!r}")
 
     def _wait_for_wake(self) -> None:
-        self._wake.wait()
+        """Sleep until woken; with KV held for peers, no longer than its hold deadline."""
+        deadline = self.core.next_hold_deadline()
+        if deadline is None:
+            self._wake.wait()
+        else:
+            self._wake.wait(max(0.0, deadline - self.core.scheduler.clock()) + 0.001)
+            self.core.expire_held()
         self._wake.clear()
 
     def _post(self, loop: asyncio.AbstractEventLoop, result: StepResult) -> bool:

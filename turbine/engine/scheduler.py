@@ -22,12 +22,27 @@ still runs on the device:
 A sequence certain to finish when its placeholder resolves (max_tokens or the context length
 reached) is not scheduled again; one that stops on a sampled stop token has computed one
 extra token, which is dropped (its blocks are freed once the stop is known).
+
+Disaggregation adds two states, the same for every engine (the mocker copies nothing but times
+the copy; a real engine moves the bytes):
+
+    prefill side:  RUNNING ──finish──▶ HELD ──release(id) or hold deadline──▶ blocks freed
+                   (``kv_hold_s``: the blocks of the prompt stay referenced for a decode worker)
+    decode side:   WAITING ──admit: local prefix hit + allocate the rest──▶ PULLING
+                   ──finish_pull(ok)──▶ WAITING (holding the pulled blocks, registered as cached)
+                   ──▶ RUNNING: only the tail past the last full block is computed locally
+                   ──finish_pull(failed)──▶ WAITING, blocks freed: prefilled locally instead
+    An abort while PULLING frees the blocks only at ``finish_pull``: the copy may still write them.
+
+``take_pulls()`` drains the copies admission ordered (like ``take_events()``); the engine runs
+them off the step path and reports each with ``finish_pull``.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -37,6 +52,8 @@ from turbine.protocols.generate import FinishReason
 
 _RUNNING = SequenceStatus.RUNNING
 _WAITING = SequenceStatus.WAITING
+_PULLING = SequenceStatus.PULLING
+_HELD = SequenceStatus.HELD
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +95,24 @@ class SchedulerOutput(NamedTuple):
         return self.num_prefill_tokens + self.num_decode_seqs
 
 
+class PullOrder(NamedTuple):
+    """Copy a peer's blocks into local ones (decode side of disaggregation)."""
+
+    request_id: str
+    source: Any  # KvTransferParams of the prefill worker
+    remote_blocks: list[int]  # on the peer
+    local_blocks: list[int]  # here, same order; empty: the local cache had it all (release only)
+
+
+class HeldKv(NamedTuple):
+    """The prompt's full blocks a finished prefill holds for a pull."""
+
+    block_ids: list[int]
+    block_hashes: list[int]
+    num_tokens: int
+    hold_s: float
+
+
 class SeqResult(NamedTuple):
     seq: Sequence
     token_id: int | None  # None: a prefill chunk that produced no token
@@ -86,12 +121,19 @@ class SeqResult(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
+        self.pulling: dict[str, Sequence] = {}  # KV being copied in from a peer
+        self.held: dict[str, tuple[Sequence, float]] = {}  # finished prefills -> hold deadline
+        self.num_pull_failures = 0
+        self.num_holds_expired = 0
+        self._pulls: list[PullOrder] = []
         self._seqs: dict[str, Sequence] = {}
         self._eos = frozenset(config.eos_token_ids)
         self._chunk_cap = config.long_prefill_token_threshold or config.max_num_batched_tokens
@@ -106,6 +148,7 @@ class Scheduler:
         return len(self.waiting)
 
     def has_work(self) -> bool:
+        """Something to schedule (pulls in progress and held blocks are not work for a step)."""
         return bool(self.running or self.waiting)
 
     def get(self, request_id: str) -> Sequence | None:
@@ -149,21 +192,129 @@ class Scheduler:
                 f"request {rid!r}: prompt of {n_prompt} tokens exceeds max_num_batched_tokens="
                 f"{cfg.max_num_batched_tokens} and chunked prefill is off"
             )
+        if rid in self.held or rid in self.pulling:
+            raise ValueError(f"request id {rid!r} still holds KV blocks of an earlier request")
+        if seq.kv_source is not None:
+            self._check_source(seq)
         self._seqs[rid] = seq
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request in any state and free its blocks now. False if it is unknown."""
+        """Drop a request in any state and free its blocks now (a PULLING one's at
+        ``finish_pull``: the copy may still write them). False if it is unknown."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        if seq.status is _RUNNING:
+        status = seq.status
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        if status is _PULLING:
+            return True
+        if status is _RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        return True
+
+    # -- disaggregation ---------------------------------------------------------------------------
+    def _check_source(self, seq: Sequence) -> None:
+        """The peer's blocks must hold this sequence's prefix: their chained hashes must match."""
+        src = seq.kv_source
+        bs = self.block_manager.block_size
+        n = min(len(src.block_ids), (seq.num_tokens - 1) // bs)
+        if len(src.block_hashes) != len(src.block_ids) or src.num_tokens < len(src.block_ids) * bs:
+            raise ValueError(f"request {seq.request_id!r}: malformed kv_transfer source (block ids, hashes and "
+                             "token count disagree)")
+        if src.block_hashes[:n] != seq.block_hashes(bs)[:n]:
+            raise ValueError(f"request {seq.request_id!r}: the kv_transfer source holds another prompt "
+                             "(block hashes differ)")
+
+    def take_pulls(self) -> list[PullOrder]:
+        """Drain the copies admission ordered since the last call."""
+        pulls, self._pulls = self._pulls, []
+        return pulls
+
+    def finish_pull(self, request_id: str, ok: bool) -> bool:
+        """A copy ordered by ``take_pulls`` ended. ok: the blocks hold the peer's KV (they join the
+        prefix cache and the sequence queues to compute its tail); failed: the blocks are freed
+        and the sequence is prefilled here. False if the request is not pulling."""
+        seq = self.pulling.pop(request_id, None)
+        if seq is None:
+            return False
+        bm = self.block_manager
+        if seq.status is SequenceStatus.FINISHED:  # aborted during the copy
+            bm.free(seq)
+            return True
+        seq.kv_source = None
+        seq.status = _WAITING
+        if ok:
+            seq.num_computed_tokens += seq.num_pulled_blocks * bm.block_size
+            bm.register_full_blocks(seq)
+        else:
+            self.num_pull_failures += 1
+            bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.num_pulled_blocks = 0
+        self.waiting.appendleft(seq)
+        return True
+
+    def held_kv(self, seq: Sequence) -> HeldKv:
+        """What a HELD sequence offers: the full blocks of its prompt."""
+        bs = self.block_manager.block_size
+        n = min(seq.num_prompt_tokens // bs, len(seq.block_table), len(seq.block_hashes(bs)))
+        return HeldKv(list(seq.block_table[:n]), list(seq.block_hashes(bs)[:n]), n * bs, seq.kv_hold_s or 0.0)
+
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        entry = self.held.get(request_id)
+        return None if entry is None else self.held_kv(entry[0]).block_ids
+
+    def release(self, request_id: str) -> bool:
+        """A decode worker has the KV of a held prefill: free its blocks (they stay cached)."""
+        entry = self.held.pop(request_id, None)
+        if entry is None:
+            return False
+        seq = entry[0]
+        self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
+        return True
+
+    def expire_held(self) -> list[str]:
+        """Free the blocks of held prefills whose hold deadline passed; their ids."""
+        if not self.held:
+            return []
+        now = self.clock()
+        expired = [rid for rid, (_, deadline) in self.held.items() if deadline <= now]
+        for rid in expired:
+            self.release(rid)
+        self.num_holds_expired += len(expired)
+        return expired
+
+    def next_hold_deadline(self) -> float | None:
+        return min((d for _, d in self.held.values()), default=None)
+
+    def _admit_pull(self, seq: Sequence) -> bool:
+        """Admission of a sequence whose KV a peer holds: reference the local prefix hit, allocate
+        blocks for the rest of the peer's blocks, order the copy. False: no room yet."""
+        bm = self.block_manager
+        bs = bm.block_size
+        src = seq.kv_source
+        cached = bm.match_prefix(seq)
+        first, limit = cached // bs, min(len(src.block_ids), (seq.num_tokens - 1) // bs)
+        if limit <= first:  # the local cache holds it all: nothing to copy, only a release
+            self._pulls.append(PullOrder(seq.request_id, src, [], []))
+            seq.kv_source = None
+            return False
+        if not bm.allocate_slots(seq, (limit - first) * bs, cached):
+            return False
+        self.waiting.popleft()
+        seq.status = _PULLING
+        seq.num_computed_tokens = cached
+        seq.num_cached_tokens = cached
+        seq.num_pulled_blocks = limit - first
+        self.pulling[seq.request_id] = seq
+        self._pulls.append(PullOrder(seq.request_id, src, list(src.block_ids[first:limit]),
+                                     list(seq.block_table[first:limit])))
         return True
 
     # -- one step -------------------------------------------------------------------------------
@@ -204,10 +355,16 @@ class Scheduler:
                 i += 1
 
         waiting = self.waiting
-        while not preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+        while not preempted and waiting and budget > 0 and len(running) + len(self.pulling) < cfg.max_num_seqs:
             seq = waiting[0]
-            cached = bm.match_prefix(seq)
-            n = seq.num_tokens - cached
+            if seq.kv_source is not None:
+                if self._admit_pull(seq):
+                    continue
+                if seq.kv_source is not None:  # no room for its blocks yet
+                    break
+            resumed = bool(seq.block_table)  # its KV came from a peer: compute the tail only
+            cached = 0 if resumed else bm.match_prefix(seq)
+            n = seq.num_tokens - cached - seq.num_computed_tokens
             if cfg.enable_chunked_prefill:
                 n = min(n, cap, budget)
             elif n > budget:
@@ -220,9 +377,10 @@ class Scheduler:
                 break
             waiting.popleft()
             seq.status = _RUNNING
-            seq.num_computed_tokens = cached
-            if not seq.num_preemptions:  # first admission; a resumed one recomputes
-                seq.num_cached_tokens = cached
+            if not resumed:
+                seq.num_computed_tokens = cached
+                if not seq.num_preemptions:  # first admission; a preempted one recomputes
+                    seq.num_cached_tokens = cached
             running.append(seq)
             entry = self._entry(seq, n)
             scheduled.append(entry)
@@ -268,7 +426,7 @@ class Scheduler:
         for entry, idx in zip(output.scheduled, slots, strict=True):
             seq = entry.seq
             status = seq.status
-            if status is SequenceStatus.FINISHED:  # aborted, or stopped by an earlier step's token
+            if status is SequenceStatus.FINISHED or status is _HELD:  # aborted, or stopped by an earlier step's token
                 continue
             if idx < 0:
                 if status is _RUNNING and seq.num_computed_tokens // bs > seq.num_registered_blocks:
@@ -285,9 +443,13 @@ class Scheduler:
             reason = self._check_stop(seq, token, idx + 1)
             if reason is not None:
                 del seq.token_ids[idx + 1:]  # placeholders of steps launched after this one
-                seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = reason
-                bm.free(seq)
+                if seq.kv_hold_s is not None and status is _RUNNING:  # a prefill: keep its KV for the pull
+                    seq.status = _HELD
+                    self.held[seq.request_id] = (seq, self.clock() + seq.kv_hold_s)
+                else:
+                    seq.status = SequenceStatus.FINISHED
+                    bm.free(seq)
                 del self._seqs[seq.request_id]
                 if status is _WAITING:
                     self.waiting.remove(seq)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
 from turbine.router.hashing import SequenceHash, chain_hash, local_block_hash, lora_seed
@@ -24,8 +25,10 @@ PLACEHOLDER = -1  # an output token the device has sampled (or will) but the hos
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"  # queued (new or preempted); holds no KV blocks
+    WAITING = "waiting"  # queued (new or preempted); holds no KV blocks, unless its KV came from a peer
+    PULLING = "pulling"  # admitted; blocks allocated, a peer's KV being copied into them (disaggregation)
     RUNNING = "running"  # admitted; block_table covers num_computed_tokens (+ this step's tokens)
+    HELD = "held"  # a finished prefill whose blocks wait for a decode worker's pull
     FINISHED = "finished"  # done (stop, length or abort); blocks freed
 
 
@@ -45,6 +48,9 @@ class Sequence:
         "num_preemptions",
         "block_table",
         "num_registered_blocks",
+        "kv_hold_s",
+        "kv_source",
+        "num_pulled_blocks",
         "_hash_block_size",
         "_hash_seed",
         "_block_hashes",
@@ -78,9 +84,27 @@ class Sequence:
         # Leading blocks of block_table already offered to the prefix cache (owned by the
         # block manager: matched at admission, or registered once their tokens were computed).
         self.num_registered_blocks = 0
+        # Disaggregation: hold the KV after finishing (prefill side), or pull it from a peer first
+        # (decode side: the prefill worker's KvTransferParams). See Scheduler.
+        self.kv_hold_s: float | None = None
+        self.kv_source: Any = None
+        self.num_pulled_blocks = 0
         self._hash_block_size = 0
         self._hash_seed = lora_seed(lora_name)
         self._block_hashes: list[SequenceHash] = []
+
+    @classmethod
+    def from_request(cls, request: Any, arrival_time: float | None = None) -> Sequence:
+        """A new sequence for a GenerateRequest, with its disaggregation role if it has one."""
+        seq = cls(request.request_id, request.token_ids, stop=request.stop, sampling=request.sampling,
+                  lora_name=request.lora_name, arrival_time=arrival_time)
+        kv = request.kv_transfer
+        if kv is not None:
+            if kv.hold_s is not None and kv.source is not None:
+                raise ValueError(f"request {request.request_id!r}: kv_transfer holds and pulls at once")
+            seq.kv_hold_s = kv.hold_s
+            seq.kv_source = kv.source
+        return seq
 
     # -- tokens ---------------------------------------------------------------------------
     @property

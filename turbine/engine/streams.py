@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class StepResultLike(Protocol):
     outputs: Sequence[StepOutput]
     kv_events: list[KVEvent]
+    pulls: list[Any]  # scheduler.PullOrder: copies for the KV transfer manager
 
 
 class CoreLike(Protocol):
@@ -56,6 +57,8 @@ class StreamHub:
         self.wake = wake  # tell the stepping side that the queue changed
         self.streams: dict[str, _Stream] = {}
         self.sink: KVEventSink | None = None
+        self.transfer: Any = None  # transfer.KvTransferManager: disaggregation (pulls, held params)
+        self.finish_pull: Callable[[str, bool], None] = lambda rid, ok: None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         rid = request.request_id
@@ -90,24 +93,36 @@ class StreamHub:
                 self.sink(result.kv_events)
             except Exception:
                 log.exception("KV event sink failed; events of this step are lost")
+        if result.pulls:
+            if self.transfer is not None:
+                self.transfer.submit(result.pulls)
+            else:  # no transfer configured: every pulling sequence is prefilled here
+                for order in result.pulls:
+                    if order.local_blocks:
+                        self.finish_pull(order.request_id, False)
         streams = self.streams
         for out in result.outputs:
             token, reason = out.token_id, out.finish_reason
             if token is None and reason is None:
                 continue
             stream = streams.get(out.request_id)
-            if stream is None:  # the consumer left while the step ran
+            if stream is None:  # the consumer left while the step ran (a held prefill expires)
                 continue
             if reason is None:
                 if out.completion_tokens == 1:  # the first token tells the frontend the prefix hit
                     stream.push(GenerateDelta(token_ids=[token], prompt_tokens=out.prompt_tokens,
-                                              cached_tokens=out.cached_tokens))
+                                              cached_tokens=out.cached_tokens,
+                                              kv_pulled_blocks=out.pulled_blocks or None))
                 else:
                     stream.push(GenerateDelta(token_ids=[token]))  # type: ignore[list-item]
             else:
-                stream.push(GenerateDelta(token_ids=[token] if token is not None else [], finish_reason=reason,
-                                          prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                                          completion_tokens=out.completion_tokens))
+                delta = GenerateDelta(token_ids=[token] if token is not None else [], finish_reason=reason,
+                                      prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                      completion_tokens=out.completion_tokens,
+                                      kv_pulled_blocks=out.pulled_blocks or None)
+                if out.held_kv is not None and self.transfer is not None:
+                    delta.kv_transfer = self.transfer.params(out.request_id, out.held_kv, out.held_kv.hold_s)
+                stream.push(delta)
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         """End every open stream with ``reason`` and free its request's blocks."""

@@ -126,6 +126,21 @@ class _ServingCollector:
         yield CounterMetricFamily("turbine_request_plane_stalls",
                                   "Worker connections dropped because the worker went silent",
                                   value=getattr(self.client, "stalls", 0))
+        d = self.generation.prefill.stats
+        decisions = CounterMetricFamily("turbine_disagg_decisions",
+                                        "Where disaggregated models' prompts were prefilled, and why",
+                                        labels=["decision"])
+        for decision, n in d.decisions.items():
+            decisions.add_metric([decision], n)
+        yield decisions
+        yield CounterMetricFamily("turbine_disagg_prefill_failures",
+                                  "Prefill legs that failed (prefilled on the decode worker instead)",
+                                  value=d.prefill_failures)
+        yield CounterMetricFamily("turbine_disagg_transfer_errors",
+                                  "KV transfers a decode worker refused (prefilled there instead)",
+                                  value=d.transfer_errors)
+        yield CounterMetricFamily("turbine_disagg_pulled_blocks", "KV blocks decode workers pulled from prefill workers",
+                                  value=d.pulled_blocks)
         try:
             tasks = len(asyncio.all_tasks())
         except RuntimeError:  # scraped from outside the loop (tests)

@@ -55,12 +55,24 @@ def check_record(inst: Instance) -> Instance:
 
 @dataclass
 class ServedModel:
+    """One model and its workers. ``router`` picks among the workers that generate (aggregated
+    and decode roles), ``prefill_router`` among the prefill workers of a disaggregated model."""
+
     name: str
     card: ModelCard
     router: Router
+    prefill_router: Router
     tokenizer: TurbineTokenizer | None = None
     workers: dict[str, Instance] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def role(self, worker_id: str) -> str:
+        card = self.workers[worker_id].model_card
+        return card.role if card is not None else "aggregated"
+
+    def router_for(self, inst: Instance) -> Router:
+        card = inst.model_card
+        return self.prefill_router if card is not None and card.role == "prefill" else self.router
 
 
 class ModelRegistry:
@@ -134,15 +146,15 @@ class ModelRegistry:
         card = inst.model_card
         assert card is not None
         m = self.models.get(card.model_name)
-        router = self.router_factory(card) if m is None else None
+        routers = (self.router_factory(card), self.router_factory(card)) if m is None else None
         old = m.workers.get(inst.instance_id) if m is not None else None
-        if old is not None and old.event_address != inst.event_address:
-            self._remove(old)  # re-registered elsewhere: forget the old subscription first
+        if old is not None and (old.event_address != inst.event_address or old.model_card != card):
+            self._remove(old)  # re-registered elsewhere or with another role: forget the old record first
         if inst.event_address and self.subscriber is not None:
             self.subscriber.connect(inst.event_address)
         if m is None:
-            assert router is not None
-            m = self.models[card.model_name] = ServedModel(card.model_name, card, router)
+            assert routers is not None
+            m = self.models[card.model_name] = ServedModel(card.model_name, card, *routers)
             if self._on_model_added is not None:
                 self._on_model_added(m)
         elif card.block_size != m.card.block_size:
@@ -152,7 +164,7 @@ class ModelRegistry:
         self._suspect.pop(inst.instance_id, None)
         self.metrics.workers.labels(m.name).set(len(m.workers))
         if inst.event_address and self.subscriber is not None:
-            self.kv_sync.add_worker(inst.event_address, inst.instance_id, inst.address, m.router)
+            self.kv_sync.add_worker(inst.event_address, inst.instance_id, inst.address, m.router_for(inst))
         if m.tokenizer is None and m.name not in self._tokenizer_loads:
             self._tokenizer_loads[m.name] = asyncio.get_running_loop().create_task(self._load_tokenizer(m))
         log.info("worker %s joined model %s at %s", inst.instance_id, m.name, inst.address)
@@ -169,7 +181,7 @@ class ModelRegistry:
         if inst.event_address and self.subscriber is not None:
             self.kv_sync.remove_worker(inst.event_address)
             self.subscriber.disconnect(inst.event_address)
-        m.router.worker_removed(inst.instance_id)
+        m.router_for(inst).worker_removed(inst.instance_id)
         log.info("worker %s left model %s", inst.instance_id, m.name)
 
     async def _load_tokenizer(self, m: ServedModel) -> None:
@@ -207,16 +219,26 @@ class ModelRegistry:
                            param="model", code="model_not_found")
         return m
 
-    def candidates(self, m: ServedModel) -> list[str]:
-        """Workers that may take a request now; raises 503 when there are none."""
+    def candidates(self, m: ServedModel, pool: str = "generate") -> list[str]:
+        """Workers that may take a request now; raises 503 when there are none.
+
+        ``generate``: aggregated and decode workers (prefill workers only when no other is left:
+        any engine can serve a request whole); ``prefill``: the prefill workers."""
         if m.tokenizer is None:
             raise ApiError(503, f"model `{m.name}` is still loading its tokenizer; retry shortly")
         now = time.monotonic()
         suspect = self._suspect
         ids = [w for w in m.workers if w not in suspect or suspect[w][0] <= now]
+        if pool == "prefill":
+            ids = [w for w in ids if m.role(w) == "prefill"]
+        elif any(m.role(w) == "prefill" for w in ids):
+            ids = [w for w in ids if m.role(w) != "prefill"] or ids
         if not ids:
             raise ApiError(503, f"no worker is serving model `{m.name}` right now", headers=[("retry-after", "1")])
         return ids
+
+    def has_pool(self, m: ServedModel, role: str) -> bool:
+        return any(m.role(w) == role for w in m.workers)
 
     def mark_suspect(self, worker_id: str) -> None:
         """Set a failing worker aside; each failure in a row doubles the time (capped)."""

@@ -6,6 +6,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 
+from turbine.disagg import DisaggConfig
 from turbine.frontend.api import OpenAIApi
 from turbine.frontend.generation import DEFAULT_REQUEST_TIMEOUT_S, Generation
 from turbine.frontend.http_server import HttpLimits, HttpServer
@@ -53,6 +54,7 @@ class FrontendConfig:
     tls_keyfile: str | None = None
     reuse_port: bool = False
     drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)  # when a prompt goes to a prefill worker
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0:
@@ -89,7 +91,7 @@ class Frontend:
         self.subscriber = subscriber
         self.registry = ModelRegistry(discovery, self.metrics, client, config.router.build, subscriber,
                                       on_model_added=self._model_added)
-        self.generation = Generation(self.registry, client, config.request_timeout_s)
+        self.generation = Generation(self.registry, client, config.request_timeout_s, config.disagg)
         self.api = OpenAIApi(self.registry, self.generation, self.metrics, max_inflight=config.max_inflight,
                              api_keys=config.api_keys)
         self.http = HttpServer(self.api.handle, host=config.host, port=config.port, limits=config.http,
@@ -97,7 +99,7 @@ class Frontend:
         self.metrics.watch_serving(self.http, self.registry, self.generation, client)
 
     def _model_added(self, m: ServedModel) -> None:
-        register_prometheus(self.metrics.registry, m.router, m.name)
+        register_prometheus(self.metrics.registry, m.router, m.name, {"prefill": m.prefill_router})
 
     @property
     def url(self) -> str:
@@ -121,6 +123,7 @@ class Frontend:
 
     async def stop(self) -> None:
         await self.http.stop()
+        await self.generation.prefill.close()
         await self.registry.close()
         with contextlib.suppress(Exception):
             await self.client.close()

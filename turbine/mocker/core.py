@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from array import array
+from collections.abc import Callable
 from bisect import bisect_right
 from typing import NamedTuple
 
@@ -24,9 +26,9 @@ import xxhash
 
 from turbine.engine.base import EngineStats
 from turbine.engine.block_manager import KVBlockManager
-from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
-from turbine.engine.step import StepOutput
+from turbine.engine.step import StepOutput, step_output
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
 from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
@@ -53,6 +55,11 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Schedule one step ahead like an async-scheduling engine; None = as the profile's engine ran
     # (its meta.async_scheduling), off without a profile (Dynamo's mocker schedules step by step).
     async_scheduling: bool | None = None
+    # Disaggregation: the KV a token costs (all layers, K and V; default: Llama-3.1-8B in bf16) and
+    # the link a pull crosses. A pull of n blocks takes latency + n*block_size*bytes/bandwidth.
+    kv_bytes_per_token: int = 131072
+    transfer_bandwidth_gbps: float = 25.0  # GB/s
+    transfer_latency_s: float = 0.0005
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -62,6 +69,9 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"speedup_ratio must be positive, got {self.speedup_ratio}")
         if self.context_length <= 1:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if self.kv_bytes_per_token <= 0 or not self.transfer_bandwidth_gbps > 0 or self.transfer_latency_s < 0:
+            raise ValueError("kv_bytes_per_token and transfer_bandwidth_gbps must be positive, "
+                             "transfer_latency_s >= 0")
 
     def make_timing(self) -> TimingModel:
         if self.profile:
@@ -83,6 +93,7 @@ class StepResult(NamedTuple):
     num_prefill_tokens: int
     num_decode_seqs: int
     num_preempted: int
+    pulls: list[PullOrder] = []  # copies admission ordered (disaggregation): the caller runs them
 
 
 class MockerCore:
@@ -95,6 +106,7 @@ class MockerCore:
         eos_token_ids: tuple[int, ...] | list[int] = (),
         timing: TimingModel | None = None,
         rng_seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -112,8 +124,10 @@ class MockerCore:
                 max_model_len=config.context_length,
             ),
             self.block_manager,
+            clock=clock,
         )
         self.timing = timing if timing is not None else config.make_timing()
+        self.kv_layout = None  # the mocker holds no KV memory: it accepts any peer's layout
         if config.async_scheduling is not None:
             self.pipelined = config.async_scheduling
         else:
@@ -147,14 +161,11 @@ class MockerCore:
             raise ValueError(
                 f"request {request.request_id!r}: token ids must lie in [0, {self.vocab_size})"
             )
-        seq = Sequence(
-            request.request_id,
-            tokens,
-            stop=request.stop,
-            sampling=request.sampling,
-            lora_name=request.lora_name,
-            arrival_time=arrival_time,
-        )
+        seq = Sequence.from_request(request, arrival_time)
+        if seq.kv_source is not None and seq.kv_source.agent.layout is not None and self.kv_layout is not None:
+            why = self.kv_layout.mismatch(seq.kv_source.agent.layout)
+            if why:
+                raise ValueError(f"request {request.request_id!r}: the peer's KV layout differs ({why})")
         self.scheduler.add(seq)
         self._keys[request.request_id] = self._token_key(request)
 
@@ -162,6 +173,21 @@ class MockerCore:
         """Drop a request in any state; its blocks are free when this returns."""
         self._keys.pop(request_id, None)
         return self.scheduler.abort(request_id)
+
+    # -- disaggregation (the scheduler's state machine; the copy itself is only timed) --------------
+    def transfer_seconds(self, num_blocks: int) -> float:
+        """Time to pull ``num_blocks`` blocks from a peer (0 when nothing is pulled)."""
+        if num_blocks <= 0:
+            return 0.0
+        cfg = self.config
+        nbytes = num_blocks * cfg.block_size * cfg.kv_bytes_per_token
+        return (cfg.transfer_latency_s + nbytes / (cfg.transfer_bandwidth_gbps * 1e9)) / cfg.speedup_ratio
+
+    def finish_pull(self, request_id: str, ok: bool) -> bool:
+        return self.scheduler.finish_pull(request_id, ok)
+
+    def release(self, request_id: str) -> bool:
+        return self.scheduler.release(request_id)
 
     def has_work(self) -> bool:
         return self._inflight is not None or self.scheduler.has_work()
@@ -177,11 +203,13 @@ class MockerCore:
 
     def step(self) -> StepResult:
         """Complete one step; with async scheduling also schedule the one after it."""
+        self.scheduler.expire_held()
         done = self._inflight if self.pipelined else None
         if done is None:
             done = self._launch()
             if done is None:
-                return StepResult(0.0, [], self.block_manager.take_events(), 0, 0, self._take_preempted())
+                return StepResult(0.0, [], self.block_manager.take_events(), 0, 0, self._take_preempted(),
+                                  self.scheduler.take_pulls())
         self._inflight = self._launch() if self.pipelined else None
         return self._complete(done)
 
@@ -222,13 +250,13 @@ class MockerCore:
         out = done.out
         outputs: list[StepOutput] = []
         keys = self._keys
-        for seq, token, reason, n_out in self.scheduler.complete(out, done.slots, done.sampled):
+        sched = self.scheduler
+        for seq, token, reason, n_out in sched.complete(out, done.slots, done.sampled):
             if reason is not None:
                 keys.pop(seq.request_id, None)
-            outputs.append(StepOutput(seq.request_id, token, reason, seq.num_prompt_tokens, seq.num_cached_tokens,
-                                      n_out))
+            outputs.append(step_output(sched, seq, token, reason, n_out))
         return StepResult(done.duration_s, outputs, self.block_manager.take_events(), out.num_prefill_tokens,
-                          out.num_decode_seqs, self._take_preempted())
+                          out.num_decode_seqs, self._take_preempted(), sched.take_pulls())
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -14,8 +14,10 @@ until an absolute deadline keeps the simulated rate exact even when one sleep ov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
 from turbine.engine.streams import StreamHub
@@ -55,7 +57,9 @@ class MockEngine:
         )
         self._wake = asyncio.Event()
         self._hub = StreamHub(self.core, lambda: self._wake.set())
+        self._hub.finish_pull = self._finish_pull
         self._task: asyncio.Task[None] | None = None
+        self.kv_layout = None  # no KV memory: peers' blocks are "copied" in modelled time only
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -79,6 +83,25 @@ class MockEngine:
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
         self._hub.sink = sink
+
+    # -- disaggregation -------------------------------------------------------------------------------
+    def set_kv_transfer(self, manager: Any) -> None:
+        """The transfer manager that runs this engine's pulls and describes what it holds."""
+        self._hub.transfer = manager
+        manager.bind(self._finish_pull)
+
+    def _finish_pull(self, request_id: str, ok: bool) -> None:
+        self.core.finish_pull(request_id, ok)
+        self._wake.set()
+
+    def release_kv(self, transfer_id: str) -> bool:
+        """A decode worker has the KV of a held prefill: free its blocks."""
+        ok = self.core.release(transfer_id)
+        self._wake.set()
+        return ok
+
+    def held_blocks(self, transfer_id: str) -> list[int] | None:
+        return self.core.scheduler.held_blocks(transfer_id)
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -107,14 +130,14 @@ class MockEngine:
         while True:
             if not core.has_work():
                 wake.clear()
-                await wake.wait()
+                await self._idle(wake)
                 deadline = loop.time()
                 continue
             result = core.step()
             if not result.outputs and not core.in_flight:  # nothing could run; wait for the queue to change
                 self._hub.deliver(result)
                 wake.clear()
-                await wake.wait()
+                await self._idle(wake)
                 deadline = loop.time()
                 continue
             deadline += result.duration_s
@@ -123,6 +146,18 @@ class MockEngine:
                 deadline = now
             await asyncio.sleep(max(deadline - now, 0.0))
             self._hub.deliver(result)
+
+    async def _idle(self, wake: asyncio.Event) -> None:
+        """Wait for work; with KV held for peers, no longer than its hold deadline."""
+        sched = self.core.scheduler
+        deadline = sched.next_hold_deadline()
+        if deadline is None:
+            await wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - sched.clock()) + 0.001):
+                await wake.wait()
+        sched.expire_held()
 
     def _on_loop_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

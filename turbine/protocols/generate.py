@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -34,6 +36,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     lora_name: str | None = None
     # Router's predicted prefix overlap in blocks (for metrics: predicted vs actual).
     predicted_overlap_blocks: int | None = None
+    kv_transfer: KvTransferRequest | None = None  # disaggregated serving (protocols/kv_transfer.py)
 
 
 class GenerateDelta(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -45,3 +48,5 @@ class GenerateDelta(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    kv_transfer: KvTransferParams | None = None  # the last delta of a prefill-only request
+    kv_pulled_blocks: int | None = None  # decode side, first delta: blocks pulled from the prefill worker

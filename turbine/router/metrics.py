@@ -85,58 +85,87 @@ class RouterStats:
 
 
 class RouterCollector:
-    """A Prometheus collector over one router's stats, labelled with the model it routes."""
+    """A Prometheus collector over one model's routers: the main pool's series are labelled with
+    the model, those of other pools (a disaggregated model's prefill pool) with the pool too."""
 
-    def __init__(self, router: Router, model: str):
+    def __init__(self, router: Router, model: str, pools: dict[str, Router] | None = None):
         self.router = router
         self.model = model
+        self.pools = pools if pools is not None else {}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        s, m = self.router.stats, self.model
-        dec = CounterMetricFamily("turbine_router_decisions", "Requests routed", labels=["model", "policy"])
-        for policy, n in s.decisions.items():
-            dec.add_metric([m, policy], n)
-        yield dec
-        for name, doc, value in (
-            ("turbine_router_predicted_overlap_blocks", "Predicted prefix-cache hits (blocks) of observed requests",
-             s.predicted_blocks),
-            ("turbine_router_actual_cached_blocks", "Actual prefix-cache hits (blocks) of observed requests",
-             s.actual_cached_blocks),
-            ("turbine_router_overlap_error_blocks", "Sum of |predicted - actual| hit blocks", s.overlap_abs_error_blocks),
-            ("turbine_router_overlap_observations", "Requests with predicted and actual hits", s.observed),
-            ("turbine_router_kv_blocks_stored", "Blocks in BlockStored events applied", s.blocks_stored),
-            ("turbine_router_kv_blocks_removed", "Blocks in BlockRemoved events applied", s.blocks_removed),
-            ("turbine_router_kv_events_unplaced", "BlockStored events whose parent was unknown", s.events_unplaced),
-            ("turbine_router_kv_events_rejected", "KV events contradicting the index", s.events_rejected),
-            ("turbine_router_resyncs", "Worker index rebuilds from a full-state dump", s.resyncs),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric([m], value)
-            yield c
-        ev = CounterMetricFamily("turbine_router_kv_events", "KV events applied", labels=["model", "type"])
-        for kind, n in s.events_applied.items():
-            ev.add_metric([m, kind], n)
-        yield ev
-        size = GaugeMetricFamily("turbine_router_index_blocks", "Indexed (worker, block) pairs", labels=["model"])
-        size.add_metric([m], self.router.index_blocks)
-        yield size
-        nodes = GaugeMetricFamily("turbine_router_index_nodes", "Distinct prefixes indexed", labels=["model"])
-        nodes.add_metric([m], self.router.index_nodes)
-        yield nodes
-        lag = HistogramMetricFamily("turbine_router_kv_event_lag_seconds", "KV event batch age when applied",
-                                    labels=["model"])
-        cum, buckets = 0, []
-        for bound, n in zip((*LAG_BUCKETS, float("inf")), s.lag.buckets):
-            cum += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
-        lag.add_metric([m], buckets, s.lag.total_s)
-        yield lag
+        routers = [(self.router, [self.model]),  # other pools once they saw traffic: no empty series
+                   *((r, [self.model, p]) for p, r in self.pools.items() if r.decisions or r.index_blocks)]
+
+        def labels(base: list[str], pool_labels: list[str]) -> list[str]:
+            return base[:1] + (["pool"] if len(pool_labels) > 1 else []) + base[1:]
+
+        families: dict[str, Any] = {}
+
+        def family(kind: Any, name: str, doc: str) -> Any:
+            if name not in families:
+                families[name] = kind(name, doc)
+            return families[name]
+
+        for router, ls in routers:
+            s = router.stats
+            dec = family(CounterMetricFamily, "turbine_router_decisions", "Requests routed")
+            for policy, n in s.decisions.items():
+                _add(dec, labels(["model", "policy"], ls), [*ls, policy], n)
+            for name, doc, value in (
+                ("turbine_router_predicted_overlap_blocks", "Predicted prefix-cache hits (blocks) of observed requests",
+                 s.predicted_blocks),
+                ("turbine_router_actual_cached_blocks", "Actual prefix-cache hits (blocks) of observed requests",
+                 s.actual_cached_blocks),
+                ("turbine_router_overlap_error_blocks", "Sum of |predicted - actual| hit blocks",
+                 s.overlap_abs_error_blocks),
+                ("turbine_router_overlap_observations", "Requests with predicted and actual hits", s.observed),
+                ("turbine_router_kv_blocks_stored", "Blocks in BlockStored events applied", s.blocks_stored),
+                ("turbine_router_kv_blocks_removed", "Blocks in BlockRemoved events applied", s.blocks_removed),
+                ("turbine_router_kv_events_unplaced", "BlockStored events whose parent was unknown", s.events_unplaced),
+                ("turbine_router_kv_events_rejected", "KV events contradicting the index", s.events_rejected),
+                ("turbine_router_resyncs", "Worker index rebuilds from a full-state dump", s.resyncs),
+            ):
+                _add(family(CounterMetricFamily, name, doc), labels(["model"], ls), ls, value)
+            ev = family(CounterMetricFamily, "turbine_router_kv_events", "KV events applied")
+            for kind, n in s.events_applied.items():
+                _add(ev, labels(["model", "type"], ls), [*ls, kind], n)
+            _add(family(GaugeMetricFamily, "turbine_router_index_blocks", "Indexed (worker, block) pairs"),
+                 labels(["model"], ls), ls, router.index_blocks)
+            _add(family(GaugeMetricFamily, "turbine_router_index_nodes", "Distinct prefixes indexed"),
+                 labels(["model"], ls), ls, router.index_nodes)
+            lag = family(HistogramMetricFamily, "turbine_router_kv_event_lag_seconds", "KV event batch age when applied")
+            cum, buckets = 0, []
+            for bound, n in zip((*LAG_BUCKETS, float("inf")), s.lag.buckets, strict=True):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            lag.samples.extend(_histogram_samples(lag.name, labels(["model"], ls), ls, buckets, s.lag.total_s))
+        yield from families.values()
 
 
-def register_prometheus(registry: Any, router: Router, model: str) -> RouterCollector:
-    """Expose ``router``'s stats in ``registry`` (a prometheus_client CollectorRegistry)."""
-    collector = RouterCollector(router, model)
+def _add(fam: Any, names: list[str], values: list[str], value: float) -> None:
+    from prometheus_client.samples import Sample
+
+    suffix = "_total" if fam.type == "counter" else ""
+    fam.samples.append(Sample(fam.name + suffix, dict(zip(names, values, strict=True)), value, None))
+
+
+def _histogram_samples(name: str, names: list[str], values: list[str], buckets: list[tuple[str, float]],
+                       total: float) -> list[Any]:
+    from prometheus_client.samples import Sample
+
+    base = dict(zip(names, values, strict=True))
+    out = [Sample(name + "_bucket", {**base, "le": le}, n, None) for le, n in buckets]
+    out.append(Sample(name + "_count", base, buckets[-1][1], None))
+    out.append(Sample(name + "_sum", base, total, None))
+    return out
+
+
+def register_prometheus(registry: Any, router: Router, model: str,
+                        pools: dict[str, Router] | None = None) -> RouterCollector:
+    """Expose the routers' stats in ``registry`` (a prometheus_client CollectorRegistry)."""
+    collector = RouterCollector(router, model, pools)
     registry.register(collector)
     return collector

@@ -61,9 +61,25 @@ class Router:
         self._rejected_warned: set[str] = set()
 
     # -- requests -------------------------------------------------------------------------------
+    def best_overlap(self, candidates: Sequence[str], token_ids: Sequence[int], lora_name: str | None = None) -> int:
+        """The longest cached prefix (blocks) any of ``candidates`` holds; nothing is reserved.
+        (0 for the load-only policies, which know no blocks.)"""
+        if self.policy is None and candidates:
+            if self.approx is not None:
+                local = self.approx.index.local_hashes(token_ids, lora_name)
+                overlaps = self.approx.find_matches(local) if local else {}
+            else:
+                overlaps = self.index.find_matches_for_tokens(token_ids, lora_name)
+            best = max((overlaps.get(w, 0) for w in candidates), default=0)
+            return min(best, max(len(token_ids) - 1, 0) // self.block_size)
+        return 0
+
     def route(self, request_id: str, candidates: Sequence[str], token_ids: Sequence[int],
-              lora_name: str | None = None) -> RouteDecision:
-        """Pick a worker among ``candidates`` and reserve the request's load on it."""
+              lora_name: str | None = None, remote_kv: bool = False) -> RouteDecision:
+        """Pick a worker among ``candidates`` and reserve the request's load on it.
+
+        ``remote_kv``: the prompt's KV comes from a prefill worker, so the chosen worker has no
+        prefill work to queue (only the blocks to hold)."""
         if not candidates:
             raise ValueError("no candidate workers")
         overlap = 0
@@ -84,7 +100,8 @@ class Router:
                 self.approx.record(worker, local)
         else:
             worker = self.policy.choose(candidates, self.loads.workers)
-        self.loads.routed(request_id, worker, len(token_ids), overlap * self.block_size)
+        cached = len(token_ids) if remote_kv else overlap * self.block_size
+        self.loads.routed(request_id, worker, len(token_ids), cached)
         self.stats.decided(self.policy_name)
         return RouteDecision(worker, overlap)
 

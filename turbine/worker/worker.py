@@ -19,11 +19,13 @@ import msgspec
 from turbine.engine.base import Engine
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import KVEvent, KVEventBatch, KvStateSnapshot
+from turbine.protocols.kv_transfer import KvRelease
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
 from turbine.runtime.discovery import Discovery, Instance
 from turbine.runtime.events import EventPublisher
 from turbine.runtime.request_plane import RequestContext, RequestPlaneServer
+from turbine.transfer.manager import KvTransferManager
 
 log = logging.getLogger("turbine.worker")
 
@@ -31,13 +33,14 @@ LOAD_MIN_INTERVAL_S = 0.05  # coalesce load updates; a heartbeat every LOAD_HEAR
 LOAD_HEARTBEAT_S = 1.0
 
 _req_decoder = msgspec.msgpack.Decoder(GenerateRequest)
+_release_decoder = msgspec.msgpack.Decoder(KvRelease)
 _encoder = msgspec.msgpack.Encoder()
 
 
 class Worker:
     def __init__(self, engine: Engine, card: ModelCard, *, discovery: Discovery, server: RequestPlaneServer,
                  publisher: EventPublisher | None = None, worker_id: str | None = None,
-                 own_server: bool = True):
+                 own_server: bool = True, transfer: KvTransferManager | None = None):
         self.engine = engine
         self.card = card
         self.discovery = discovery
@@ -45,6 +48,7 @@ class Worker:
         self.publisher = publisher
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self.own_server = own_server
+        self.transfer = transfer  # disaggregation: pulls this worker runs, the KV it holds for peers
         self.address = ""
         self._load_dirty = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
@@ -55,7 +59,13 @@ class Worker:
         await self.engine.start()
         self.server.register("generate", self._generate)
         self.server.register("kv_state", self._kv_state)
+        if self.transfer is not None:
+            self.server.register("kv_release", self._kv_release)
+            self.transfer.backend.serve(self.server, self.engine.held_blocks)  # type: ignore[attr-defined]
         self.address = address or await self.server.start()
+        if self.transfer is not None:
+            self.transfer.worker_address = self.address
+            self.engine.set_kv_transfer(self.transfer)  # type: ignore[attr-defined]
         event_address = None
         if self.publisher is not None:
             event_address = await self.publisher.start()
@@ -89,6 +99,8 @@ class Worker:
                 await self._load_task
         if self.own_server:
             await self.server.stop()
+        if self.transfer is not None:
+            await self.transfer.close()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -108,6 +120,11 @@ class Worker:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
             self._load_dirty.set()
+
+    async def _kv_release(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        """A decode worker has pulled a held prefill's KV (or gave up): free its blocks."""
+        req = _release_decoder.decode(payload)
+        yield b"1" if self.engine.release_kv(req.transfer_id) else b"0"  # type: ignore[attr-defined]
 
     async def _kv_state(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         """The full prefix-cache state and the sequence number it is current to (one frame)."""
