@@ -21,21 +21,21 @@ _TYPES = {
 }
 
 
-class _ErrorInfo(msgspec.Struct):
+class ErrorInfo(msgspec.Struct):
     message: str
     type: str
     param: str | None
     code: int | str | None
 
 
-class _ErrorBody(msgspec.Struct):
-    error: _ErrorInfo
+class ErrorBody(msgspec.Struct):
+    error: ErrorInfo
 
 
 def error_body(status: int, message: str, param: str | None = None, code: int | str | None = None) -> bytes:
-    info = _ErrorInfo(message, _TYPES.get(status, "invalid_request_error"), param,
-                      code if code is not None else status)
-    return msgspec.json.encode(_ErrorBody(info))
+    info = ErrorInfo(message, _TYPES.get(status, "invalid_request_error"), param,
+                     code if code is not None else status)
+    return msgspec.json.encode(ErrorBody(info))
 
 
 class ApiError(Exception):

@@ -20,10 +20,22 @@ MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, template 
 _I32 = 2**31 - 1
 _I64 = 2**63 - 1
 
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
 # Every integer has bounds: values past 64 bits cannot be encoded for the workers.
 PosInt = Annotated[int, Meta(ge=1, le=_I32)]
 NonNegInt = Annotated[int, Meta(ge=0, le=_I32)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=_I64)]
+
+
+def _doc(**schema: Any) -> Meta:
+    """JSON schema for what the validate_* functions below enforce (decoding is unchanged), so that
+    the OpenAPI document (openapi.py) states what is accepted."""
+    return Meta(extra_json_schema=schema)
+
+
+_StopText = Annotated[str, _doc(minLength=1, maxLength=MAX_STOP_CHARS)]
+_TokenIds = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": _I32}}
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -31,8 +43,9 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Annotated[str, _doc(enum=list(ROLES))]
+    content: str | list[Annotated[dict[str, Any], _doc(
+        required=["type", "text"], properties={"type": {"const": "text"}, "text": {"type": "string"}})]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -46,7 +59,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     top_k: Annotated[int, Meta(ge=-1, le=_I32)] | None = None
     seed: Seed | None = None
     n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
-    stop: str | list[str] | None = None
+    stop: _StopText | Annotated[list[_StopText], _doc(maxItems=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -54,28 +67,33 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     stop_token_ids: Annotated[list[NonNegInt], Meta(max_length=1024)] | None = None
     user: str | None = None
     # Accepted only at their no-op values (see validate_common).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | Annotated[int, Meta(ge=0, le=_I32)] | None = None
-    best_of: PosInt | None = None
+    presence_penalty: Annotated[float, _doc(const=0)] = 0.0
+    frequency_penalty: Annotated[float, _doc(const=0)] = 0.0
+    logit_bias: Annotated[dict[str, float], _doc(maxProperties=0)] | None = None
+    logprobs: Annotated[bool, _doc(const=False)] | Annotated[int, Meta(ge=0, le=_I32), _doc(const=0)] | None = None
+    best_of: Annotated[int, Meta(ge=1, le=_I32), _doc(const=1)] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PosInt | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=_I32)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=_I32), _doc(const=0)] | None = None
+    tools: Annotated[list[dict[str, Any]], _doc(maxItems=0)] | None = None
+    tool_choice: Annotated[str, _doc(const="none")] | Annotated[dict[str, Any], _doc(**{"not": {}})] | None = None
+    response_format: Annotated[dict[str, Any], _doc(properties={"type": {"enum": ["text", None]}})] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     # str | list[str] | list[int] | list[list[int]]: msgspec takes one list type, validate_completion the rest
-    prompt: str | list[Any]
+    prompt: Annotated[str | list[Any], _doc(oneOf=[
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        _TokenIds,
+        {"type": "array", "minItems": 1, "items": _TokenIds},
+    ])]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Annotated[str, _doc(maxLength=0)] | None = None
 
 
 class _ModelOnly(msgspec.Struct):
@@ -165,7 +183,7 @@ def validate_chat(req: ChatCompletionRequest) -> None:
     if req.top_logprobs:
         raise ApiError(400, "logprobs are not supported yet", param="top_logprobs")
     for i, m in enumerate(req.messages):
-        if m.role not in ("system", "user", "assistant", "tool", "developer"):
+        if m.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be system, user, assistant, tool or developer", param="messages")
         if isinstance(m.content, list):
             for part in m.content:
