@@ -37,6 +37,7 @@ from turbine.frontend.openai_protocol import (
     validate_chat,
     validate_completion,
 )
+from turbine.frontend.openapi import OpenApiRoute
 from turbine.protocols.generate import SamplingOptions, StopConditions
 
 log = logging.getLogger("turbine.frontend")
@@ -67,6 +68,7 @@ class OpenAIApi:
         self.add_route("GET", "/v1/models/{model}", self.get_model, "models")
         self.add_route("GET", "/health", self.health, "health", auth=False)
         self.add_route("GET", "/metrics", self.prometheus, "metrics")
+        self.add_route("GET", "/openapi.json", OpenApiRoute(self), "openapi", auth=False)
 
     def add_route(self, method: str, path: str, handler: Route, label: str, *, auth: bool = True) -> None:
         """``path`` may end in one ``{name}`` segment: the handler reads it as ``req.path_arg``."""
