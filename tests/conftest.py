@@ -17,6 +17,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("models") / "tiny-test", preset="tiny")
 
 
+@pytest.fixture(scope="session")
+def weighted_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with random weights (for the built-in engine; needs torch)."""
+    pytest.importorskip("torch")
+    from turbine.model_maker.make_model import make_model
+
+    path = make_model(tmp_path_factory.mktemp("models") / "tiny-weights", preset="tiny")
+    assert (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[ServerThread]:
     with ServerThread(model_dir, workers=2, speedup=50.0) as s:

@@ -26,6 +26,9 @@ class ServerThread:
         frontend_kw = {k: mocker_kw.pop(k) for k in list(mocker_kw) if k in FrontendConfig.__dataclass_fields__}
         self.frontend = FrontendConfig(port=0, **frontend_kw)  # type: ignore[arg-type]
         self.engine = mocker_kw.pop("engine", "mock")
+        self.prefill_workers = int(mocker_kw.pop("prefill_workers", 0))  # type: ignore[call-overload]
+        self.decode_workers = int(mocker_kw.pop("decode_workers", 0))  # type: ignore[call-overload]
+        self.kv_transfer = str(mocker_kw.pop("kv_transfer", "auto"))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.dep = None
@@ -37,12 +40,14 @@ class ServerThread:
         self.thread.start()
         if self.engine == "builtin":
             opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny", engine="builtin",
-                                 builtin=BuiltinOptions(device="cpu", **self.mocker_kw))  # type: ignore[arg-type]
+                                 builtin=BuiltinOptions(device="cpu", **self.mocker_kw),  # type: ignore[arg-type]
+                                 kv_transfer=self.kv_transfer)
         else:
             opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",
                                  mocker=MockerConfig(speedup_ratio=self.speedup, **self.mocker_kw))
         fut = asyncio.run_coroutine_threadsafe(
-            start_all_in_one(opts, workers=self.workers, frontend=self.frontend), self.loop)
+            start_all_in_one(opts, workers=self.workers, frontend=self.frontend, prefill_workers=self.prefill_workers,
+                             decode_workers=self.decode_workers), self.loop)
         self.dep = fut.result(timeout=60)
         return self
 

@@ -10,15 +10,6 @@ pytest.importorskip("torch")
 import openai  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def weighted_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from turbine.model_maker.make_model import make_model
-
-    path = make_model(tmp_path_factory.mktemp("models") / "tiny-weights", preset="tiny")
-    assert (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
-    return path
-
-
 def test_two_builtin_workers_with_kv_routing(weighted_model: Path, server_factory) -> None:  # type: ignore[no-untyped-def]
     from turbine.frontend.service import RouterConfig
 

@@ -38,9 +38,10 @@ class LoadStats:
 class Load:
     """``concurrency`` clients sending streaming chat requests until stopped, on their own loop."""
 
-    def __init__(self, url: str, concurrency: int = 6) -> None:
+    def __init__(self, url: str, concurrency: int = 6, prompt_words: int = 6) -> None:
         self.url = url
         self.concurrency = concurrency
+        self.prompt_words = prompt_words
         self.stats = LoadStats()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -73,7 +74,7 @@ class Load:
         n = 0
         while not self._stop.is_set():
             n += 1
-            await self._one(session, f"client {i} request {n}: tell me a story")
+            await self._one(session, f"client {i} request {n}: " + "tell me a story " * (self.prompt_words // 4))
 
     async def _one(self, session: aiohttp.ClientSession, prompt: str) -> None:
         body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,

@@ -31,8 +31,8 @@ def make_backend(name: str, engine: Any, client: RequestPlaneClient, *, inproc: 
         return TcpTransfer(memory, client)
     if name == "nixl":
         from turbine.transfer.nixl import NixlTransfer
-        return NixlTransfer(memory)
+        return NixlTransfer(memory, client)
     if name == "cuda_ipc":
         from turbine.transfer.cuda_ipc import CudaIpcTransfer
-        return CudaIpcTransfer(memory)
+        return CudaIpcTransfer(memory, client)
     raise ValueError(f"unknown KV transfer backend {name!r} (auto, tcp, nixl, cuda_ipc, inproc)")

@@ -58,3 +58,36 @@ def check_held(transfer_id: str, block_ids: Sequence[int], held_blocks: HeldBloc
         raise TransferError(f"no held KV for transfer {transfer_id!r} (released, expired or unknown)")
     if not set(held).issuperset(block_ids):
         raise TransferError(f"transfer {transfer_id!r}: blocks outside the ones it holds")
+
+
+def serve_kv_check(server: object, held_blocks: HeldBlocks) -> None:
+    """Register ``kv_check``: backends that read a peer's memory directly (NIXL, CUDA IPC, the
+    mock) ask the holder before and after a copy whether the transfer is still held, so a stale
+    or expired transfer, whose blocks may hold another prompt by now, is never taken for KV."""
+    import msgspec
+
+    from turbine.protocols.kv_transfer import KvRead
+
+    decode = msgspec.msgpack.Decoder(KvRead).decode
+
+    async def kv_check(payload: bytes, ctx: object):  # type: ignore[no-untyped-def]
+        req = decode(payload)
+        check_held(req.transfer_id, req.block_ids, held_blocks)
+        yield b"1"
+
+    server.register("kv_check", kv_check)  # type: ignore[attr-defined]
+
+
+async def ask_held(client: object, source: KvTransferParams, remote_blocks: Sequence[int]) -> None:
+    """Raise TransferError unless the source still holds these blocks (see serve_kv_check)."""
+    import msgspec
+
+    from turbine.protocols.kv_transfer import KvRead
+    from turbine.runtime.request_plane import RequestPlaneError
+
+    req = msgspec.msgpack.encode(KvRead(transfer_id=source.transfer_id, block_ids=list(remote_blocks)))
+    try:
+        async for _ in client.stream(source.worker_address, "kv_check", req, timeout=10.0):  # type: ignore[attr-defined]
+            pass
+    except RequestPlaneError as e:
+        raise TransferError(f"peer {source.worker_address}: {e}") from None
