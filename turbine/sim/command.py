@@ -17,7 +17,15 @@ from turbine.sim.simulator import ROUTERS, SimConfig, simulate
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     """Options beyond the mocker's (the caller adds those: same flags as `turbine serve`)."""
     add_trace_args(p, trace_required=True)
-    p.add_argument("--workers", type=int, default=8, help="simulated workers")
+    p.add_argument("--workers", type=int, default=8, help="simulated aggregated workers")
+    p.add_argument("--prefill-workers", type=int, default=0,
+                   help="a disaggregated fleet: this many prefill workers (with --decode-workers, instead of --workers)")
+    p.add_argument("--decode-workers", type=int, default=0, help="a disaggregated fleet: this many decode workers")
+    p.add_argument("--disagg-min-prefill-tokens", type=int, default=512,
+                   help="disaggregated: prompts with fewer uncached tokens are prefilled on the decode worker")
+    p.add_argument("--disagg-max-prefill-queue", type=int, default=32768,
+                   help="disaggregated: prefill on the decode worker when every prefill worker has this many "
+                   "prompt tokens queued")
     p.add_argument("--router", default="kv", choices=ROUTERS, help="routing policy")
     p.add_argument("--router-approx", action="store_true",
                    help="kv routing without KV events (the router predicts caches from its own decisions)")
@@ -37,10 +45,14 @@ def main_from_args(a: argparse.Namespace) -> int:
         mocker = MockerConfig(block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens, speedup_ratio=a.speedup_ratio,
                               context_length=max(ctx, 2), profile=a.profile,
-                              async_scheduling=ASYNC_SCHEDULING_FLAGS[a.mock_async_scheduling])
+                              async_scheduling=ASYNC_SCHEDULING_FLAGS[a.mock_async_scheduling],
+                              kv_bytes_per_token=a.kv_bytes_per_token, transfer_bandwidth_gbps=a.transfer_bandwidth,
+                              transfer_latency_s=a.transfer_latency)
         cfg = SimConfig(workers=a.workers, router=a.router, router_approx=a.router_approx,
                         router_temperature=a.router_temperature, speed=a.speed, vocab_size=a.vocab_size,
-                        seed=a.seed, mocker=mocker)
+                        seed=a.seed, mocker=mocker, prefill_workers=a.prefill_workers,
+                        decode_workers=a.decode_workers, min_remote_prefill_tokens=a.disagg_min_prefill_tokens,
+                        max_prefill_queue_tokens=a.disagg_max_prefill_queue)
         TokenSynth(cfg.vocab_size)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,7 +66,7 @@ def main_from_args(a: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    meta = {"mode": "sim", "trace": str(a.trace), "router": cfg.label(), "workers": cfg.workers, "speed": cfg.speed,
+    meta = {"mode": "sim", "trace": str(a.trace), "router": cfg.label(), "workers": cfg.num_workers, "speed": cfg.speed,
             "mocker": {"block_size": mocker.block_size, "num_gpu_blocks": mocker.num_gpu_blocks,
                        "max_num_seqs": mocker.max_num_seqs, "max_num_batched_tokens": mocker.max_num_batched_tokens,
                        "speedup_ratio": mocker.speedup_ratio, "profile": mocker.profile,
@@ -62,10 +74,14 @@ def main_from_args(a: argparse.Namespace) -> int:
             "sim": res.stats.to_dict()}
     report = summarize_trace(res.results, res.duration_s, slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl,
                              ideal_hit_rate=ideal_hit_rate(requests), meta=meta)
-    label = a.label or f"sim {cfg.label()} x{cfg.workers} @{cfg.speed:g}x"
+    label = a.label or f"sim {cfg.label()} x{cfg.num_workers} @{cfg.speed:g}x"
     write_outputs(report, label, a.json, a.plot, res.results, res.arrivals_s)
     print(f"simulated {report.duration_s:.1f} s of fleet time in {res.stats.wall_s:.2f} s "
           f"({res.stats.steps} engine steps)", file=sys.stderr)
+    if cfg.disaggregated:
+        split = ", ".join(f"{k} {v:.1f}" for k, v in res.stats.ttft_split.items())
+        print(f"disaggregated: decisions {res.stats.decisions}, {res.stats.pulled_blocks} blocks pulled; "
+              f"TTFT parts p50 (ms): {split}", file=sys.stderr)
     return 0 if report.errors == 0 else 1
 
 

@@ -14,11 +14,26 @@ Time jumps from event to event. Two kinds of event exist:
 
 Only busy workers have a pending event (one each, in a heap keyed by end time); arrivals are
 read from the sorted trace, so the heap never holds more than the number of workers.
+
+A disaggregated fleet (``prefill_workers`` and ``decode_workers``) adds a third event, the end
+of a KV pull, and the frontend's path through it:
+
+    arrival ─▶ decide (turbine/disagg: effective prompt, prefill queue)
+       remote: a prefill worker runs the prompt (max_tokens 1, KV held) ─▶ first token to the
+               client ─▶ the decode worker (its own overlap and load) admits it, its scheduler
+               orders a pull ─▶ pull ends after the modelled copy (one link per decode worker,
+               copies in order) ─▶ finish_pull, the prefill worker releases ─▶ decode
+       local:  the decode worker serves it whole
+
+Each request's TTFT splits into queue (arrival to its first scheduled step), prefill (to the
+first token), and for remote ones transfer (first token to the end of the pull) and first
+decode (to the decode worker's first token).
 """
 from __future__ import annotations
 
 import heapq
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +43,11 @@ import msgspec
 
 from turbine.bench.stats import RequestResult
 from turbine.bench.trace import DEFAULT_VOCAB_SIZE, TokenSynth, TraceRequest, arrival_offsets_s
+from turbine.disagg.decision import DECISIONS, DisaggConfig, decide
+from turbine.engine.scheduler import PullOrder
 from turbine.mocker.core import MockerConfig, MockerCore, StepResult
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
+from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
 from turbine.router.router import Router
 
 ROUTERS = ("kv", "round-robin", "random", "least-loaded", "power-of-two")
@@ -47,9 +65,17 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seed: int = 0
     mocker: MockerConfig = msgspec.field(default_factory=MockerConfig)
+    # Disaggregated: this many prefill and decode workers instead of ``workers`` aggregated ones.
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    min_remote_prefill_tokens: int = 512
+    max_prefill_queue_tokens: int = 32768
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
+        if (self.prefill_workers > 0) != (self.decode_workers > 0) or min(self.prefill_workers,
+                                                                            self.decode_workers) < 0:
+            raise ValueError("a disaggregated fleet needs both prefill_workers and decode_workers (>= 1)")
+        if self.workers < 1 and not self.disaggregated:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
@@ -60,8 +86,21 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.router_temperature < 0:
             raise ValueError(f"router_temperature must be >= 0, got {self.router_temperature}")
 
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_workers > 0
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill_workers + self.decode_workers if self.disaggregated else self.workers
+
+    def disagg(self) -> DisaggConfig:
+        return DisaggConfig(min_remote_prefill_tokens=self.min_remote_prefill_tokens,
+                            max_prefill_queue_tokens=self.max_prefill_queue_tokens)
+
     def label(self) -> str:
-        return "kv-approx" if self.router_approx else self.router
+        base = "kv-approx" if self.router_approx else self.router
+        return f"{base} {self.prefill_workers}P:{self.decode_workers}D" if self.disaggregated else base
 
 
 @dataclass
@@ -73,10 +112,18 @@ class SimStats:
     preemptions: int = 0
     kv_event_batches: int = 0
     requests_per_worker: list[int] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)  # disaggregated: where prompts were prefilled
+    pulled_blocks: int = 0
+    ttft_split: dict[str, float] = field(default_factory=dict)  # medians (ms) of the TTFT parts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"wall_s": round(self.wall_s, 3), "steps": self.steps, "preemptions": self.preemptions,
-                "kv_event_batches": self.kv_event_batches, "requests_per_worker": list(self.requests_per_worker)}
+        out = {"wall_s": round(self.wall_s, 3), "steps": self.steps, "preemptions": self.preemptions,
+               "kv_event_batches": self.kv_event_batches, "requests_per_worker": list(self.requests_per_worker)}
+        if self.decisions:
+            out.update(decisions=dict(self.decisions), pulled_blocks=self.pulled_blocks)
+        if self.ttft_split:
+            out["ttft_split_p50_ms"] = dict(self.ttft_split)
+        return out
 
 
 @dataclass
@@ -92,13 +139,22 @@ class SimResult:
 class _Track:
     """One request's timeline as the client would see it (times in virtual seconds)."""
 
-    __slots__ = ("arrival", "first", "itl", "last")
+    __slots__ = ("arrival", "first", "itl", "last", "started", "pulled", "decode_first", "remote", "index",
+                 "output_length", "prompt", "cached")
 
-    def __init__(self, arrival: float) -> None:
+    def __init__(self, arrival: float, index: int = -1) -> None:
         self.arrival = arrival
         self.first = -1.0
         self.last = -1.0
         self.itl: list[float] = []
+        self.started = -1.0  # its first scheduled step began
+        self.pulled = -1.0  # its KV pull ended (remote prefill)
+        self.decode_first = -1.0  # the decode worker's first token (remote prefill)
+        self.remote = False
+        self.index = index
+        self.output_length = 0
+        self.prompt: list[int] = []
+        self.cached = 0
 
 
 def make_router(cfg: SimConfig, clock: Callable[[], float]) -> Router:
@@ -108,7 +164,7 @@ def make_router(cfg: SimConfig, clock: Callable[[], float]) -> Router:
 
 
 class Simulator:
-    """Replays ``requests`` through ``cfg.workers`` simulated workers; call ``run()`` once."""
+    """Replays ``requests`` through the simulated fleet of ``cfg``; call ``run()`` once."""
 
     def __init__(self, requests: Sequence[TraceRequest], cfg: SimConfig, *,
                  on_finish: Callable[[], None] | None = None) -> None:
@@ -118,20 +174,36 @@ class Simulator:
         self.requests = list(requests)
         self.arrivals = arrival_offsets_s(self.requests, cfg.speed)
         self.now = 0.0
-        self.router = make_router(cfg, lambda: self.now)
-        self.worker_ids = [f"worker-{i}" for i in range(cfg.workers)]
+        clock = lambda: self.now  # noqa: E731
+        self.router = make_router(cfg, clock)  # aggregated or decode workers
+        self.prefill_router = make_router(cfg, clock)
+        if cfg.disaggregated:
+            self.worker_ids = ([f"prefill-{i}" for i in range(cfg.prefill_workers)]
+                               + [f"decode-{i}" for i in range(cfg.decode_workers)])
+        else:
+            self.worker_ids = [f"worker-{i}" for i in range(cfg.workers)]
+        self.prefill_ids = [w for w in self.worker_ids if w.startswith("prefill-")]
+        self.generate_ids = [w for w in self.worker_ids if not w.startswith("prefill-")]
         self._index = {w: i for i, w in enumerate(self.worker_ids)}
-        self.cores = [MockerCore(cfg.mocker, vocab_size=cfg.vocab_size, rng_seed=cfg.seed * 1_000_003 + i)
-                      for i in range(cfg.workers)]
+        self.cores = [MockerCore(cfg.mocker, vocab_size=cfg.vocab_size, rng_seed=cfg.seed * 1_000_003 + i,
+                                 clock=clock) for i in range(cfg.num_workers)]
         self.synth = TokenSynth(cfg.vocab_size, seed=cfg.seed)
-        self._pending: list[StepResult | None] = [None] * cfg.workers  # the step each busy worker runs
+        self.disagg = cfg.disagg()
+        n = cfg.num_workers
+        self._pending: list[StepResult | None] = [None] * n  # the step each busy worker runs
         self._heap: list[tuple[float, int]] = []  # (end time, worker) of every pending step
+        self._pulls: list[tuple[float, int, int, PullOrder]] = []  # (end, tie, decode worker, order)
+        self._link_free = [0.0] * n  # when each decode worker's link finishes the copies queued on it
+        self._holders: dict[str, int] = {}  # held transfer id -> prefill worker
         self._tracks: dict[str, _Track] = {}
         self._results: list[RequestResult | None] = [None] * len(self.requests)
+        self._split: dict[str, list[float]] = {"queue": [], "prefill": [], "transfer": [], "first_decode": []}
         self._on_finish = on_finish
-        self.stats = SimStats(requests_per_worker=[0] * cfg.workers)
+        self.stats = SimStats(requests_per_worker=[0] * n,
+                              decisions=dict.fromkeys(DECISIONS, 0) if cfg.disaggregated else {})
         self._uses_events = cfg.router == "kv" and not cfg.router_approx
         self._ran = False
+        self._tie = 0
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -139,49 +211,78 @@ class Simulator:
             raise RuntimeError("a Simulator runs once; build a new one")
         self._ran = True
         wall0 = time.perf_counter()
-        heap, arrivals, pending = self._heap, self.arrivals, self._pending
+        heap, pulls, arrivals, pending = self._heap, self._pulls, self.arrivals, self._pending
         n, i = len(arrivals), 0
         inf = math.inf
-        while heap or i < n:
-            t = min(heap[0][0] if heap else inf, arrivals[i] if i < n else inf)
+        while heap or pulls or i < n:
+            t = min(heap[0][0] if heap else inf, pulls[0][0] if pulls else inf, arrivals[i] if i < n else inf)
             self.now = t
             kicked: list[int] = []
             while heap and heap[0][0] == t:
                 w = heapq.heappop(heap)[1]
-                self._deliver(w, t)
+                kicked += self._deliver(w, t)
                 kicked.append(w)
+            while pulls and pulls[0][0] == t:
+                _, _, w, order = heapq.heappop(pulls)
+                kicked += self._pull_done(w, order)
             while i < n and arrivals[i] == t:
                 w = self._arrive(i, t)
-                if w >= 0 and pending[w] is None:
+                if w >= 0:
                     kicked.append(w)
                 i += 1
             for w in kicked:
                 if pending[w] is None:
                     self._start_step(w, t)
         self.stats.wall_s = time.perf_counter() - wall0
+        if self.cfg.disaggregated:
+            self.stats.ttft_split = {k: round(statistics.median(v) * 1e3, 3) for k, v in self._split.items() if v}
         results = [r if r is not None else RequestResult(ok=False, error="never finished") for r in self._results]
         return SimResult(results, self.arrivals, max(self.now, 1e-9), self.stats)
 
+    # -- requests ----------------------------------------------------------------------------
     def _arrive(self, i: int, t: float) -> int:
         """Route request ``i`` and queue it on its worker; the worker index, -1 if rejected."""
         req = self.requests[i]
-        rid = f"req-{i}"
         ids = self.synth.prompt_array(req)  # the router hashes u32 arrays without converting
-        decision = self.router.route(rid, self.worker_ids, ids)
-        w = self._index[decision.worker_id]
+        tr = _Track(t, i)
+        tr.output_length = req.output_length
+        if self.cfg.disaggregated:
+            decision = self._decide(ids)
+            self.stats.decisions[decision] += 1
+            if decision == "remote" and req.output_length >= 1:
+                tr.remote = True
+                tr.prompt = ids.tolist()
+                pid = f"req-{i}.p"
+                w = self._index[self.prefill_router.route(pid, self.prefill_ids, ids).worker_id]
+                gen = GenerateRequest(request_id=pid, token_ids=tr.prompt, sampling=SamplingOptions(),
+                                      stop=StopConditions(max_tokens=1, ignore_eos=True),
+                                      kv_transfer=KvTransferRequest(hold_s=self.disagg.hold_s))
+                return self._add(w, gen, tr, self.prefill_router)
+        rid = f"req-{i}"
+        decision_ = self.router.route(rid, self.generate_ids, ids)
+        w = self._index[decision_.worker_id]
         gen = GenerateRequest(
             request_id=rid, token_ids=ids.tolist(), sampling=SamplingOptions(),
             stop=StopConditions(max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True),
-            predicted_overlap_blocks=decision.overlap_blocks,
+            predicted_overlap_blocks=decision_.overlap_blocks,
         )
+        return self._add(w, gen, tr, self.router)
+
+    def _decide(self, ids: Any) -> str:
+        loads = self.prefill_router.loads.workers
+        queued = [loads[w].prefill_tokens if w in loads else 0 for w in self.prefill_ids]
+        cached = self.router.best_overlap(self.generate_ids, ids) * self.router.block_size
+        return decide(len(ids), cached, queued, self.disagg)
+
+    def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router) -> int:
         try:
-            self.cores[w].add_request(gen, arrival_time=t)
+            self.cores[w].add_request(gen, arrival_time=self.now)
         except ValueError as e:  # can never run on this engine (context, KV capacity)
-            self.router.finished(rid)
-            self._results[i] = RequestResult(ok=False, error=str(e)[:200])
+            router.finished(gen.request_id)
+            self._results[tr.index] = RequestResult(ok=False, error=str(e)[:200])
             self._finished()
             return -1
-        self._tracks[rid] = _Track(t)
+        self._tracks[gen.request_id] = tr
         self.stats.requests_per_worker[w] += 1
         return w
 
@@ -191,6 +292,8 @@ class Simulator:
             return
         res = core.step()
         self.stats.preemptions += res.num_preempted
+        for order in res.pulls:
+            self._start_pull(w, order, t)
         if not res.outputs and not core.in_flight:  # nothing fits now; freed blocks or an arrival kick it again
             self._apply_events(w, res, t)
             return
@@ -204,33 +307,112 @@ class Simulator:
         if res.kv_events and self._uses_events:
             self.stats.kv_event_batches += 1
             # no ts: the router takes it for a wall-clock stamp (its event-lag metric)
-            self.router.apply_kv_events(self.worker_ids[w], res.kv_events)
+            router = self.prefill_router if self.worker_ids[w].startswith("prefill-") else self.router
+            router.apply_kv_events(self.worker_ids[w], res.kv_events)
 
-    def _deliver(self, w: int, t: float) -> None:
-        """The step of worker ``w`` ends at ``t``: events to the router, tokens to clients."""
+    def _deliver(self, w: int, t: float) -> list[int]:
+        """The step of worker ``w`` ends at ``t``: events to the router, tokens to clients.
+        Returns other workers this wakes (a decode worker given a prefilled request)."""
         res = self._pending[w]
         assert res is not None
         self._pending[w] = None
         self._apply_events(w, res, t)
-        tracks, router = self._tracks, self.router
+        started = t - res.duration_s
+        tracks = self._tracks
+        woken: list[int] = []
         for out in res.outputs:
+            rid = out.request_id
+            tr = tracks[rid]
+            if tr.started < 0:
+                tr.started = started
+            prefill_leg = rid.endswith(".p")
             if out.token_id is not None:
-                tr = tracks[out.request_id]
                 if tr.first < 0:
                     tr.first = t
-                    router.first_token(out.request_id)
+                    (self.prefill_router if prefill_leg else self.router).first_token(rid)
                 else:
+                    if tr.decode_first < 0 and tr.remote:
+                        tr.decode_first = t
+                        self.router.first_token(rid)
                     tr.itl.append(t - tr.last)
                 tr.last = t
             if out.finish_reason is not None:
-                self._complete(out.request_id, out.prompt_tokens, out.cached_tokens, out.completion_tokens, t)
+                if prefill_leg:
+                    woken += self._prefill_done(w, rid, tr, out, t)
+                else:
+                    self.router.finished(rid)
+                    if tr.remote:  # the decode leg's prompt held the first token too
+                        self._complete(tr, len(tr.prompt), tr.cached, out.completion_tokens + 1, t)
+                    else:
+                        self._complete(tr, out.prompt_tokens, out.cached_tokens, out.completion_tokens, t)
+                    del tracks[rid]
+        return woken
 
-    def _complete(self, rid: str, prompt: int, cached: int, completion: int, t: float) -> None:
-        tr = self._tracks.pop(rid)
-        self.router.finished(rid)
-        self._results[int(rid[4:])] = RequestResult(
+    def _prefill_done(self, w: int, pid: str, tr: _Track, out: Any, t: float) -> list[int]:
+        """A prefill leg finished: the request continues on a decode worker with the held KV."""
+        self.prefill_router.finished(pid)
+        del self._tracks[pid]
+        tr.cached = out.cached_tokens
+        held = out.held_kv
+        if tr.output_length <= 1 or out.finish_reason != "length" or held is None:
+            if held is not None:
+                self.cores[w].release(pid)
+            self._complete(tr, out.prompt_tokens, out.cached_tokens, 1, t)
+            return []
+        params = KvTransferParams(transfer_id=pid, worker_address=self.worker_ids[w], agent=AgentInfo(backend="mock"),
+                                  block_ids=held.block_ids, block_hashes=held.block_hashes,
+                                  num_tokens=held.num_tokens, hold_s=held.hold_s)
+        self._holders[pid] = w
+        did = pid[:-2]
+        tokens = tr.prompt + [out.token_id]
+        d = self._index[self.router.route(did, self.generate_ids, tokens, remote_kv=True).worker_id]
+        n = tr.output_length - 1
+        gen = GenerateRequest(request_id=did, token_ids=tokens, sampling=SamplingOptions(),
+                              stop=StopConditions(max_tokens=n, min_tokens=n, ignore_eos=True),
+                              kv_transfer=KvTransferRequest(source=params))
+        if self._add(d, gen, tr, self.router) < 0:
+            self.cores[w].release(pid)
+            return []
+        return [d]
+
+    # -- KV pulls -----------------------------------------------------------------------------
+    def _start_pull(self, w: int, order: PullOrder, t: float) -> None:
+        if not order.local_blocks:  # the decode worker's cache held it all
+            self._release(order.source.transfer_id)
+            return
+        self.stats.pulled_blocks += len(order.local_blocks)
+        start = max(t, self._link_free[w])
+        end = start + self.cores[w].transfer_seconds(len(order.local_blocks))
+        self._link_free[w] = end
+        self._tie += 1
+        heapq.heappush(self._pulls, (end, self._tie, w, order))
+
+    def _pull_done(self, w: int, order: PullOrder) -> list[int]:
+        tr = self._tracks.get(order.request_id)
+        if tr is not None:
+            tr.pulled = self.now
+        self.cores[w].finish_pull(order.request_id, True)
+        holder = self._release(order.source.transfer_id)
+        return [w] + ([holder] if holder is not None else [])
+
+    def _release(self, transfer_id: str) -> int | None:
+        holder = self._holders.pop(transfer_id, None)
+        if holder is not None:
+            self.cores[holder].release(transfer_id)
+        return holder
+
+    # -- results ------------------------------------------------------------------------------
+    def _complete(self, tr: _Track, prompt: int, cached: int, completion: int, t: float) -> None:
+        self._results[tr.index] = RequestResult(
             ok=True, ttft_s=tr.first - tr.arrival if tr.first >= 0 else None, itl_s=tr.itl,
             e2e_s=t - tr.arrival, prompt_tokens=prompt, output_tokens=completion, cached_tokens=cached)
+        if self.cfg.disaggregated and tr.first >= 0 and tr.started >= 0:
+            sp = self._split
+            sp["queue"].append(tr.started - tr.arrival)
+            sp["prefill"].append(tr.first - tr.started)
+            if tr.remote and tr.pulled >= 0 and tr.decode_first >= 0:
+                sp["transfer"].append(tr.pulled - tr.first)
+                sp["first_decode"].append(tr.decode_first - tr.pulled)
         self._finished()
 
     def _finished(self) -> None:

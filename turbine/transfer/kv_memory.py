@@ -10,6 +10,7 @@ memcpy on the CPU.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -46,5 +47,7 @@ class KvMemory:
         expected = len(ids) * self.layout.block_bytes
         if len(data) != expected:
             raise ValueError(f"{len(data)} bytes for {len(ids)} blocks of {self.layout.block_bytes} bytes")
-        flat = torch.frombuffer(bytearray(data) if isinstance(data, bytes) else data, dtype=torch.uint8)
+        with warnings.catch_warnings():  # read-only bytes are fine: the tensor is only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=torch.uint8)
         self.scatter(ids, flat.view(self.data.dtype).view(shape))
