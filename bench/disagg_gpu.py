@@ -93,7 +93,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--util", type=float, default=0.42, help="GPU memory share of each worker process")
-    p.add_argument("--vocab", type=int, default=128000)
+    p.add_argument("--vocab", type=int, default=None, help="token ids below this (default: the tokenizer's vocabulary)")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths (tokens)")
     p.add_argument("--transfers", default="cuda_ipc,nixl", help="disagg fleets to run, by KV transfer backend")
     p.add_argument("--device", default=None, help="--device of the workers (default: CUDA when available)")
@@ -101,8 +101,14 @@ def main() -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     lengths = [int(x) for x in a.lengths.split(",")]
+    if a.vocab is None:
+        sys.path.insert(0, str(REPO))
+        from turbine.frontend.tokenizer import TurbineTokenizer
+
+        a.vocab = TurbineTokenizer.from_dir(a.model).vocab_size
     rng = random.Random(0)
-    prompts = {n: [[rng.randrange(1000, a.vocab - 1000) for _ in range(n)] for _ in range(a.reps)]
+    lo = min(1000, a.vocab // 4)
+    prompts = {n: [[rng.randrange(lo, a.vocab - lo) for _ in range(n)] for _ in range(a.reps)]
                for n in lengths}
     fleets = [("agg", [("w", ["--role", "agg"])])]
     for backend in a.transfers.split(","):

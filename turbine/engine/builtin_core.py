@@ -216,8 +216,12 @@ class BuiltinCore:
             return max(1, tokens // spec.block_size)
         peak = profile_activation_bytes(self.model, num_tokens=cfg.max_num_batched_tokens,
                                         num_seqs=cfg.max_num_seqs, vocab_size=self.vocab_size, device=self.device)
+        # gpu_memory_utilization is this engine's share of the device (several engines may share
+        # one GPU, as a prefill and a decode worker do): what this process holds counts against it,
+        # what other processes hold only limits it through the free memory.
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * cfg.gpu_memory_utilization - (total - free) - peak
+        own = torch.cuda.memory_reserved(self.device)
+        budget = min(total * cfg.gpu_memory_utilization - own, free - (1 << 30)) - peak
         if cfg.cuda_graphs:  # the graphs' float32 logits at the largest batch, and the pad block
             budget -= cfg.max_num_seqs * self.vocab_size * 4 + spec.bytes_per_block
             # the piecewise graphs' pool holds a step's activations at their largest bucket
@@ -225,8 +229,9 @@ class BuiltinCore:
         n = num_blocks_for_bytes(spec, int(budget))
         if n < 1:
             raise ValueError(
-                f"no room for a KV cache: {total / 2**30:.1f} GiB x {cfg.gpu_memory_utilization} leaves "
-                f"{budget / 2**30:.2f} GiB after weights and {peak / 2**30:.2f} GiB of activations; raise "
+                f"no room for a KV cache: {total / 2**30:.1f} GiB x {cfg.gpu_memory_utilization} (of which "
+                f"{free / 2**30:.1f} GiB free) leaves {budget / 2**30:.2f} GiB after this engine's "
+                f"{own / 2**30:.2f} GiB of weights and {peak / 2**30:.2f} GiB of activations; raise "
                 "gpu_memory_utilization or lower max_num_batched_tokens"
             )
         return n

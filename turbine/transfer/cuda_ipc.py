@@ -8,7 +8,8 @@ off the event loop: device bandwidth, no host copy. NIXL's UCX, asked to do the 
 H200, moved 0.4-0.5 GB/s; a device copy does ~1.9 TB/s.
 
 Like NIXL, the copy reads memory its owner does not see, so the holder is asked (``kv_check``)
-before and after. Only within a node: a peer on another host is refused.
+after it: still held then means held throughout. Only within a node: a peer on another host is
+refused.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams
 from turbine.runtime.request_plane import RequestPlaneClient
 from turbine.transfer.base import HeldBlocks, TransferError, ask_held, check_pull, serve_kv_check
+from turbine.transfer.block_copy import copy_blocks
 from turbine.transfer.kv_memory import KvMemory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,20 +88,17 @@ class CudaIpcTransfer:
 
     def _copy(self, remote: torch.Tensor, remote_blocks: Sequence[int], local_blocks: Sequence[int]) -> None:
         data = self.memory.data
-        dev = data.device
-        r = torch.tensor(list(remote_blocks), dtype=torch.long, device=remote.device)
-        loc = torch.tensor(list(local_blocks), dtype=torch.long, device=dev)
         # after whatever the engine's stream queued (a step still writing blocks it just freed)
-        self._stream.wait_stream(torch.cuda.current_stream(dev))
+        self._stream.wait_stream(torch.cuda.current_stream(data.device))
         with torch.cuda.stream(self._stream):
-            data.index_copy_(2, loc, remote.index_select(2, r).to(dev, non_blocking=True))
+            copy_blocks(data, local_blocks, remote, remote_blocks)
         self._stream.synchronize()
 
     async def pull(self, source: KvTransferParams, remote_blocks: Sequence[int],
                    local_blocks: Sequence[int]) -> None:
+        """Copy, then ask the holder: a transfer still held after the copy was held during it
+        (it is freed only by our release or its deadline), so what was read is its KV."""
         check_pull(source, remote_blocks, local_blocks)
-        if self.client is not None:
-            await ask_held(self.client, source, remote_blocks)
         try:
             with self._lock:
                 remote = self._peer(source.agent.metadata)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams
 from turbine.transfer.base import HeldBlocks, TransferError, check_held, check_pull
+from turbine.transfer.block_copy import copy_blocks
 from turbine.transfer.kv_memory import KvMemory
 
 _agents: weakref.WeakValueDictionary[str, InProcTransfer] = weakref.WeakValueDictionary()
@@ -32,7 +33,7 @@ class InProcTransfer:
         if peer is None:
             raise TransferError(f"no in-process KV agent {source.agent.metadata!r}")
         check_held(source.transfer_id, remote_blocks, peer._held)
-        self.memory.scatter(local_blocks, peer.memory.gather(remote_blocks))
+        copy_blocks(self.memory.data, local_blocks, peer.memory.data, remote_blocks)
 
     def serve(self, server: object, held_blocks: HeldBlocks) -> None:
         self._held = held_blocks

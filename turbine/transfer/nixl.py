@@ -6,9 +6,10 @@ where the tensor lies; the puller adds the peer agent once, prepares both sides'
 lists once (one descriptor per block, layer and K/V: ``2 * layers * blocks``), and each pull is
 one prepared READ of ``2 * layers * n`` descriptors, polled to completion off the step path.
 
-NIXL reads memory without asking its owner, so the holder is asked (``kv_check``) before and
-after the read: a transfer released or expired meanwhile (its blocks may hold another prompt by
-then) fails the pull, and the decode worker prefills instead.
+NIXL reads memory without asking its owner, so the holder is asked (``kv_check``) after the
+read: held then means held throughout (only our release or its deadline frees it); released or
+expired (its blocks may hold another prompt by then) fails the pull, and the decode worker
+prefills instead.
 """
 from __future__ import annotations
 
@@ -104,8 +105,6 @@ class NixlTransfer:
     async def pull(self, source: KvTransferParams, remote_blocks: Sequence[int],
                    local_blocks: Sequence[int]) -> None:
         check_pull(source, remote_blocks, local_blocks)
-        if self.client is not None:
-            await ask_held(self.client, source, remote_blocks)
         try:
             name, remote, remote_n = self._peer(source.agent.metadata)
         except Exception as e:  # noqa: BLE001 - bad metadata or an unreachable agent
