@@ -21,7 +21,7 @@ from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
 _enc = msgspec.msgpack.Encoder().encode
 _dec = msgspec.msgpack.Decoder(GenerateDelta).decode
 def prompt(k: int) -> list[int]:
-    return list(range(1000 * k, 1000 * k + 64 * 6 + 10))  # 6 full blocks of 64 and a tail
+    return list(range(1000 * k, 1000 * k + 64 * 6 + 10))  # 6 full blocks of 64 and a partial one
 
 
 def _run(s, coro):  # type: ignore[no-untyped-def]
@@ -44,7 +44,7 @@ def test_bad_and_stale_transfer_parameters(model_dir: Path, server_factory) -> N
                                   kv_transfer=KvTransferRequest(hold_s=30))
             deltas = _run(s, _generate(client, prefill.address, req))
             params = deltas[-1].kv_transfer
-            assert params is not None and len(params.block_ids) == 6
+            assert params is not None and len(params.block_ids) == 7  # 6 full and a partial
             return params
 
         def decode_with(rid: str, k: int, params: KvTransferParams) -> list[GenerateDelta]:

@@ -71,9 +71,9 @@ PROMPT = list(range(100, 126))  # 26 tokens: 6 full blocks of 4 and a tail of 2
 def test_a_prefill_holds_its_prompt_blocks_until_released() -> None:
     s = make()
     params = prefill(s, "p", PROMPT)
-    assert len(params.block_ids) == 6 and params.num_tokens == 24
+    assert len(params.block_ids) == 7 and len(params.block_hashes) == 6 and params.num_tokens == 26
     bm = s.block_manager
-    assert bm.num_active_blocks == 7  # six full blocks and the tail stay referenced
+    assert bm.num_active_blocks == 7  # six full blocks and the partial one stay referenced
     assert s.held_blocks("p") == params.block_ids
     assert s.release("p") and not s.release("p")
     assert bm.num_active_blocks == 0 and bm.num_cached_blocks == 6  # the prompt stays cached
@@ -102,18 +102,18 @@ def test_decode_pulls_what_it_lacks_then_computes_only_the_tail() -> None:
     assert step(dst) == []  # admitted to PULLING: nothing to compute yet
     (order,) = dst.take_pulls()
     assert d.status is SequenceStatus.PULLING and order.remote_blocks == params.block_ids
-    assert len(order.local_blocks) == 6 and order.local_blocks == d.block_table[:6]
+    assert len(order.local_blocks) == 7 and order.local_blocks == d.block_table[:7]
     assert not dst.has_work()  # a pull is not a step's work
     assert dst.finish_pull("d", ok=True)
-    assert d.num_computed_tokens == 24 and dst.block_manager.num_cached_blocks == 6
+    assert d.num_computed_tokens == 26 and dst.block_manager.num_cached_blocks == 6
     events = dst.block_manager.take_events()
     assert sum(len(e.block_hashes) for e in events) == 6  # the pulled blocks announce themselves like computed ones
     out = dst.schedule()
     (entry,) = out.scheduled
-    assert entry.num_new_tokens == 3  # the tail (2 prompt tokens) and the first token only
+    assert entry.num_new_tokens == 1 and not entry.is_prefill  # only the first token's KV: a decode
     dst.postprocess(out, {"d": 9})
     drain(dst)
-    assert d.finish_reason == "length" and d.num_pulled_blocks == 6
+    assert d.finish_reason == "length" and d.num_pulled_blocks == 7
     assert dst.block_manager.num_active_blocks == 0
 
 
@@ -126,16 +126,30 @@ def test_a_local_prefix_hit_shrinks_the_pull() -> None:
     dst.add(seq("d", PROMPT + [7], source=params))
     step(dst)
     (order,) = dst.take_pulls()
-    assert order.remote_blocks == params.block_ids[3:] and len(order.local_blocks) == 3
+    assert order.remote_blocks == params.block_ids[3:] and len(order.local_blocks) == 4  # 3 full, the partial
 
 
-def test_a_full_local_hit_pulls_nothing_but_still_releases() -> None:
+def test_a_full_local_hit_pulls_only_the_partial_block() -> None:
     src = make()
     params = prefill(src, "p", PROMPT)
     dst = make()
     dst.add(seq("warm", PROMPT + [7, 8], max_tokens=1))
     drain(dst)
     d = seq("d", PROMPT + [7], source=params)
+    dst.add(d)
+    step(dst)
+    (order,) = dst.take_pulls()
+    assert order.remote_blocks == params.block_ids[6:] and len(order.local_blocks) == 1
+
+
+def test_a_full_local_hit_pulls_nothing_but_still_releases() -> None:
+    aligned = PROMPT[:24]  # whole blocks only
+    src = make()
+    params = prefill(src, "p", aligned)
+    dst = make()
+    dst.add(seq("warm", aligned + [7, 8], max_tokens=1))
+    drain(dst)
+    d = seq("d", aligned + [7], source=params)
     dst.add(d)
     step(dst)
     (order,) = dst.take_pulls()
@@ -168,7 +182,7 @@ def test_abort_while_pulling_frees_the_blocks_only_when_the_copy_ends() -> None:
     step(dst)
     dst.take_pulls()
     assert dst.abort("d")
-    assert dst.block_manager.num_active_blocks == 6  # the copy may still be writing them
+    assert dst.block_manager.num_active_blocks == 7  # the copy may still be writing them
     assert dst.finish_pull("d", ok=True)
     assert dst.block_manager.num_active_blocks == 0 and dst.block_manager.num_cached_blocks == 0
     dst.block_manager.check_integrity()
@@ -181,7 +195,7 @@ def test_a_source_for_another_prompt_is_refused() -> None:
     with pytest.raises(ValueError, match="block hashes differ"):
         dst.add(seq("d", [1] + PROMPT[1:] + [7], source=params))
     bad = KvTransferParams(transfer_id="x", worker_address="a", agent=AgentInfo(backend="mock"), block_ids=[1, 2],
-                           block_hashes=[1], num_tokens=8, hold_s=1.0)
+                           block_hashes=[1], num_tokens=9, hold_s=1.0)
     with pytest.raises(ValueError, match="malformed"):
         dst.add(seq("e", PROMPT + [7], source=bad))
     assert dst.block_manager.num_active_blocks == 0
@@ -252,9 +266,12 @@ def test_random_disaggregation_keeps_the_block_manager_consistent(ops: list[tupl
                                           block_hashes=held.block_hashes, num_tokens=held.num_tokens, hold_s=1.0)
         s.block_manager.check_integrity()
     # Everything ends: pulls finish, holds are released, work drains; no block stays referenced.
-    for rid in list(s.pulling):
-        s.finish_pull(rid, True)
-    drain(s)
+    for _ in range(1000):
+        for rid in list(s.pulling):
+            s.finish_pull(rid, True)
+        if not (s.has_work() or s.pulling):
+            break
+        step(s)
     for rid in list(s.held):
         s.release(rid)
     assert s.block_manager.num_active_blocks == 0

@@ -41,7 +41,7 @@ def test_real_kv_moves_and_the_decode_core_matches_aggregated(make_core, toy_mod
     dst = InProcTransfer(KvMemory(decode.kv_cache.data, decode.kv_layout))
     src.serve(None, prefill.held_blocks)
     first, params = _hold(prefill, "p", PROMPT, src)
-    assert len(params.block_ids) == 9
+    assert len(params.block_ids) == 10 and params.num_tokens == len(PROMPT)  # 9 full, one partial
     decode.add_request(_decode_request("d", PROMPT, first, 8, params))
     result = decode.step()  # admission: a pull, no compute
     (order,) = result.pulls
@@ -97,4 +97,4 @@ def test_mocker_and_builtin_core_run_the_same_state_machine(make_core) -> None: 
         traces.append(trace)
     assert traces[0] == traces[1]
     assert traces[0][0][1] is SequenceStatus.HELD and traces[0][1][1] is SequenceStatus.PULLING
-    assert len(traces[0][1][2]) == 6 and traces[0][1][4] == 12  # 3 blocks cached here, 6 pulled
+    assert len(traces[0][1][2]) == 7 and traces[0][1][4] == 12  # 3 blocks cached here, 6 + the partial pulled

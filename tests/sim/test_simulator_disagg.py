@@ -35,21 +35,21 @@ def _req(ms: float, n_in: int, n_out: int, ids: list[int]) -> TraceRequest:
 
 
 def test_one_remote_prefill_timeline(flat_profile: str) -> None:
-    # 4 full blocks of 512 tokens and a tail: prefill 10 ms -> first token at 10 ms; the pull of 4
-    # blocks (4 * 512 * 1000 B at 1 GB/s + 1 ms) ends at 10 + 3.048 ms; the decode worker then
-    # computes the tail and first token in one step (10 ms: it has prompt tokens) and decodes.
+    # 4 full blocks of 512 tokens and a partial one: prefill 10 ms -> first token at 10 ms; the pull
+    # of 5 blocks (5 * 512 * 1000 B at 1 GB/s + 1 ms) ends at 10 + 3.56 ms; the decode worker then
+    # computes only the first token's KV (a 2 ms decode step) and decodes on.
     sim = Simulator([_req(0, 4 * B + 100, 4, [1, 2, 3, 4, 5])], _cfg(flat_profile))
     res = sim.run()
     (r,) = res.results
     assert r.ok and r.output_tokens == 4
     assert r.ttft_s == pytest.approx(PREFILL)
-    transfer = 0.001 + 4 * B * 1000 / 1e9
-    assert r.itl_s[0] == pytest.approx(transfer + PREFILL)
+    transfer = 0.001 + 5 * B * 1000 / 1e9
+    assert r.itl_s[0] == pytest.approx(transfer + DECODE)
     assert r.itl_s[1:] == pytest.approx([DECODE, DECODE])
     st = res.stats
-    assert st.decisions["remote"] == 1 and st.pulled_blocks == 4
+    assert st.decisions["remote"] == 1 and st.pulled_blocks == 5
     assert st.ttft_split == pytest.approx({"queue": 0.0, "prefill": PREFILL * 1e3, "transfer": transfer * 1e3,
-                                           "first_decode": PREFILL * 1e3})
+                                           "first_decode": DECODE * 1e3})
     for core in sim.cores:  # the prefill worker released its blocks, the decode worker finished
         assert core.block_manager.num_active_blocks == 0 and not core.scheduler.held
 

@@ -219,14 +219,18 @@ class Scheduler:
 
     # -- disaggregation ---------------------------------------------------------------------------
     def _check_source(self, seq: Sequence) -> None:
-        """The peer's blocks must hold this sequence's prefix: their chained hashes must match."""
+        """The peer's blocks must hold this sequence's prefix: their chained hashes must match
+        (its last block may be partial: it has no hash, and is taken only when the peer's tokens
+        are exactly this sequence's but its last, as for a prefill's prompt and first token)."""
         src = seq.kv_source
         bs = self.block_manager.block_size
-        n = min(len(src.block_ids), (seq.num_tokens - 1) // bs)
-        if len(src.block_hashes) != len(src.block_ids) or src.num_tokens < len(src.block_ids) * bs:
+        ids, hashes = src.block_ids, src.block_hashes
+        if not (len(hashes) <= len(ids) and (len(ids) - 1) * bs < src.num_tokens <= len(ids) * bs
+                and len(hashes) == src.num_tokens // bs):
             raise ValueError(f"request {seq.request_id!r}: malformed kv_transfer source (block ids, hashes and "
                              "token count disagree)")
-        if src.block_hashes[:n] != seq.block_hashes(bs)[:n]:
+        n = min(len(hashes), (seq.num_tokens - 1) // bs)
+        if hashes[:n] != seq.block_hashes(bs)[:n]:
             raise ValueError(f"request {seq.request_id!r}: the kv_transfer source holds another prompt "
                              "(block hashes differ)")
 
@@ -249,21 +253,25 @@ class Scheduler:
         seq.kv_source = None
         seq.status = _WAITING
         if ok:
-            seq.num_computed_tokens += seq.num_pulled_blocks * bm.block_size
+            seq.num_computed_tokens = seq.num_pulled_tokens
             bm.register_full_blocks(seq)
         else:
             self.num_pull_failures += 1
             bm.free(seq)
             seq.num_computed_tokens = 0
-            seq.num_pulled_blocks = 0
+            seq.num_pulled_blocks = seq.num_pulled_tokens = 0
         self.waiting.appendleft(seq)
         return True
 
     def held_kv(self, seq: Sequence) -> HeldKv:
-        """What a HELD sequence offers: the full blocks of its prompt."""
+        """What a HELD sequence offers: every block of its prompt, the last one maybe partial
+        (hashes for the full ones), so a decode worker computes only the first token's KV."""
         bs = self.block_manager.block_size
-        n = min(seq.num_prompt_tokens // bs, len(seq.block_table), len(seq.block_hashes(bs)))
-        return HeldKv(list(seq.block_table[:n]), list(seq.block_hashes(bs)[:n]), n * bs, seq.kv_hold_s or 0.0)
+        n_tok = seq.num_prompt_tokens
+        n = min(-(-n_tok // bs), len(seq.block_table))
+        full = min(n_tok // bs, n)
+        return HeldKv(list(seq.block_table[:n]), list(seq.block_hashes(bs)[:full]), min(n_tok, n * bs),
+                      seq.kv_hold_s or 0.0)
 
     def held_blocks(self, request_id: str) -> list[int] | None:
         entry = self.held.get(request_id)
@@ -300,18 +308,23 @@ class Scheduler:
         bs = bm.block_size
         src = seq.kv_source
         cached = bm.match_prefix(seq)
-        first, limit = cached // bs, min(len(src.block_ids), (seq.num_tokens - 1) // bs)
-        if limit <= first:  # the local cache holds it all: nothing to copy, only a release
+        if src.num_tokens == seq.num_tokens - 1:  # prompt + first token: take the partial block too
+            tokens = src.num_tokens
+        else:  # some other continuation: whole blocks it shares with the source only
+            tokens = min(len(src.block_hashes), (seq.num_tokens - 1) // bs) * bs
+        first, limit = cached // bs, -(-tokens // bs)
+        if tokens <= cached:  # the local cache holds it all: nothing to copy, only a release
             self._pulls.append(PullOrder(seq.request_id, src, [], []))
             seq.kv_source = None
             return False
-        if not bm.allocate_slots(seq, (limit - first) * bs, cached):
+        if not bm.allocate_slots(seq, tokens - cached, cached):
             return False
         self.waiting.popleft()
         seq.status = _PULLING
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
         seq.num_pulled_blocks = limit - first
+        seq.num_pulled_tokens = tokens
         self.pulling[seq.request_id] = seq
         self._pulls.append(PullOrder(seq.request_id, src, list(src.block_ids[first:limit]),
                                      list(seq.block_table[first:limit])))
@@ -464,7 +477,9 @@ class Scheduler:
     def _entry(seq: Sequence, n: int) -> ScheduledSeq:
         num_tokens = len(seq.token_ids)
         produces = seq.num_computed_tokens + n == num_tokens
-        is_decode = n == 1 and produces and num_tokens > seq.num_prompt_tokens
+        # a sequence whose prompt KV was pulled computes only its first token: a decode, as it
+        # would be had it been prefilled here (the runner batches it with the decodes)
+        is_decode = n == 1 and produces and (num_tokens > seq.num_prompt_tokens or seq.num_pulled_tokens > 0)
         return ScheduledSeq(seq, n, not is_decode, produces)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -51,6 +51,7 @@ class Sequence:
         "kv_hold_s",
         "kv_source",
         "num_pulled_blocks",
+        "num_pulled_tokens",
         "_hash_block_size",
         "_hash_seed",
         "_block_hashes",
@@ -89,6 +90,7 @@ class Sequence:
         self.kv_hold_s: float | None = None
         self.kv_source: Any = None
         self.num_pulled_blocks = 0
+        self.num_pulled_tokens = 0  # computed once the pull lands (cached prefix included)
         self._hash_block_size = 0
         self._hash_seed = lora_seed(lora_name)
         self._block_hashes: list[SequenceHash] = []
