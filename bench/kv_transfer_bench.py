@@ -112,6 +112,28 @@ def baseline_gbps(a: argparse.Namespace, blocks: int, reps: int) -> float:
     return blocks * src.layout.block_bytes / statistics.median(times) / 1e9
 
 
+def kernel_gbps(a: argparse.Namespace, blocks: int, reps: int) -> float:
+    """copy_blocks alone between two caches of one process, scattered block ids (what a pull's
+    copy costs without the control around it)."""
+    from turbine.transfer.block_copy import copy_blocks
+
+    src, dst = make_memory(a, a.num_blocks, fill=True), make_memory(a, a.num_blocks, fill=False)
+    rng = __import__("random").Random(blocks)
+    s_ids, d_ids = rng.sample(range(a.num_blocks), blocks), rng.sample(range(a.num_blocks), blocks)
+    times = []
+    for i in range(reps + 1):
+        if src.data.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        copy_blocks(dst.data, d_ids, src.data, s_ids)
+        if src.data.is_cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    assert torch.equal(dst.data[:, :, d_ids[:4]], src.data[:, :, s_ids[:4]])
+    return blocks * src.layout.block_bytes / statistics.median(times) / 1e9
+
+
 async def pull_sizes(a: argparse.Namespace, name: str, sizes: list[int]) -> dict[int, tuple[float, bool]]:
     from turbine.runtime.tcp import TcpClient
 
@@ -197,14 +219,16 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - report the backend that failed, run the others
             print(f"{name}: failed: {e!r}", file=sys.stderr)
     base = {b: baseline_gbps(a, b, a.reps) for b in sizes}
+    kernel = {b: kernel_gbps(a, b, a.reps) for b in sizes}
     bound = "device copy" if a.device.startswith("cuda") else "memcpy"  # contiguous, one process
-    head = ["size"] + [f"{n} GB/s" for n in results] + [f"{bound} GB/s"] + [f"{n} / {bound}" for n in results]
+    head = (["size"] + [f"{n} GB/s" for n in results] + ["block copy alone GB/s", f"{bound} GB/s"]
+            + [f"{n} / {bound}" for n in results])
     rows = []
     for b in sizes:
         mb = b * lay.block_bytes / (1 << 20)
         row = [f"{mb:.0f} MiB ({b} blocks)"]
         row += [f"{results[n][b][0]:.2f}" + ("" if results[n][b][1] else " WRONG") for n in results]
-        row += [f"{base[b]:.2f}"]
+        row += [f"{kernel[b]:.2f}", f"{base[b]:.2f}"]
         row += [f"{results[n][b][0] / base[b]:.2f}" for n in results]
         rows.append(row)
     table = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(
@@ -219,7 +243,9 @@ def main() -> int:
     text = (f"\n## kv_transfer_bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, {device}\n\n"
             f"Layout {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim}, blocks of "
             f"{lay.block_size} tokens, {lay.dtype} ({lay.block_bytes / (1 << 20):.2f} MiB per block); holder and "
-            f"puller in two processes; median of {a.reps} pulls.\n\n{table}\n\n"
+            f"puller in two processes; median of {a.reps} pulls (each: the copy, then one kv_check round trip "
+            "to the holder). 'block copy alone': the same copy between two caches of one process, scattered "
+            f"block ids.\n\n{table}\n\n"
             f"One 8k-token prompt of this shape ({prompt_bytes / 1e9:.2f} GB): {eight_k}.\n")
     print(text)
     if a.json:
