@@ -23,14 +23,14 @@ import msgspec
 from turbine.disagg.decision import DECISIONS, Decision, DisaggConfig, decide
 from turbine.frontend.errors import ApiError
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, StopConditions
-from turbine.protocols.kv_transfer import KvRelease, KvTransferParams, KvTransferRequest
+from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
 from turbine.runtime.request_plane import RequestPlaneClient, RequestPlaneError
+from turbine.transfer.base import send_release
 
 log = logging.getLogger("turbine.disagg")
 
 _decode_delta = msgspec.msgpack.Decoder(GenerateDelta).decode
 _encode = msgspec.msgpack.Encoder().encode
-RELEASE_TIMEOUT_S = 5.0
 
 
 class PrefillResult(NamedTuple):
@@ -131,12 +131,7 @@ class PrefillLeg:
         t.add_done_callback(self._tasks.discard)
 
     async def _release(self, params: KvTransferParams) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(RELEASE_TIMEOUT_S):
-                async for _ in self.client.stream(params.worker_address, "kv_release",
-                                                  _encode(KvRelease(transfer_id=params.transfer_id)),
-                                                  timeout=RELEASE_TIMEOUT_S):
-                    pass
+        await send_release(self.client, params)
 
     async def close(self) -> None:
         tasks = list(self._tasks)

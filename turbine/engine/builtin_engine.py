@@ -22,7 +22,7 @@ from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
 from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore, StepResult
-from turbine.engine.streams import StreamHub
+from turbine.engine.streams import KvTransferEndpoints, StreamHub
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored
 from turbine.protocols.kv_transfer import KvLayout
@@ -37,7 +37,7 @@ _MAX_PENDING = 4  # step results the loop has not delivered yet before the step 
 _SETTLE_WAIT_S = 0.01
 
 
-class BuiltinEngine:
+class BuiltinEngine(KvTransferEndpoints):
     def __init__(
         self,
         model_dir: str | os.PathLike[str],
@@ -79,7 +79,6 @@ class BuiltinEngine:
         self.max_num_seqs = core.config.max_num_seqs
         self.context_length = core.context_length
         self._hub = StreamHub(core, lambda: self._wake.set())
-        self._hub.finish_pull = self._finish_pull
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -121,23 +120,6 @@ class BuiltinEngine:
         """The paged KV cache tensor ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` that
         transfer backends read and write."""
         return self.core.kv_cache.data
-
-    def set_kv_transfer(self, manager: Any) -> None:
-        """The transfer manager that runs this engine's pulls and describes what it holds."""
-        self._hub.transfer = manager
-        manager.bind(self._finish_pull)
-
-    def _finish_pull(self, request_id: str, ok: bool) -> None:
-        self.core.finish_pull(request_id, ok)
-        self._wake.set()
-
-    def release_kv(self, transfer_id: str) -> bool:
-        ok = self.core.release(transfer_id)
-        self._wake.set()
-        return ok
-
-    def held_blocks(self, transfer_id: str) -> list[int] | None:
-        return self.core.held_blocks(transfer_id)
 
     def stats(self) -> EngineStats:
         return self.core.stats()

@@ -34,6 +34,30 @@ class CoreLike(Protocol):
 
     def get(self, request_id: str) -> Any: ...
 
+    def finish_pull(self, request_id: str, ok: bool) -> bool: ...
+
+    def release(self, request_id: str) -> bool: ...
+
+    def held_blocks(self, request_id: str) -> list[int] | None: ...
+
+
+class KvTransferEndpoints:
+    """What a worker's transfer manager and endpoints call on an engine (disaggregation);
+    engines over a StreamHub (``self._hub``) share it."""
+
+    _hub: StreamHub
+
+    def set_kv_transfer(self, manager: Any) -> None:
+        """The transfer manager that runs this engine's pulls and describes what it holds."""
+        self._hub.set_kv_transfer(manager)
+
+    def release_kv(self, transfer_id: str) -> bool:
+        """A decode worker has the KV of a held prefill (or gave up on it): free its blocks."""
+        return self._hub.release_kv(transfer_id)
+
+    def held_blocks(self, transfer_id: str) -> list[int] | None:
+        return self._hub.core.held_blocks(transfer_id)
+
 
 class _Stream:
     """One request's pending deltas and the consumer's wake-up future."""
@@ -58,7 +82,20 @@ class StreamHub:
         self.streams: dict[str, _Stream] = {}
         self.sink: KVEventSink | None = None
         self.transfer: Any = None  # transfer.KvTransferManager: disaggregation (pulls, held params)
-        self.finish_pull: Callable[[str, bool], None] = lambda rid, ok: None
+
+    # -- disaggregation: the engine side of the transfer manager (core calls are thread-safe) --
+    def set_kv_transfer(self, manager: Any) -> None:
+        self.transfer = manager
+        manager.bind(self.finish_pull)
+
+    def finish_pull(self, request_id: str, ok: bool) -> None:
+        self.core.finish_pull(request_id, ok)
+        self.wake()
+
+    def release_kv(self, transfer_id: str) -> bool:
+        ok = self.core.release(transfer_id)
+        self.wake()  # freed blocks may let a stuck queue move
+        return ok
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         rid = request.request_id

@@ -189,6 +189,9 @@ class MockerCore:
     def release(self, request_id: str) -> bool:
         return self.scheduler.release(request_id)
 
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        return self.scheduler.held_blocks(request_id)
+
     def has_work(self) -> bool:
         return self._inflight is not None or self.scheduler.has_work()
 

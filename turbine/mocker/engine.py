@@ -17,10 +17,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
-from turbine.engine.streams import StreamHub
+from turbine.engine.streams import KvTransferEndpoints, StreamHub
 from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.timing import TimingModel
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 _MAX_LAG_S = 0.05
 
 
-class MockEngine:
+class MockEngine(KvTransferEndpoints):
     def __init__(
         self,
         config: MockerConfig,
@@ -57,7 +56,6 @@ class MockEngine:
         )
         self._wake = asyncio.Event()
         self._hub = StreamHub(self.core, lambda: self._wake.set())
-        self._hub.finish_pull = self._finish_pull
         self._task: asyncio.Task[None] | None = None
         self.kv_layout = None  # no KV memory: peers' blocks are "copied" in modelled time only
 
@@ -84,24 +82,6 @@ class MockEngine:
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
         self._hub.sink = sink
 
-    # -- disaggregation -------------------------------------------------------------------------------
-    def set_kv_transfer(self, manager: Any) -> None:
-        """The transfer manager that runs this engine's pulls and describes what it holds."""
-        self._hub.transfer = manager
-        manager.bind(self._finish_pull)
-
-    def _finish_pull(self, request_id: str, ok: bool) -> None:
-        self.core.finish_pull(request_id, ok)
-        self._wake.set()
-
-    def release_kv(self, transfer_id: str) -> bool:
-        """A decode worker has the KV of a held prefill: free its blocks."""
-        ok = self.core.release(transfer_id)
-        self._wake.set()
-        return ok
-
-    def held_blocks(self, transfer_id: str) -> list[int] | None:
-        return self.core.scheduler.held_blocks(transfer_id)
 
     def stats(self) -> EngineStats:
         return self.core.stats()

@@ -91,3 +91,24 @@ async def ask_held(client: object, source: KvTransferParams, remote_blocks: Sequ
             pass
     except RequestPlaneError as e:
         raise TransferError(f"peer {source.worker_address}: {e}") from None
+
+
+async def send_release(client: object, params: KvTransferParams, timeout_s: float = 5.0) -> bool:
+    """Tell a holder its transfer is done with (best effort: its deadline frees it anyway)."""
+    import asyncio
+
+    import msgspec
+
+    from turbine.protocols.kv_transfer import KvRelease
+
+    payload = msgspec.msgpack.encode(KvRelease(transfer_id=params.transfer_id))
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in client.stream(params.worker_address, "kv_release", payload,  # type: ignore[attr-defined]
+                                         timeout=timeout_s):
+                pass
+        return True
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001
+        return False

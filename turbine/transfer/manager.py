@@ -17,17 +17,13 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
-
 from turbine.engine.scheduler import HeldKv, PullOrder
-from turbine.protocols.kv_transfer import KvRelease, KvTransferParams
+from turbine.protocols.kv_transfer import KvTransferParams
 from turbine.runtime.request_plane import RequestPlaneClient
-from turbine.transfer.base import TransferBackend, TransferError
+from turbine.transfer.base import TransferBackend, TransferError, send_release
 
 log = logging.getLogger("turbine.transfer")
 
-_encode = msgspec.msgpack.Encoder().encode
-RELEASE_TIMEOUT_S = 5.0
 
 
 class TransferStats:
@@ -111,19 +107,12 @@ class KvTransferManager:
                 log.exception("finish_pull(%s) failed", order.request_id)
 
     async def _release(self, source: KvTransferParams) -> None:
-        try:
-            async with asyncio.timeout(RELEASE_TIMEOUT_S):
-                async for _ in self.client.stream(source.worker_address, "kv_release",
-                                                  _encode(KvRelease(transfer_id=source.transfer_id)),
-                                                  timeout=RELEASE_TIMEOUT_S):
-                    pass
+        if await send_release(self.client, source):
             self.stats.releases += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the peer frees the blocks at its hold deadline anyway
+        else:  # the peer frees the blocks at its hold deadline anyway
             self.stats.release_failures += 1
-            log.info("releasing transfer %s at %s failed (%s); it expires there", source.transfer_id,
-                     source.worker_address, e)
+            log.info("releasing transfer %s at %s failed; it expires there", source.transfer_id,
+                     source.worker_address)
 
     async def close(self) -> None:
         """Cancel running pulls (their sequences are told: failed) and close the backend."""
