@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from turbine.protocols.kv_transfer import AgentInfo, KvLayout, KvTransferParams  # noqa: E402
+from turbine.transfer.backends import backend_for  # noqa: E402
 from turbine.transfer.kv_memory import KvMemory  # noqa: E402
 
 SIZES_MB = [1, 4, 16, 64, 256, 1024]
@@ -58,19 +59,6 @@ def make_memory(a: argparse.Namespace, num_blocks: int, fill: bool) -> KvMemory:
     return KvMemory(data, lay)
 
 
-def make_backend(name: str, memory: KvMemory, client):  # type: ignore[no-untyped-def]
-    if name == "tcp":
-        from turbine.transfer.tcp import TcpTransfer
-        return TcpTransfer(memory, client)
-    if name == "nixl":
-        from turbine.transfer.nixl import NixlTransfer
-        return NixlTransfer(memory, client)
-    if name == "cuda_ipc":
-        from turbine.transfer.cuda_ipc import CudaIpcTransfer
-        return CudaIpcTransfer(memory, client)
-    raise SystemExit(f"unknown backend {name}")
-
-
 # --- the holder process ----------------------------------------------------------------------------
 async def serve(a: argparse.Namespace) -> None:
     from turbine.runtime.tcp import TcpClient, TcpServer
@@ -80,7 +68,7 @@ async def serve(a: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     server = TcpServer()
     client = TcpClient()
-    backend = make_backend(a.serve, memory, client)
+    backend = backend_for(a.serve, memory, client)
     ids = list(range(a.num_blocks))
     backend.serve(server, lambda tid: ids if tid == "bench" else None)
     address = await server.start()
@@ -149,7 +137,7 @@ async def pull_sizes(a: argparse.Namespace, name: str, sizes: list[int]) -> dict
         hello = json.loads(line[7:])
         lay = layout(a)
         memory = make_memory(a, a.num_blocks, fill=False)
-        backend = make_backend(name, memory, client)
+        backend = backend_for(name, memory, client)
         out: dict[int, tuple[float, bool]] = {}
         for blocks in sizes:
             remote = list(range(blocks))

@@ -20,9 +20,14 @@ def auto_backend(device_type: str, inproc: bool) -> str:
 
 
 def make_backend(name: str, engine: Any, client: RequestPlaneClient, *, inproc: bool) -> TransferBackend:
+    """The backend ``name`` (or the ``auto`` choice) over a built-in engine's KV cache."""
     memory = KvMemory(engine.kv_data, engine.kv_layout)
     if name == "auto":
         name = auto_backend(memory.data.device.type, inproc)
+    return backend_for(name, memory, client)
+
+
+def backend_for(name: str, memory: KvMemory, client: RequestPlaneClient) -> TransferBackend:
     if name == "inproc":
         from turbine.transfer.inproc import InProcTransfer
         return InProcTransfer(memory)
