@@ -58,6 +58,11 @@ class KvTransferEndpoints:
     def held_blocks(self, transfer_id: str) -> list[int] | None:
         return self._hub.core.held_blocks(transfer_id)
 
+    @property
+    def num_held(self) -> int:
+        """Prefills whose KV waits for a decode worker's pull."""
+        return len(self._hub.core.scheduler.held)
+
 
 class _Stream:
     """One request's pending deltas and the consumer's wake-up future."""

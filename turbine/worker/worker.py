@@ -86,7 +86,12 @@ class Worker:
         if self.own_server:
             running = len(getattr(self.server, "active_streams", ()))
             log.info("worker %s draining: %d requests running, up to %.0f s", self.worker_id, running, grace_s)
+            t0 = time.monotonic()
             await self.server.drain(grace_s)
+            # a prefill worker's held KV: decode workers may still be copying it (some backends
+            # read our memory without a request); wait for their releases, within the grace
+            while getattr(self.engine, "num_held", 0) and time.monotonic() - t0 < grace_s:
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Leave discovery first (no new requests), then abort what runs, then close."""
