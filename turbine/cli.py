@@ -32,6 +32,16 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
     g.add_argument("--transfer-bandwidth", type=float, default=25.0,
                    help="disaggregation: GB/s of the link a decode worker pulls KV over")
     g.add_argument("--transfer-latency", type=float, default=0.0005, help="disaggregation: seconds per pull")
+    g = p.add_argument_group("KV tiers below the GPU cache (blocks evicted from it are kept there and "
+                             "copied back on a prefix hit)")
+    g.add_argument("--host-kv-gb", type=float, default=0.0, help="host memory tier, GB (pinned on CUDA; 0: none)")
+    g.add_argument("--disk-kv-gb", type=float, default=0.0,
+                   help="disk tier, GB (0: none); a block evicted from host memory goes there once its "
+                   "prefix has been seen more than once")
+    g.add_argument("--disk-kv-dir", default=None, help="builtin engine: the disk tier's directory")
+    g.add_argument("--host-kv-bandwidth", type=float, default=20.0,
+                   help="mock engine: GB/s host tier -> GPU when onboarding")
+    g.add_argument("--disk-kv-bandwidth", type=float, default=2.0, help="mock engine: GB/s disk tier reads")
     if not builtin:
         return
     g = p.add_argument_group("builtin engine")
@@ -200,7 +210,9 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                               async_scheduling=ASYNC_SCHEDULING_FLAGS[args.mock_async_scheduling],
                               kv_bytes_per_token=args.kv_bytes_per_token,
                               transfer_bandwidth_gbps=args.transfer_bandwidth,
-                              transfer_latency_s=args.transfer_latency, **shared)
+                              transfer_latency_s=args.transfer_latency, host_kv_gb=args.host_kv_gb,
+                              disk_kv_gb=args.disk_kv_gb, host_kv_bandwidth_gbps=args.host_kv_bandwidth,
+                              disk_kv_bandwidth_gbps=args.disk_kv_bandwidth, **shared)
     except ValueError as e:
         raise SystemExit(f"turbine: {e}") from None
     builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from turbine.engine.sequence import Sequence
@@ -40,7 +41,10 @@ class _Cached(NamedTuple):
 
 
 class KVBlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_evict: Callable[[int, _Cached], None] | None = None) -> None:
+        """``on_evict(block, contents)``: called before an evicted cached block is reused (the
+        lower KV tiers keep a copy: turbine/kvbm)."""
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0:
@@ -56,6 +60,7 @@ class KVBlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._owners: dict[str, Sequence] = {}  # sequences holding blocks, by request id
         self._events: list[KVEvent] = []
+        self.on_evict = on_evict
 
     # -- accounting -------------------------------------------------------------------------
     @property
@@ -76,6 +81,10 @@ class KVBlockManager:
     @property
     def usage(self) -> float:
         return self.num_active_blocks / self.num_blocks
+
+    def emit(self, event: KVEvent) -> None:
+        """Queue an event of a lower tier (turbine/kvbm), in order with this cache's own."""
+        self._events.append(event)
 
     def take_events(self) -> list[KVEvent]:
         """Drain the KV events queued since the last call, oldest first."""
@@ -215,12 +224,15 @@ class KVBlockManager:
         if n <= 0:
             return 0
         removed: list[SequenceHash] = []
+        on_evict = self.on_evict
         for _ in range(n):
             b, _unused = self._evictable.popitem(last=False)
             info = self._cached.pop(b)
             del self._hash_to_block[info.seq_hash]
             removed.append(info.seq_hash)
             self._free.append(b)
+            if on_evict is not None:
+                on_evict(b, info)
         self._events.append(BlockRemoved(removed))
         return n
 

@@ -122,10 +122,15 @@ class SeqResult(NamedTuple):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tiers: Any = None) -> None:
+        """``tiers``: a kvbm.TieredCache under the block manager (host and disk KV tiers)."""
         self.config = config
         self.block_manager = block_manager
         self.clock = clock
+        self.tiers = tiers
+        if tiers is not None:
+            block_manager.on_evict = tiers.on_evict
+        self._onboarding: dict[str, Any] = {}  # request id -> kvbm.TierSource being read
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
@@ -196,6 +201,8 @@ class Scheduler:
             raise ValueError(f"request id {rid!r} still holds KV blocks of an earlier request")
         if seq.kv_source is not None:
             self._check_source(seq)
+        elif self.tiers is not None:
+            self.tiers.seen(seq.block_hashes(bm.block_size))
         self._seqs[rid] = seq
         self.waiting.append(seq)
 
@@ -247,6 +254,9 @@ class Scheduler:
         if seq is None:
             return False
         bm = self.block_manager
+        source = self._onboarding.pop(request_id, None)
+        if source is not None:
+            self.tiers.unpin(source, ok)
         if seq.status is SequenceStatus.FINISHED:  # aborted during the copy
             bm.free(seq)
             return True
@@ -300,6 +310,32 @@ class Scheduler:
 
     def next_hold_deadline(self) -> float | None:
         return min((d for _, d in self.held.values()), default=None)
+
+    def _admit_onboard(self, seq: Sequence, cached: int, found: list[tuple[str, int]]) -> bool:
+        """Admission with blocks below G1: reference G1's hit, allocate blocks for the rest, order
+        the copies up from the host/disk tier. False: no room yet."""
+        bm = self.block_manager
+        bs = bm.block_size
+        source = self.tiers.pin(found)  # before allocating: an eviction must not take them
+        tokens = cached + len(found) * bs
+        if not bm.allocate_slots(seq, tokens - cached, cached):
+            self.tiers.unpin(source, False)
+            return False
+        self.tiers.admitted(source)
+        self.waiting.popleft()
+        seq.status = _PULLING
+        seq.num_computed_tokens = cached
+        if not seq.num_preemptions:
+            seq.num_cached_tokens = tokens  # onboarded tokens are cached tokens too (usage)
+        seq.num_pulled_blocks = len(found)
+        seq.num_pulled_tokens = tokens
+        rid = seq.request_id
+        self.pulling[rid] = seq
+        self._onboarding[rid] = source
+        first = cached // bs
+        self._pulls.append(PullOrder(rid, source, [slot for _, slot, _ in source.entries],
+                                     list(seq.block_table[first:first + len(found)])))
+        return True
 
     def _admit_pull(self, seq: Sequence) -> bool:
         """Admission of a sequence whose KV a peer holds: reference the local prefix hit, allocate
@@ -377,6 +413,13 @@ class Scheduler:
                     break
             resumed = bool(seq.block_table)  # its KV came from a peer: compute the tail only
             cached = 0 if resumed else bm.match_prefix(seq)
+            if self.tiers is not None and not resumed:
+                found = self.tiers.match(seq.block_hashes(bm.block_size), cached // bm.block_size,
+                                         (seq.num_tokens - 1) // bm.block_size)
+                if found:
+                    if self._admit_onboard(seq, cached, found):
+                        continue
+                    break
             n = seq.num_tokens - cached - seq.num_computed_tokens
             if cfg.enable_chunked_prefill:
                 n = min(n, cap, budget)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from turbine.engine.base import KVEventSink
 from turbine.engine.step import StepOutput
+from turbine.kvbm.tiered import TierSource
 from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import KVEvent
 
@@ -87,6 +88,8 @@ class StreamHub:
         self.streams: dict[str, _Stream] = {}
         self.sink: KVEventSink | None = None
         self.transfer: Any = None  # transfer.KvTransferManager: disaggregation (pulls, held params)
+        # copies up from the engine's own KV tiers (kvbm.TierSource orders): the engine's runner
+        self.onboard: Callable[[Any], None] | None = None
 
     # -- disaggregation: the engine side of the transfer manager (core calls are thread-safe) --
     def set_kv_transfer(self, manager: Any) -> None:
@@ -136,10 +139,19 @@ class StreamHub:
             except Exception:
                 log.exception("KV event sink failed; events of this step are lost")
         if result.pulls:
-            if self.transfer is not None:
-                self.transfer.submit(result.pulls)
-            else:  # no transfer configured: every pulling sequence is prefilled here
-                for order in result.pulls:
+            peer = []
+            for order in result.pulls:
+                if isinstance(order.source, TierSource):
+                    if self.onboard is not None:
+                        self.onboard(order)
+                    else:
+                        self.finish_pull(order.request_id, False)
+                else:
+                    peer.append(order)
+            if peer and self.transfer is not None:
+                self.transfer.submit(peer)
+            elif peer:  # no transfer configured: every pulling sequence is prefilled here
+                for order in peer:
                     if order.local_blocks:
                         self.finish_pull(order.request_id, False)
         streams = self.streams

@@ -29,6 +29,7 @@ from turbine.engine.block_manager import KVBlockManager
 from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
 from turbine.engine.step import StepOutput, step_output
+from turbine.kvbm.tiered import DISK, HOST, TieredCache, TierSource
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
 from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
@@ -60,6 +61,13 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_bytes_per_token: int = 131072
     transfer_bandwidth_gbps: float = 25.0  # GB/s
     transfer_latency_s: float = 0.0005
+    # KV tiers below the GPU cache (turbine/kvbm): sizes, and what onboarding a block costs.
+    host_kv_gb: float = 0.0
+    disk_kv_gb: float = 0.0
+    host_kv_bandwidth_gbps: float = 20.0  # host -> device (pinned), per worker
+    host_kv_latency_s: float = 0.0001
+    disk_kv_bandwidth_gbps: float = 2.0  # NVMe read
+    disk_kv_latency_s: float = 0.0005
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -72,6 +80,14 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.kv_bytes_per_token <= 0 or not self.transfer_bandwidth_gbps > 0 or self.transfer_latency_s < 0:
             raise ValueError("kv_bytes_per_token and transfer_bandwidth_gbps must be positive, "
                              "transfer_latency_s >= 0")
+        if self.host_kv_gb < 0 or self.disk_kv_gb < 0 or not self.host_kv_bandwidth_gbps > 0 \
+                or not self.disk_kv_bandwidth_gbps > 0 or self.host_kv_latency_s < 0 or self.disk_kv_latency_s < 0:
+            raise ValueError("KV tier sizes and latencies must be >= 0, their bandwidths positive")
+
+    def tier_blocks(self) -> tuple[int, int]:
+        """Blocks the host and disk tiers hold."""
+        block = self.block_size * self.kv_bytes_per_token
+        return int(self.host_kv_gb * 1e9 // block), int(self.disk_kv_gb * 1e9 // block)
 
     def make_timing(self) -> TimingModel:
         if self.profile:
@@ -115,6 +131,9 @@ class MockerCore:
         self.block_manager = KVBlockManager(
             config.num_gpu_blocks, config.block_size, config.enable_prefix_caching
         )
+        host_blocks, disk_blocks = config.tier_blocks()
+        self.tiers = (TieredCache(host_blocks, disk_blocks, config.block_size, self.block_manager.emit)
+                      if host_blocks or disk_blocks else None)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -125,6 +144,7 @@ class MockerCore:
             ),
             self.block_manager,
             clock=clock,
+            tiers=self.tiers,
         )
         self.timing = timing if timing is not None else config.make_timing()
         self.kv_layout = None  # the mocker holds no KV memory: it accepts any peer's layout
@@ -183,6 +203,26 @@ class MockerCore:
         nbytes = num_blocks * cfg.block_size * cfg.kv_bytes_per_token
         return (cfg.transfer_latency_s + nbytes / (cfg.transfer_bandwidth_gbps * 1e9)) / cfg.speedup_ratio
 
+    def onboard_seconds(self, source: TierSource) -> float:
+        """Time to copy a sequence's blocks up from the host and disk tiers."""
+        cfg = self.config
+        block = cfg.block_size * cfg.kv_bytes_per_token
+        t = 0.0
+        for tier in (HOST, DISK):
+            n = sum(1 for e in source.entries if e[0] == tier)
+            if n:
+                bw, lat = ((cfg.host_kv_bandwidth_gbps, cfg.host_kv_latency_s) if tier == HOST
+                           else (cfg.disk_kv_bandwidth_gbps, cfg.disk_kv_latency_s))
+                t += lat + n * block / (bw * 1e9)
+        return t / cfg.speedup_ratio
+
+    def _tier_copies(self) -> None:
+        """The mocker moves no bytes: its offloads and spills are done as soon as they are named."""
+        if self.tiers is not None:
+            for c in self.tiers.take_copies():
+                if c.kind != "offload":
+                    self.tiers.written(c.dst, c.hash, True)
+
     def finish_pull(self, request_id: str, ok: bool) -> bool:
         return self.scheduler.finish_pull(request_id, ok)
 
@@ -207,6 +247,7 @@ class MockerCore:
     def step(self) -> StepResult:
         """Complete one step; with async scheduling also schedule the one after it."""
         self.scheduler.expire_held()
+        self._tier_copies()
         done = self._inflight if self.pipelined else None
         if done is None:
             done = self._launch()
@@ -239,6 +280,7 @@ class MockerCore:
             if entry.produces_token:
                 sampled[seq.request_id] = self._sample(seq)
         n_decode = out.num_decode_seqs
+        self._tier_copies()
         duration = self.timing.step_seconds(
             out.num_prefill_tokens,
             n_decode,

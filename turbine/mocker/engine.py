@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
 from turbine.engine.streams import KvTransferEndpoints, StreamHub
@@ -56,6 +57,8 @@ class MockEngine(KvTransferEndpoints):
         )
         self._wake = asyncio.Event()
         self._hub = StreamHub(self.core, lambda: self._wake.set())
+        self._hub.onboard = self._onboard
+        self._onboards: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self.kv_layout = None  # no KV memory: peers' blocks are "copied" in modelled time only
 
@@ -77,6 +80,11 @@ class MockEngine(KvTransferEndpoints):
             except asyncio.CancelledError:
                 if not task.cancelled():  # stop() itself was cancelled
                     raise
+        for t in list(self._onboards):
+            t.cancel()
+        for t in list(self._onboards):
+            with contextlib.suppress(BaseException):
+                await t
         self._hub.finish_all("abort")
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
@@ -126,6 +134,16 @@ class MockEngine(KvTransferEndpoints):
                 deadline = now
             await asyncio.sleep(max(deadline - now, 0.0))
             self._hub.deliver(result)
+
+    def _onboard(self, order: Any) -> None:
+        """Copy a sequence's blocks up from the host/disk tiers: the modelled time, no bytes."""
+        async def run() -> None:
+            await asyncio.sleep(self.core.onboard_seconds(order.source))
+            self._hub.finish_pull(order.request_id, True)
+
+        t = asyncio.get_running_loop().create_task(run())
+        self._onboards.add(t)
+        t.add_done_callback(self._onboards.discard)
 
     async def _idle(self, wake: asyncio.Event) -> None:
         """Wait for work; with KV held for peers, no longer than its hold deadline."""

@@ -47,7 +47,9 @@ def main_from_args(a: argparse.Namespace) -> int:
                               context_length=max(ctx, 2), profile=a.profile,
                               async_scheduling=ASYNC_SCHEDULING_FLAGS[a.mock_async_scheduling],
                               kv_bytes_per_token=a.kv_bytes_per_token, transfer_bandwidth_gbps=a.transfer_bandwidth,
-                              transfer_latency_s=a.transfer_latency)
+                              transfer_latency_s=a.transfer_latency, host_kv_gb=a.host_kv_gb,
+                              disk_kv_gb=a.disk_kv_gb, host_kv_bandwidth_gbps=a.host_kv_bandwidth,
+                              disk_kv_bandwidth_gbps=a.disk_kv_bandwidth)
         cfg = SimConfig(workers=a.workers, router=a.router, router_approx=a.router_approx,
                         router_temperature=a.router_temperature, speed=a.speed, vocab_size=a.vocab_size,
                         seed=a.seed, mocker=mocker, prefill_workers=a.prefill_workers,
@@ -78,6 +80,8 @@ def main_from_args(a: argparse.Namespace) -> int:
     write_outputs(report, label, a.json, a.plot, res.results, res.arrivals_s)
     print(f"simulated {report.duration_s:.1f} s of fleet time in {res.stats.wall_s:.2f} s "
           f"({res.stats.steps} engine steps)", file=sys.stderr)
+    if res.stats.onboarded_blocks:
+        print(f"KV tiers: {res.stats.onboarded_blocks} blocks onboarded from host/disk", file=sys.stderr)
     if cfg.disaggregated:
         split = ", ".join(f"{k} {v:.1f}" for k, v in res.stats.ttft_split.items())
         print(f"disaggregated: decisions {res.stats.decisions}, {res.stats.pulled_blocks} blocks pulled; "

@@ -45,6 +45,7 @@ from turbine.bench.stats import RequestResult
 from turbine.bench.trace import DEFAULT_VOCAB_SIZE, TokenSynth, TraceRequest, arrival_offsets_s
 from turbine.disagg.decision import DECISIONS, DisaggConfig, decide
 from turbine.engine.scheduler import PullOrder
+from turbine.kvbm.tiered import TierSource
 from turbine.mocker.core import MockerConfig, MockerCore, StepResult
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
@@ -114,6 +115,7 @@ class SimStats:
     requests_per_worker: list[int] = field(default_factory=list)
     decisions: dict[str, int] = field(default_factory=dict)  # disaggregated: where prompts were prefilled
     pulled_blocks: int = 0
+    onboarded_blocks: int = 0  # copied up from host/disk KV tiers
     ttft_split: dict[str, float] = field(default_factory=dict)  # medians (ms) of the TTFT parts
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +123,8 @@ class SimStats:
                "kv_event_batches": self.kv_event_batches, "requests_per_worker": list(self.requests_per_worker)}
         if self.decisions:
             out.update(decisions=dict(self.decisions), pulled_blocks=self.pulled_blocks)
+        if self.onboarded_blocks:
+            out["onboarded_blocks"] = self.onboarded_blocks
         if self.ttft_split:
             out["ttft_split_p50_ms"] = dict(self.ttft_split)
         return out
@@ -377,6 +381,11 @@ class Simulator:
 
     # -- KV pulls -----------------------------------------------------------------------------
     def _start_pull(self, w: int, order: PullOrder, t: float) -> None:
+        if isinstance(order.source, TierSource):  # up from the worker's own host/disk tier
+            self.stats.onboarded_blocks += len(order.local_blocks)
+            self._tie += 1
+            heapq.heappush(self._pulls, (t + self.cores[w].onboard_seconds(order.source), self._tie, w, order))
+            return
         if not order.local_blocks:  # the decode worker's cache held it all
             self._release(order.source.transfer_id)
             return
@@ -392,6 +401,8 @@ class Simulator:
         if tr is not None:
             tr.pulled = self.now
         self.cores[w].finish_pull(order.request_id, True)
+        if isinstance(order.source, TierSource):
+            return [w]
         holder = self._release(order.source.transfer_id)
         return [w] + ([holder] if holder is not None else [])
 
