@@ -34,13 +34,14 @@ class ServerThread:
         self.dep = None
 
     def __enter__(self) -> ServerThread:
-        from turbine.launch import BuiltinOptions, WorkerOptions, start_all_in_one
+        from turbine.engine.builtin_config import BuiltinConfig
+        from turbine.launch import WorkerOptions, start_all_in_one
         from turbine.mocker.engine import MockerConfig
 
         self.thread.start()
         if self.engine == "builtin":
             opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny", engine="builtin",
-                                 builtin=BuiltinOptions(device="cpu", **self.mocker_kw),  # type: ignore[arg-type]
+                                 builtin=BuiltinConfig(device="cpu", **self.mocker_kw),  # type: ignore[arg-type]
                                  kv_transfer=self.kv_transfer)
         else:
             opts = WorkerOptions(model_dir=self.model_dir, model_name="tiny",

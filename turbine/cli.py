@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from turbine.launch import BuiltinOptions, WorkerOptions, default_model_dir
+    from turbine.engine.builtin_config import BuiltinConfig
+    from turbine.launch import WorkerOptions, default_model_dir
     from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
 
     model_dir = args.model if args.model is not None else default_model_dir(weights=args.engine == "builtin")
@@ -215,9 +216,13 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                               disk_kv_bandwidth_gbps=args.disk_kv_bandwidth, **shared)
     except ValueError as e:
         raise SystemExit(f"turbine: {e}") from None
-    builtin = BuiltinOptions(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
-                             num_gpu_blocks=args.num_gpu_blocks,
-                             gpu_memory_utilization=args.gpu_memory_utilization, **shared)
+    try:
+        builtin = BuiltinConfig(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
+                                num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                                host_kv_gb=args.host_kv_gb, disk_kv_gb=args.disk_kv_gb, disk_kv_dir=args.disk_kv_dir,
+                                **shared)
+    except ValueError as e:
+        raise SystemExit(f"turbine: {e}") from None
     opts = WorkerOptions(model_dir=model_dir, model_name=args.model_name, engine=args.engine, mocker=mocker,
                          builtin=builtin, host=getattr(args, "host", "127.0.0.1"),
                          context_length=args.context_length, role=getattr(args, "role", "agg"),

@@ -19,6 +19,7 @@ import msgspec
 from turbine.adapters.vllm_args import VllmOptions
 from turbine.frontend.service import Frontend, FrontendConfig
 from turbine.engine.base import Engine
+from turbine.engine.builtin_config import BuiltinConfig
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
 from turbine.protocols.model_card import ModelCard
@@ -57,19 +58,6 @@ def default_model_dir(weights: bool = False) -> Path:
     return DEFAULT_MODEL_DIR
 
 
-@dataclass
-class BuiltinOptions:
-    """Settings of the built-in PyTorch engine (kept torch-free here; the engine imports torch)."""
-
-    device: str | None = None  # None: CUDA when available, else CPU
-    dtype: str | None = None  # None: bf16 on CUDA, float32 on CPU
-    block_size: int = 16
-    num_gpu_blocks: int | None = None  # None: sized from free memory
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-
-
 ENGINES = ("mock", "builtin", "vllm")
 READY_TIMEOUT_S = 120.0  # serve: workers registered, tokenizer loaded
 
@@ -80,7 +68,7 @@ class WorkerOptions:
     model_name: str | None = None
     engine: str = "mock"
     mocker: MockerConfig = field(default_factory=MockerConfig)
-    builtin: BuiltinOptions = field(default_factory=BuiltinOptions)
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
     vllm: VllmOptions = field(default_factory=VllmOptions)
     host: str = "127.0.0.1"
     context_length: int | None = None  # None: the model's max_position_embeddings
@@ -125,16 +113,16 @@ def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Engi
 
 def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
     try:
-        from turbine.engine.builtin_engine import BuiltinEngine  # torch is imported only here
+        from turbine.engine.builtin_core import BuiltinCore  # torch is imported only here
+        from turbine.engine.builtin_engine import BuiltinEngine
     except ImportError as e:
         raise SystemExit(f"turbine: the builtin engine needs the engine extra (pip install 'turbine[engine]'): {e}") \
             from None
-    b = opts.builtin
+    cfg = opts.builtin
+    if opts.context_length is not None:
+        cfg = msgspec.structs.replace(cfg, context_length=opts.context_length)
     try:
-        engine = BuiltinEngine(opts.model_dir, device=b.device, dtype=b.dtype, block_size=b.block_size,
-                               num_gpu_blocks=b.num_gpu_blocks, gpu_memory_utilization=b.gpu_memory_utilization,
-                               max_num_seqs=b.max_num_seqs, max_num_batched_tokens=b.max_num_batched_tokens,
-                               context_length=opts.context_length)
+        engine = BuiltinEngine.from_core(BuiltinCore.load(opts.model_dir, cfg))
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"turbine: cannot start the builtin engine on {opts.model_dir}: {e}") from None
     card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir), block_size=engine.block_size,

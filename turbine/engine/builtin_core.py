@@ -33,9 +33,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import msgspec
 import torch
 
 from turbine.engine.attention_api import CausalLM
@@ -58,6 +57,7 @@ from turbine.engine.sampler import check_sampling_options
 from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
 from turbine.engine.step import StepOutput, step_output
+from turbine.kvbm.tiered import TieredCache
 from turbine.protocols.kv_transfer import KvLayout
 from turbine.protocols.generate import GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
@@ -67,53 +67,10 @@ if TYPE_CHECKING:
 
 __all__ = ["BuiltinConfig", "BuiltinCore", "StepOutput", "StepResult", "resolve_device"]
 
+from turbine.engine.builtin_config import BuiltinConfig  # noqa: E402  (torch-free: the CLI builds it)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
-
-
-class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
-    block_size: int = 16
-    num_gpu_blocks: int | None = None  # None: from gpu_memory_utilization (CUDA) or a fixed budget (CPU)
-    gpu_memory_utilization: float = 0.85  # fraction of the whole device for weights + activations + KV
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    context_length: int | None = None  # None: the model's max_position_embeddings
-    device: str | None = None  # None: "cuda" when available, else "cpu"
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    seed: int | None = 0  # generator of unseeded sampling (None: nondeterministic)
-    decode_kernel: str = "auto"  # "auto" | "triton" | "torch" (see PagedAttention)
-    cuda_graphs: bool = True  # capture decode graphs at start-up (CUDA with the Triton decode kernel)
-    # ... and piecewise graphs (piecewise_graphs.py) of steps with prompt tokens up to this many
-    # tokens (capped by max_num_batched_tokens; 0: such steps always run eagerly)
-    piecewise_graph_tokens: int = 2048
-    long_prefill_token_threshold: int | None = None  # cap on one prefill's tokens per step (None: the budget)
-    async_scheduling: bool = True  # plan and launch the next step while the device runs this one
-    # ... also while a step with prefill tokens runs (off: only behind decode-only steps)
-    overlap_prefill_steps: bool = True
-    # An eager next step launches ahead only behind a step computing at least this many prompt
-    # tokens (its device time covers the launch); otherwise it is staged (module docstring). 0: always.
-    eager_overlap_min_tokens: int = 1024
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
-            raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.context_length is not None and self.context_length <= 1:
-            raise ValueError(f"context_length must be at least 2, got {self.context_length}")
-        if self.piecewise_graph_tokens < 0:
-            raise ValueError(f"piecewise_graph_tokens must be >= 0, got {self.piecewise_graph_tokens}")
-        if self.eager_overlap_min_tokens < 0:
-            raise ValueError(f"eager_overlap_min_tokens must be >= 0, got {self.eager_overlap_min_tokens}")
-        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold <= 0:
-            raise ValueError("long_prefill_token_threshold must be positive when set")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -175,12 +132,17 @@ class BuiltinCore:
         # With graphs one extra block, owned by no sequence, takes the padded rows' KV writes.
         self.kv_cache = KVCache(spec, num_blocks + 1 if graphs else num_blocks, self.device)
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        host_blocks = int(config.host_kv_gb * 1e9 // spec.bytes_per_block)
+        disk_blocks = int(config.disk_kv_gb * 1e9 // spec.bytes_per_block)
+        self.tiers = (TieredCache(host_blocks, disk_blocks, config.block_size, self.block_manager.emit)
+                      if host_blocks or disk_blocks else None)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             enable_chunked_prefill=config.enable_chunked_prefill,
                             long_prefill_token_threshold=config.long_prefill_token_threshold,
                             eos_token_ids=self.eos_token_ids, max_model_len=self.context_length),
             self.block_manager,
+            tiers=self.tiers,
         )
         self.runner = ModelRunner(model, self.kv_cache, num_heads=num_heads, vocab_size=self.vocab_size,
                                   eos_token_ids=self.eos_token_ids, sampler_seed=config.seed,
@@ -192,6 +154,11 @@ class BuiltinCore:
             self.runner.capture_piecewise(self.piecewise_tokens)
         self.num_steps = 0
         self._lock = threading.Lock()
+        self.tier_store = None
+        if self.tiers is not None:
+            from turbine.kvbm.store import TierStore
+
+            self.tier_store = TierStore(self.kv_cache.data, self.kv_layout, self.tiers, self._lock, config.disk_kv_dir)
         self._inflight: _InFlight | None = None
         self._staged: _Staged | None = None
 
@@ -346,6 +313,8 @@ class BuiltinCore:
         before = prev.launched if prev is not None else None
         with self._lock:
             out = self.scheduler.schedule()
+            if self.tier_store is not None:  # before anything reuses the blocks those copies read
+                self.tier_store.run_copies(self.tiers.take_copies())
             if not out.scheduled:
                 return None
             batch = self.runner.prepare(out, before)
@@ -397,6 +366,16 @@ class BuiltinCore:
                                num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting)
 
     def kv_snapshot(self) -> list[BlockStored]:
-        """BlockStored events rebuilding the current prefix cache (a router's resync)."""
+        """BlockStored events rebuilding the current prefix cache and its tiers (a router's resync)."""
         with self._lock:
-            return self.block_manager.stored_blocks_snapshot()
+            tiers = self.tiers.snapshot() if self.tiers is not None else []
+            return self.block_manager.stored_blocks_snapshot() + tiers
+
+    def onboard(self, source: Any, local_blocks: list[int]) -> None:
+        """Copy blocks up from the host/disk tiers (a worker thread; see kvbm/store.py)."""
+        assert self.tier_store is not None
+        self.tier_store.onboard(source, local_blocks)
+
+    def drop_tier_entry(self, tier: str, h: int) -> None:
+        with self._lock:
+            self.tiers.drop(tier, h)  # type: ignore[union-attr]

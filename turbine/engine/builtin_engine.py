@@ -14,6 +14,7 @@ across the forward, so the loop waits at most for a scheduling pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -79,6 +80,9 @@ class BuiltinEngine(KvTransferEndpoints):
         self.max_num_seqs = core.config.max_num_seqs
         self.context_length = core.context_length
         self._hub = StreamHub(core, lambda: self._wake.set())
+        if core.tier_store is not None:
+            self._hub.onboard = self._onboard
+        self._onboards: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -105,7 +109,12 @@ class BuiltinEngine(KvTransferEndpoints):
             self._stopping.set()
             self._wake.set()
             await asyncio.to_thread(thread.join)
+        for t in list(self._onboards):
+            with contextlib.suppress(BaseException):
+                await t  # a copy in flight finishes (threads cannot be cancelled)
         self._hub.finish_all("abort")
+        if self.core.tier_store is not None:
+            await asyncio.to_thread(self.core.tier_store.close)
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
         self._hub.sink = sink
@@ -120,6 +129,30 @@ class BuiltinEngine(KvTransferEndpoints):
         """The paged KV cache tensor ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` that
         transfer backends read and write."""
         return self.core.kv_cache.data
+
+    def _onboard(self, order: Any) -> None:
+        """Copy a sequence's blocks up from the host/disk tiers on a thread; a corrupt disk block
+        fails it (the sequence is recomputed) and is forgotten."""
+        from turbine.kvbm.store import CorruptBlock
+
+        async def run() -> None:
+            ok = False
+            bad: CorruptBlock | None = None
+            try:
+                await asyncio.to_thread(self.core.onboard, order.source, order.local_blocks)
+                ok = True
+            except CorruptBlock as e:
+                bad = e
+                log.warning("KV tier: %s; recomputing %s", e, order.request_id)
+            except Exception:  # noqa: BLE001 - recompute rather than serve doubtful KV
+                log.exception("onboarding %s failed; recomputing it", order.request_id)
+            self._hub.finish_pull(order.request_id, ok)
+            if bad is not None:
+                self.core.drop_tier_entry(bad.tier, bad.hash)
+
+        t = asyncio.get_running_loop().create_task(run())
+        self._onboards.add(t)
+        t.add_done_callback(self._onboards.discard)
 
     def stats(self) -> EngineStats:
         return self.core.stats()
