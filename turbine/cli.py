@@ -79,6 +79,10 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="0 = always the cheapest worker; >0 samples workers by softmax of their cost")
     p.add_argument("--kv-overlap-weight", type=float, default=1.0,
                    help="weight of prefill work (blocks to compute) against decode load in the kv cost")
+    p.add_argument("--kv-host-weight", type=float, default=0.8,
+                   help="kv routing: a prefix block in a worker's host-memory KV tier counts this much of one "
+                   "in its GPU cache (it is copied back, not recomputed)")
+    p.add_argument("--kv-disk-weight", type=float, default=0.3, help="kv routing: the same for its disk tier")
     p.add_argument("--max-inflight", type=int, default=0,
                    help="answer 429 beyond this many concurrent requests (0 = bounded by --max-connections only)")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -294,8 +298,11 @@ def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit("turbine: --kv-overlap-weight must be >= 0")
     if args.router_approx and args.router != "kv":
         raise SystemExit("turbine: --router-approx applies to --router kv only")
+    if not (0 <= args.kv_host_weight <= 1 and 0 <= args.kv_disk_weight <= 1):
+        raise SystemExit("turbine: --kv-host-weight and --kv-disk-weight must be in [0, 1]")
     return RouterConfig(policy=args.router, overlap_weight=args.kv_overlap_weight,
-                        temperature=args.router_temperature, approx=args.router_approx)
+                        temperature=args.router_temperature, approx=args.router_approx,
+                        host_tier_weight=args.kv_host_weight, disk_tier_weight=args.kv_disk_weight)
 
 
 async def _run(args: argparse.Namespace) -> None:

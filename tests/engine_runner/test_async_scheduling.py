@@ -184,4 +184,4 @@ def test_abort_while_its_step_is_in_flight(make_core) -> None:  # type: ignore[n
     got = drive(core, items, abort_at={"a": 3})
     assert got["a"][1] == "abort" and 0 < len(got["a"][0]) < 20
     assert got["b"] == alone["b"]
-    assert core.stats() == (0, 256, 0, 0)
+    assert core.stats()[:4] == (0, 256, 0, 0)

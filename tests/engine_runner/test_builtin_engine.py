@@ -44,7 +44,7 @@ async def test_stream_contract_and_prefix_hit_usage(engine, toy_model) -> None: 
     again = await collect(engine, greedy("b", PROMPT, 6))
     assert [d.token_ids[0] for d in again] == tokens
     assert again[0].cached_tokens == 16 and again[-1].cached_tokens == 16
-    assert engine.stats() == (0, 64, 0, 0)
+    assert engine.stats()[:4] == (0, 64, 0, 0)
 
 
 async def test_concurrent_streams_match_their_solo_runs(engine, toy_model) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +77,7 @@ async def test_closing_or_cancelling_a_stream_aborts_and_frees_blocks(engine) ->
     await anext(stream)
     assert engine.stats().kv_active_blocks > 0
     await stream.aclose()
-    assert engine.stats() == (0, 64, 0, 0)
+    assert engine.stats()[:4] == (0, 64, 0, 0)
 
     got_one = asyncio.Event()
 
@@ -90,7 +90,7 @@ async def test_closing_or_cancelling_a_stream_aborts_and_frees_blocks(engine) ->
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert engine.stats() == (0, 64, 0, 0)
+    assert engine.stats()[:4] == (0, 64, 0, 0)
     engine.core.block_manager.check_integrity()
 
 
@@ -125,7 +125,7 @@ async def test_refusals_and_stop(make_core) -> None:  # type: ignore[no-untyped-
     await eng.stop()
     rest = [d async for d in stream]
     assert rest[-1].finish_reason == "abort" and rest[-1].prompt_tokens == 20
-    assert eng.stats() == (0, 8, 0, 0)
+    assert eng.stats()[:4] == (0, 8, 0, 0)
 
 
 async def test_a_crashing_step_ends_streams_with_an_error(make_core) -> None:  # type: ignore[no-untyped-def]

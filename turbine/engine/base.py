@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored, KVEvent
@@ -15,6 +15,7 @@ class EngineStats(NamedTuple):
     kv_total_blocks: int
     num_running: int
     num_waiting: int
+    tiers: tuple[Any, ...] = ()  # protocols.load.TierLoad of each KV tier below the GPU cache
 
 
 class Engine(Protocol):

@@ -361,7 +361,8 @@ class BuiltinCore:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(kv_active_blocks=self.block_manager.num_active_blocks,
+            tiers = self.tiers.loads(self.kv_cache.spec.bytes_per_block) if self.tiers is not None else ()
+            return EngineStats(kv_active_blocks=self.block_manager.num_active_blocks, tiers=tiers,
                                kv_total_blocks=self.block_manager.num_blocks,
                                num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting)
 
@@ -374,7 +375,10 @@ class BuiltinCore:
     def onboard(self, source: Any, local_blocks: list[int]) -> None:
         """Copy blocks up from the host/disk tiers (a worker thread; see kvbm/store.py)."""
         assert self.tier_store is not None
+        t0 = time.perf_counter()
         self.tier_store.onboard(source, local_blocks)
+        with self._lock:
+            self.tiers.onboard_took(source, time.perf_counter() - t0)  # type: ignore[union-attr]
 
     def drop_tier_entry(self, tier: str, h: int) -> None:
         with self._lock:

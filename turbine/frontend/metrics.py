@@ -58,6 +58,19 @@ class FrontendMetrics:
         self.waiting = Gauge("turbine_worker_requests_waiting", "Requests queued on the worker",
                              ["model", "worker"], registry=r)
         self.workers = Gauge("turbine_frontend_workers", "Workers serving the model", ["model"], registry=r)
+        tl = ["model", "worker", "tier"]
+        self.tier_blocks = Gauge("turbine_worker_kv_tier_blocks", "KV blocks held in a tier below the GPU cache",
+                                 tl, registry=r)
+        self.tier_capacity = Gauge("turbine_worker_kv_tier_capacity_blocks", "KV blocks a lower tier can hold",
+                                   tl, registry=r)
+        self.tier_hits = Gauge("turbine_worker_kv_tier_hit_blocks", "Prefix blocks found in a lower tier (cumulative)",
+                               tl, registry=r)
+        self.tier_onboard = Gauge("turbine_worker_kv_tier_onboarded_bytes",
+                                  "Bytes copied back to the GPU from a lower tier (cumulative)", tl, registry=r)
+        self.tier_offload = Gauge("turbine_worker_kv_tier_offloaded_bytes",
+                                  "Bytes copied down into a lower tier (cumulative)", tl, registry=r)
+        self.tier_onboard_s = Gauge("turbine_worker_kv_tier_onboard_seconds",
+                                    "Time onboardings from a lower tier took (cumulative)", tl, registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self._models: dict[str, ModelMetrics] = {}
 
@@ -80,6 +93,14 @@ class FrontendMetrics:
         self.kv_total.labels(*key).set(load.kv_total_blocks)
         self.running.labels(*key).set(load.num_running)
         self.waiting.labels(*key).set(load.num_waiting)
+        for t in load.tiers:
+            tk = (*key, t.tier)
+            self.tier_blocks.labels(*tk).set(t.blocks)
+            self.tier_capacity.labels(*tk).set(t.capacity_blocks)
+            self.tier_hits.labels(*tk).set(t.hit_blocks)
+            self.tier_onboard.labels(*tk).set(t.onboarded_bytes)
+            self.tier_offload.labels(*tk).set(t.offloaded_bytes)
+            self.tier_onboard_s.labels(*tk).set(t.onboard_seconds)
 
     def worker_gone(self, model: str, worker_id: str) -> None:
         for g in (self.kv_active, self.kv_total, self.running, self.waiting):
@@ -87,6 +108,13 @@ class FrontendMetrics:
                 g.remove(model, worker_id)
             except KeyError:
                 pass
+        for g in (self.tier_blocks, self.tier_capacity, self.tier_hits, self.tier_onboard, self.tier_offload,
+                  self.tier_onboard_s):
+            for tier in ("host", "disk"):
+                try:
+                    g.remove(model, worker_id, tier)
+                except KeyError:
+                    pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.protocols.model_card import ModelCard
 from turbine.router.metrics import register_prometheus
-from turbine.router.router import Router
+from turbine.router.router import DEFAULT_DISK_WEIGHT, DEFAULT_HOST_WEIGHT, Router
 from turbine.runtime.discovery import Discovery
 from turbine.runtime.events import EventSubscriber
 from turbine.runtime.request_plane import RequestPlaneClient
@@ -32,11 +32,14 @@ class RouterConfig:
     approx: bool = False
     approx_ttl_s: float = 120.0
     seed: int | None = None
+    host_tier_weight: float = DEFAULT_HOST_WEIGHT  # a prefix block in a worker's host memory vs its GPU
+    disk_tier_weight: float = DEFAULT_DISK_WEIGHT
 
     def build(self, card: ModelCard) -> Router:
         return Router(self.policy, block_size=card.block_size, overlap_weight=self.overlap_weight,
                       temperature=self.temperature, approx=self.approx, approx_ttl_s=self.approx_ttl_s,
-                      seed=self.seed)
+                      seed=self.seed, host_tier_weight=self.host_tier_weight,
+                      disk_tier_weight=self.disk_tier_weight)
 
 
 @dataclass(frozen=True)

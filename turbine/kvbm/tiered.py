@@ -42,9 +42,10 @@ class TierSource(NamedTuple):
 
 
 class TierStats:
-    __slots__ = ("hits", "onboarded", "offloaded", "spilled", "dropped", "spill_failures")
+    __slots__ = ("hits", "onboarded", "offloaded", "spilled", "dropped", "spill_failures", "onboard_seconds")
 
     def __init__(self) -> None:
+        self.onboard_seconds = {HOST: 0.0, DISK: 0.0}
         self.hits = {HOST: 0, DISK: 0}  # blocks found below G1 at admission
         self.onboarded = {HOST: 0, DISK: 0}  # blocks copied back into G1
         self.offloaded = 0  # G1 -> host
@@ -187,6 +188,25 @@ class TieredCache:
                 out.append(BlockStored([h], e.info.parent_hash, e.info.token_ids.tolist(), self.block_size,
                                        medium=pool.medium))
         return out
+
+    def loads(self, block_bytes: int) -> tuple[Any, ...]:
+        """What the worker publishes about each configured tier (protocols.load.TierLoad)."""
+        from turbine.protocols.load import TierLoad
+
+        st = self.stats
+        out = []
+        for name, pool, down in ((HOST, self.host, st.offloaded), (DISK, self.disk, st.spilled)):
+            if pool.capacity:
+                out.append(TierLoad(tier=name, blocks=len(pool), capacity_blocks=pool.capacity,
+                                    hit_blocks=st.hits[name], onboarded_bytes=st.onboarded[name] * block_bytes,
+                                    offloaded_bytes=down * block_bytes, onboard_seconds=st.onboard_seconds[name]))
+        return tuple(out)
+
+    def onboard_took(self, source: TierSource, seconds: float) -> None:
+        """Charge an onboarding's time to its tiers, in proportion to their blocks."""
+        n = len(source.entries) or 1
+        for tier, _, _ in source.entries:
+            self.stats.onboard_seconds[tier] += seconds / n
 
     def check_integrity(self) -> None:
         self.host.check_integrity()

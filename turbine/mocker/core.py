@@ -304,16 +304,19 @@ class MockerCore:
                           out.num_decode_seqs, self._take_preempted(), sched.take_pulls())
 
     def stats(self) -> EngineStats:
+        cfg = self.config
         return EngineStats(
             kv_active_blocks=self.block_manager.num_active_blocks,
             kv_total_blocks=self.block_manager.num_blocks,
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
+            tiers=self.tiers.loads(cfg.block_size * cfg.kv_bytes_per_token) if self.tiers is not None else (),
         )
 
     def kv_snapshot(self) -> list[BlockStored]:
-        """BlockStored events rebuilding the current prefix cache (a router's resync)."""
-        return self.block_manager.stored_blocks_snapshot()
+        """BlockStored events rebuilding the current prefix cache and its tiers (a router's resync)."""
+        tiers = self.tiers.snapshot() if self.tiers is not None else []
+        return self.block_manager.stored_blocks_snapshot() + tiers
 
     # -- tokens -------------------------------------------------------------------------------------
     def _token_key(self, request: GenerateRequest) -> int | None:

@@ -138,7 +138,9 @@ class MockEngine(KvTransferEndpoints):
     def _onboard(self, order: Any) -> None:
         """Copy a sequence's blocks up from the host/disk tiers: the modelled time, no bytes."""
         async def run() -> None:
-            await asyncio.sleep(self.core.onboard_seconds(order.source))
+            seconds = self.core.onboard_seconds(order.source)
+            await asyncio.sleep(seconds)
+            self.core.tiers.onboard_took(order.source, seconds)  # type: ignore[union-attr]
             self._hub.finish_pull(order.request_id, True)
 
         t = asyncio.get_running_loop().create_task(run())

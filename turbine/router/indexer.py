@@ -18,6 +18,12 @@ BlockRemoved finds the nodes to release. Path ids are CPython tuple hashes of in
 across processes (int hashing is not randomised) but internal, never on any wire.
 
 A worker matches a prompt to depth d when it holds every one of the prompt's first d blocks.
+
+KV tiers: an event's ``medium`` (vLLM's field: None/"GPU", "CPU", "DISK") says which tier of
+the worker holds the block. The tree holds the union (a block in any tier is held); only nodes
+not in GPU memory get an entry in ``_tiers[w]`` (path id -> tier bits: 1 GPU, 2 CPU, 4 DISK), so
+GPU-only fleets pay nothing. A removal clears one tier's bit; the node goes when none is left.
+``lower_tier_blocks`` tells the router how much of a match would be onboarded, not reused.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockSto
 from turbine.router.hashing import HASH_SEED, LocalBlockHash, lora_seed
 
 ROOT = 0
+GPU_TIER = 1
+TIER_BITS = {None: GPU_TIER, "GPU": GPU_TIER, "gpu": GPU_TIER, "CPU": 2, "cpu": 2, "CPU_PINNED": 2,
+             "DISK": 4, "disk": 4}
 if array("I").itemsize != 4:  # pragma: no cover - every platform Turbine runs on has 4-byte uint
     raise ImportError("turbine.router.indexer needs a 4-byte array('I')")
 
@@ -76,6 +85,7 @@ class KvIndexer:
         # worker -> path id -> extra sequence hashes of that worker naming the same node (rare:
         # the same tokens under different engine hashes, e.g. a cache salt)
         self._dups: dict[str, dict[int, int]] = {}
+        self._tiers: dict[str, dict[int, int]] = {}  # worker -> path id -> tier bits, for non-GPU-only nodes
         self._bit: dict[str, int] = {}  # worker -> 1 << slot
         self._slots: list[str | None] = []  # slot -> worker
         self._free_slots: list[int] = []
@@ -123,9 +133,10 @@ class KvIndexer:
             if name is None and event.lora_id is not None:
                 name = f"lora_id:{event.lora_id}"  # no name: a namespace no request matches
             locals_ = hash_blocks(event.token_ids, self.block_size, self.seed(name))
-            return self.store(worker_id, event.parent_block_hash, locals_, event.block_hashes)
+            return self.store(worker_id, event.parent_block_hash, locals_, event.block_hashes,
+                              TIER_BITS.get(event.medium, GPU_TIER))
         if type(event) is BlockRemoved:
-            self.remove(worker_id, event.block_hashes)
+            self.remove(worker_id, event.block_hashes, TIER_BITS.get(event.medium, GPU_TIER))
             return True
         if type(event) is AllBlocksCleared:
             self.clear_worker(worker_id)
@@ -133,8 +144,9 @@ class KvIndexer:
         raise ValueError(f"not a KV event: {type(event).__name__}")
 
     def store(self, worker_id: str, parent_hash: int | None, local_hashes: Sequence[int],
-              seq_hashes: Sequence[int]) -> bool:
-        """Record that ``worker_id`` holds a chain of blocks below its block ``parent_hash``.
+              seq_hashes: Sequence[int], tier: int = GPU_TIER) -> bool:
+        """Record that ``worker_id`` holds a chain of blocks below its block ``parent_hash``
+        (in KV tier ``tier``; the parent may live in any tier).
 
         Returns False (and stores nothing) when the worker's ``parent_hash`` is unknown here.
         """
@@ -152,6 +164,9 @@ class KvIndexer:
         bit = self._bit[worker_id]
         mask = self._mask
         setdefault, mget = blocks.setdefault, mask.get
+        tiers = self._tiers.get(worker_id) if (tier != GPU_TIER or worker_id in self._tiers) else None
+        if tiers is None and tier != GPU_TIER:
+            tiers = self._tiers[worker_id] = {}
         size = size0 = len(blocks)
         for lh, sh in zip(local_hashes, seq_hashes):
             cid = hash((nid, lh))
@@ -159,7 +174,15 @@ class KvIndexer:
             if len(blocks) != size:
                 size += 1
                 old = None
-            elif old == cid:  # already known (a replayed event)
+                if tier != GPU_TIER:
+                    tiers[cid] = tier  # type: ignore[index]
+            elif old == cid:  # already known (a replayed event, or the block in another tier now)
+                if tiers is not None:
+                    bits = tiers.get(cid, GPU_TIER) | tier
+                    if bits == GPU_TIER:
+                        tiers.pop(cid, None)
+                    else:
+                        tiers[cid] = bits
                 nid = cid
                 continue
             m = mget(cid, 0)
@@ -170,16 +193,24 @@ class KvIndexer:
             if old is not None:  # the engine reused a hash for other tokens
                 blocks[sh] = cid
                 self._release(worker_id, bit, old)
+                if tiers is not None:
+                    tiers.pop(old, None)
+                    if tier != GPU_TIER:
+                        tiers[cid] = tier
             nid = cid
         self._num_blocks += size - size0
         return True
 
-    def remove(self, worker_id: str, seq_hashes: Iterable[int]) -> int:
-        """Release the worker's blocks ``seq_hashes``; returns how many it held."""
+    def remove(self, worker_id: str, seq_hashes: Iterable[int], tier: int = GPU_TIER) -> int:
+        """Release the worker's blocks ``seq_hashes`` from KV tier ``tier``; returns how many it
+        stopped holding altogether (a block still in another tier stays)."""
         blocks = self._blocks.get(worker_id)
         if blocks is None:
             self.unknown_removals += sum(1 for _ in seq_hashes)
             return 0
+        tiers = self._tiers.get(worker_id)
+        if tiers is not None or tier != GPU_TIER:
+            seq_hashes = self._leaving(blocks, tiers or {}, seq_hashes, tier)
         bit = self._bit[worker_id]
         mask, dups = self._mask, self._dups
         pop = blocks.pop
@@ -202,9 +233,51 @@ class KvIndexer:
         self.unknown_removals += unknown
         return removed
 
+    def _leaving(self, blocks: dict[int, int], tiers: dict[int, int], seq_hashes: Iterable[int],
+                 tier: int) -> list[int]:
+        """Of ``seq_hashes`` removed from ``tier``, those held in no other tier (the rest keep
+        their node, one tier bit fewer)."""
+        out = []
+        for sh in seq_hashes:
+            nid = blocks.get(sh)
+            if nid is None:
+                out.append(sh)  # unknown: counted by remove
+                continue
+            left = tiers.get(nid, GPU_TIER) & ~tier
+            if not left:
+                tiers.pop(nid, None)
+                out.append(sh)
+            elif left == GPU_TIER:
+                tiers.pop(nid, None)
+            else:
+                tiers[nid] = left
+        return out
+
+    def lower_tier_blocks(self, worker_id: str, path_ids: Sequence[int], depth: int) -> tuple[int, int]:
+        """Of a match's first ``depth`` blocks (``path_ids`` of the prompt), how many the worker
+        holds only in host memory, and only on disk."""
+        tiers = self._tiers.get(worker_id)
+        if not tiers:
+            return 0, 0
+        host = disk = 0
+        tget = tiers.get
+        for nid in path_ids[:depth]:
+            bits = tget(nid)
+            if bits is not None and not bits & GPU_TIER:
+                if bits & 2:
+                    host += 1
+                else:
+                    disk += 1
+        return host, disk
+
+    def has_tiers(self) -> bool:
+        """Some worker holds blocks outside its GPU cache (routing then weighs tiers)."""
+        return bool(self._tiers) and any(self._tiers.values())
+
     def clear_worker(self, worker_id: str) -> None:
         """Drop every block of ``worker_id`` (AllBlocksCleared); the worker keeps its slot."""
         blocks = self._blocks.get(worker_id)
+        self._tiers.pop(worker_id, None)
         if not blocks:
             return
         self.remove(worker_id, list(blocks))
@@ -214,6 +287,7 @@ class KvIndexer:
         if worker_id not in self._blocks:
             return
         self.clear_worker(worker_id)
+        self._tiers.pop(worker_id, None)
         del self._blocks[worker_id]
         bit = self._bit.pop(worker_id)
         slot = bit.bit_length() - 1
@@ -253,10 +327,12 @@ class KvIndexer:
         return out
 
     def find_matches_for_tokens(self, tokens: Sequence[int], lora_name: str | None = None,
-                                workers: Iterable[str] | None = None) -> dict[str, int]:
+                                workers: Iterable[str] | None = None,
+                                paths: list[int] | None = None) -> dict[str, int]:
         """``find_matches`` of a prompt's full blocks, hashing each block only when the walk gets there.
 
         The same walk as ``find_matches`` with the hashing inlined: this is the routing hot path.
+        ``paths``: appended the path id of every block walked (for ``lower_tier_blocks``).
         """
         bs = self.block_size
         step = bs * 4
@@ -272,6 +348,8 @@ class KvIndexer:
         depth = 0
         for off in range(0, end, step):
             nid = hash((nid, h(buf[off : off + step], seed)))  # type: ignore[misc]
+            if paths is not None:
+                paths.append(nid)
             m = mget(nid)
             if m is None:
                 break
@@ -410,5 +488,12 @@ class KvIndexer:
                 fail(f"node {nid:#x} has mask {m:#x}, but its holders are {holders.get(nid, 0):#x}")
         if self._num_blocks != sum(len(b) for b in self._blocks.values()):
             fail("num_blocks is wrong")
+        for w, tiers in self._tiers.items():
+            held = set(self._blocks.get(w, {}).values())
+            for nid, bits in tiers.items():
+                if nid not in held:
+                    fail(f"worker {w!r} has tier bits for a node it does not hold")
+                if bits in (0, GPU_TIER) or bits & ~7:
+                    fail(f"worker {w!r} keeps tier bits {bits} (GPU-only and empty are not kept)")
         if used & ~((1 << len(self._slots)) - 1):
             fail("a slot beyond the slot table is in use")

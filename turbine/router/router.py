@@ -26,6 +26,13 @@ from turbine.router.selector import select_worker
 
 log = logging.getLogger("turbine.router")
 
+# A block onboarded from host memory costs a copy over PCIe (~6 us a token of an 8B model at
+# 20 GB/s), recomputing it ~29 us on an H200 (bench/profiles): worth ~0.8 of a GPU hit. From disk
+# (~64 us a token at 2 GB/s) it is slower than recomputing for a model this small; larger models
+# compute more per KV byte, so the default keeps some credit.
+DEFAULT_HOST_WEIGHT = 0.8
+DEFAULT_DISK_WEIGHT = 0.3
+
 
 class RouteDecision(NamedTuple):
     worker_id: str
@@ -36,7 +43,11 @@ class Router:
     def __init__(self, policy: str = "round-robin", *, block_size: int = 16, overlap_weight: float = 1.0,
                  temperature: float = 0.0, approx: bool = False, approx_ttl_s: float = DEFAULT_TTL_S,
                  seed: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, host_tier_weight: float = DEFAULT_HOST_WEIGHT,
+                 disk_tier_weight: float = DEFAULT_DISK_WEIGHT):
+        """``host_tier_weight``/``disk_tier_weight``: what a prefix block held in a worker's host
+        memory or disk is worth against one in its GPU cache (1: the same; 0: nothing), as it is
+        copied back, not recomputed, but not free either."""
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
         if block_size <= 0:
@@ -45,6 +56,8 @@ class Router:
             raise ValueError(f"router temperature must be >= 0, got {temperature}")
         if overlap_weight < 0:
             raise ValueError(f"overlap weight must be >= 0, got {overlap_weight}")
+        if not (0 <= host_tier_weight <= 1 and 0 <= disk_tier_weight <= 1):
+            raise ValueError("tier weights must be in [0, 1]")
         if approx and policy != "kv":
             raise ValueError("approximate mode applies to the kv policy only")
         self.policy_name = policy
@@ -52,6 +65,8 @@ class Router:
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.wall_clock = wall_clock
+        self.host_tier_weight = host_tier_weight
+        self.disk_tier_weight = disk_tier_weight
         self.rng = random.Random(seed)
         self.policy = None if policy == "kv" else LoadPolicy(policy, seed)
         self.loads = LoadTracker(block_size=block_size)
@@ -85,17 +100,23 @@ class Router:
         overlap = 0
         if self.policy is None:
             bs = self.block_size
+            raw: dict[str, int] | None = None  # matched depths when tiers discount them
             if self.approx is not None:  # it records every block, so hash them all
                 local = self.approx.index.local_hashes(token_ids, lora_name)
                 overlaps = self.approx.find_matches(local) if local else {}
+            elif self.index.has_tiers():  # blocks in host memory or on disk are worth less
+                paths: list[int] = []
+                raw = self.index.find_matches_for_tokens(token_ids, lora_name, paths=paths)
+                overlaps = {w: d - self._tier_discount(w, paths, d) for w, d in raw.items()}  # type: ignore[misc]
             else:  # hashes only as deep as some worker matches
                 overlaps = self.index.find_matches_for_tokens(token_ids, lora_name)
             sel = select_worker(candidates, overlaps, self.loads.workers, -(-len(token_ids) // bs),
                                 block_size=bs, rng=self.rng, overlap_weight=self.overlap_weight,
                                 temperature=self.temperature)
             worker = sel.worker_id
+            matched = raw.get(worker, 0) if raw is not None else sel.overlap_blocks
             # an engine always computes the prompt's last token, so a full-prompt match hits one block less
-            overlap = min(sel.overlap_blocks, max(len(token_ids) - 1, 0) // bs)
+            overlap = min(int(matched), max(len(token_ids) - 1, 0) // bs)
             if self.approx is not None:
                 self.approx.record(worker, local)
         else:
@@ -104,6 +125,10 @@ class Router:
         self.loads.routed(request_id, worker, len(token_ids), cached)
         self.stats.decided(self.policy_name)
         return RouteDecision(worker, overlap)
+
+    def _tier_discount(self, worker: str, paths: list[int], depth: int) -> float:
+        host, disk = self.index.lower_tier_blocks(worker, paths, depth)
+        return host * (1.0 - self.host_tier_weight) + disk * (1.0 - self.disk_tier_weight)
 
     def first_token(self, request_id: str) -> None:
         self.loads.first_token(request_id)
