@@ -39,8 +39,8 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
                    help="disk tier, GB (0: none); a block evicted from host memory goes there once its "
                    "prefix has been seen more than once")
     g.add_argument("--disk-kv-dir", default=None, help="builtin engine: the disk tier's directory")
-    g.add_argument("--host-kv-bandwidth", type=float, default=20.0,
-                   help="mock engine: GB/s host tier -> GPU when onboarding")
+    g.add_argument("--host-kv-bandwidth", type=float, default=8.5,
+                   help="mock engine: GB/s host tier -> GPU when onboarding (default: the built-in engine's on an H200)")
     g.add_argument("--disk-kv-bandwidth", type=float, default=2.0, help="mock engine: GB/s disk tier reads")
     if not builtin:
         return

@@ -64,9 +64,9 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # KV tiers below the GPU cache (turbine/kvbm): sizes, and what onboarding a block costs.
     host_kv_gb: float = 0.0
     disk_kv_gb: float = 0.0
-    host_kv_bandwidth_gbps: float = 20.0  # host -> device (pinned), per worker
+    host_kv_bandwidth_gbps: float = 8.5  # onboarding as the built-in engine achieved it on an H200 (bench/RESULTS.md)
     host_kv_latency_s: float = 0.0001
-    disk_kv_bandwidth_gbps: float = 2.0  # NVMe read
+    disk_kv_bandwidth_gbps: float = 2.0  # NVMe read (assumed: not measured yet)
     disk_kv_latency_s: float = 0.0005
 
     def __post_init__(self) -> None:
