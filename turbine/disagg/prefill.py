@@ -13,7 +13,6 @@ the decode leg never started); it is best effort, the hold deadline frees the bl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from turbine.disagg.decision import DECISIONS, Decision, DisaggConfig, decide
 from turbine.frontend.errors import ApiError
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, StopConditions
 from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
+from turbine.runtime.tasks import cancel_and_wait
 from turbine.runtime.request_plane import RequestPlaneClient, RequestPlaneError
 from turbine.transfer.base import send_release
 
@@ -134,9 +134,4 @@ class PrefillLeg:
         await send_release(self.client, params)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(self._tasks)

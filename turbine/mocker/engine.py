@@ -25,6 +25,7 @@ from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.timing import TimingModel
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import BlockStored
+from turbine.runtime.tasks import cancel_and_wait
 
 __all__ = ["MockEngine", "MockerConfig"]
 
@@ -80,11 +81,7 @@ class MockEngine(KvTransferEndpoints):
             except asyncio.CancelledError:
                 if not task.cancelled():  # stop() itself was cancelled
                     raise
-        for t in list(self._onboards):
-            t.cancel()
-        for t in list(self._onboards):
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(self._onboards)
         self._hub.finish_all("abort")
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:

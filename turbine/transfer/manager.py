@@ -12,13 +12,13 @@ on the event loop as tasks this manager owns; at most ``max_concurrent`` at once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from turbine.engine.scheduler import HeldKv, PullOrder
 from turbine.protocols.kv_transfer import KvTransferParams
+from turbine.runtime.tasks import cancel_and_wait
 from turbine.runtime.request_plane import RequestPlaneClient
 from turbine.transfer.base import TransferBackend, TransferError, send_release
 
@@ -117,10 +117,5 @@ class KvTransferManager:
     async def close(self) -> None:
         """Cancel running pulls (their sequences are told: failed) and close the backend."""
         self._closed = True
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(self._tasks)
         await self.backend.close()
