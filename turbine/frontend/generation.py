@@ -198,11 +198,11 @@ class Generation:
                     source = None
                     self.retries += 1
                     continue
-                except (StreamBroken, WorkerUnavailable) as e:
+                except (StreamBroken, WorkerUnavailable):
                     self.registry.mark_suspect(worker_id)
-                    if routed_first or isinstance(e, StreamBroken):
+                    if routed_first:  # the stream had started: it continues elsewhere
                         self.migrations += 1
-                    else:
+                    else:  # nothing came back yet (refused, or the connection went as it was sent)
                         self.retries += 1
                     continue
                 except DeadlineExceeded:
