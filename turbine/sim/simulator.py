@@ -69,6 +69,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Disaggregated: this many prefill and decode workers instead of ``workers`` aggregated ones.
     prefill_workers: int = 0
     decode_workers: int = 0
+    prefill_mocker: MockerConfig | None = None  # the prefill workers' engine, when it differs from ``mocker``
     min_remote_prefill_tokens: int = 512
     max_prefill_queue_tokens: int = 32768
 
@@ -189,8 +190,9 @@ class Simulator:
         self.prefill_ids = [w for w in self.worker_ids if w.startswith("prefill-")]
         self.generate_ids = [w for w in self.worker_ids if not w.startswith("prefill-")]
         self._index = {w: i for i, w in enumerate(self.worker_ids)}
-        self.cores = [MockerCore(cfg.mocker, vocab_size=cfg.vocab_size, rng_seed=cfg.seed * 1_000_003 + i,
-                                 clock=clock) for i in range(cfg.num_workers)]
+        self.cores = [MockerCore(cfg.prefill_mocker if w.startswith("prefill-") and cfg.prefill_mocker else cfg.mocker,
+                                 vocab_size=cfg.vocab_size, rng_seed=cfg.seed * 1_000_003 + i, clock=clock)
+                      for i, w in enumerate(self.worker_ids)]
         self.synth = TokenSynth(cfg.vocab_size, seed=cfg.seed)
         self.disagg = cfg.disagg()
         n = cfg.num_workers
