@@ -2,7 +2,7 @@
 
 Several fleets replay the first requests of the shared Mooncake trace; each run is reduced to
 digests of everything observable and compared with `sim_equivalence_golden.json`, captured from
-the code before the simulator was made faster (commit 260b6ef):
+the code before the simulator was made faster (commit 4e74e4c):
 
 - per request: ok/error, TTFT, every ITL, E2E (exact floats, ``float.hex``), prompt, output and
   cached tokens;
