@@ -1,4 +1,4 @@
-"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate, profile."""
+"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate, profile, plan, planner."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     from turbine.profiler.command import add_profile_args
 
     add_profile_args(p)
+
+    p = sub.add_parser("plan", help="what to deploy for a workload and an SLA: Pareto frontier, recommendation "
+                       "checked in the simulator, the commands that start it")
+    from turbine.planner.plan_command import add_plan_args
+
+    add_plan_args(p)
     return parser
 
 
@@ -367,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         from turbine.profiler.command import main_from_args as profile_main
 
         sys.exit(profile_main(args))
+    if args.cmd == "plan":
+        from turbine.planner.plan_command import main_from_args as plan_main
+
+        sys.exit(plan_main(args))
     try:
         import uvloop
 
