@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aggregated workers (default 1, or 0 with --prefill-workers/--decode-workers)")
     p.add_argument("--prefill-workers", type=int, default=0, help="prefill workers (disaggregated serving)")
     p.add_argument("--decode-workers", type=int, default=0, help="decode workers (disaggregated serving)")
+    p.add_argument("--planner", action="store_true",
+                   help="an SLA planner grows and drains this process's workers (needs --profile and the --sla-* "
+                   "targets); pools: aggregated, or prefill + decode when those are given")
+    from turbine.planner.planner_command import add_planner_args, add_policy_args
+
+    add_policy_args(p)
 
     p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
     _add_frontend_args(p)
@@ -191,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     from turbine.planner.plan_command import add_plan_args
 
     add_plan_args(p)
+
+    p = sub.add_parser("planner", help="a live SLA planner beside a frontend: sizes the worker pools to the load "
+                       "(local processes or Kubernetes)")
+    add_planner_args(p)
     return parser
 
 
@@ -314,14 +325,25 @@ def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
 
+    planner = None
     if args.cmd == "serve":
         disagg = args.prefill_workers or args.decode_workers
         workers = args.workers if args.workers is not None else (0 if disagg else 1)
         if min(workers, args.prefill_workers, args.decode_workers) < 0 or not (workers or args.decode_workers):
             raise SystemExit("turbine: serve needs at least one --workers or --decode-workers worker")
-        dep = await launch.start_all_in_one(_worker_options(args), workers=workers, frontend=_frontend_config(args),
+        opts, frontend = _worker_options(args), _frontend_config(args)
+        if args.planner:
+            from turbine.planner.planner_command import planner_config
+
+            try:  # check the planner's options before anything starts
+                planner_config(args, "disagg" if disagg else "agg")
+            except ValueError as e:
+                raise SystemExit(f"turbine: {e}") from None
+        dep = await launch.start_all_in_one(opts, workers=workers, frontend=frontend,
                                             prefill_workers=args.prefill_workers, decode_workers=args.decode_workers)
         assert dep.frontend is not None
+        if args.planner:
+            planner = await _start_planner(args, dep, "disagg" if disagg else "agg")
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
     elif args.cmd == "frontend":
@@ -342,7 +364,31 @@ async def _run(args: argparse.Namespace) -> None:
     try:
         abort = await launch.wait_for_signal()
     finally:
+        if planner is not None:
+            await planner()
         await dep.stop(abort=abort)
+
+
+async def _start_planner(args: argparse.Namespace, dep, mode: str):  # type: ignore[no-untyped-def]
+    """Start `serve --planner`'s planner; returns the coroutine function that stops it."""
+    from turbine.planner.planner_command import serve_planner
+
+    try:
+        runner, connector = serve_planner(args, dep, mode)
+    except ValueError as e:
+        await dep.stop(grace_s=0)
+        raise SystemExit(f"turbine: {e}") from None
+    stop = asyncio.Event()
+    task = runner.start(stop)
+
+    async def close() -> None:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        await runner.source.close()
+        await connector.close()
+
+    return close
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
         from turbine.planner.plan_command import main_from_args as plan_main
 
         sys.exit(plan_main(args))
+    if args.cmd == "planner":
+        from turbine.planner.planner_command import main_from_args as planner_main
+
+        sys.exit(planner_main(args))
     try:
         import uvloop
 

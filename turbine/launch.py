@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +219,24 @@ class Deployment:
     discovery: Discovery | None = None
     drain_timeout_s: float = 30.0
     clients: list[RequestPlaneClient] = field(default_factory=list)  # the workers' own (KV transfers)
+    # Starts n more workers of a role ("aggregated", "prefill", "decode") like the first ones
+    # (serve: in this process); None where the deployment cannot grow.
+    grow: Callable[[str, int], Awaitable[list[Worker]]] | None = None
+
+    async def add_workers(self, role: str, n: int) -> list[Worker]:
+        if self.grow is None:
+            raise RuntimeError("this deployment cannot start workers")
+        new = await self.grow(ROLES[role], n)
+        self.workers += new
+        return new
+
+    async def remove_worker(self, worker: Worker) -> None:
+        """Drain one worker (it leaves discovery, finishes its requests) and stop it."""
+        self.workers.remove(worker)
+        try:
+            await worker.drain(self.drain_timeout_s)
+        finally:
+            await worker.stop()
 
     async def stop(self, grace_s: float | None = None, abort: asyncio.Event | None = None) -> None:
         """Drain: the frontend stops accepting and finishes its streams, then each worker leaves
@@ -266,10 +285,14 @@ async def start_all_in_one(opts: WorkerOptions, *, workers: int, frontend: Front
     dep.frontend = Frontend(frontend, discovery=MemoryDiscovery(store), client=InProcClient(),
                             subscriber=bus.subscriber())
     await dep.frontend.start()
+    async def grow(role: str, n: int) -> list[Worker]:
+        return await start_workers(dataclasses.replace(opts, role=role), n, dep.discovery,  # type: ignore[arg-type]
+                                   inproc=True, bus=bus, client=client)
+
+    dep.grow = grow
     for role, n in (("aggregated", workers), ("prefill", prefill_workers), ("decode", decode_workers)):
         if n:
-            role_opts = dataclasses.replace(opts, role=role)
-            dep.workers += await start_workers(role_opts, n, dep.discovery, inproc=True, bus=bus, client=client)
+            dep.workers += await grow(role, n)
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await dep.frontend.registry.ready.wait()

@@ -25,8 +25,8 @@ from turbine.planner.steady_state import Sla, Workload
 from turbine.planner.workloads import LengthDist, synthetic_requests
 
 
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and hardware")
+def add_model_args(g: argparse._ActionsContainer) -> None:
+    """The performance model's inputs (shared by `plan` and `planner`)."""
     g.add_argument("--profile", default=None,
                    help="a measured TP=1 step-time profile of this model on this GPU (`turbine profile`): "
                    "predictions are anchored to it")
@@ -37,6 +37,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration", default=None,
                    help="without a profile of this model: a dense model's profile on the same GPU, to fit the "
                    "step overheads and matmul efficiency")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and hardware")
+    add_model_args(g)
     g.add_argument("--gpus", type=int, required=True, help="GPU budget")
     g.add_argument("--max-gpus-per-worker", type=int, default=8, help="largest layout (TP x PP, or EP) of one worker")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one engine step")
@@ -63,7 +68,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=int, default=8, help="front points printed per mode")
 
 
-def _model(a: argparse.Namespace) -> PerfModel:
+def model_from_args(a: argparse.Namespace) -> PerfModel:
     profile = _read_json(a.profile) if a.profile else None
     meta = (profile or {}).get("meta") or {}
     name = a.model or meta.get("model")
@@ -117,7 +122,7 @@ def _workload(a: argparse.Namespace) -> tuple[Workload, Any, float | None]:
 
 def main_from_args(a: argparse.Namespace) -> int:
     try:
-        model = _model(a)
+        model = model_from_args(a)
         wl, source, rate = _workload(a)
         modes = tuple(m.strip() for m in a.mode.split(",") if m.strip())
         if a.checks < 1 or a.sim_requests < 50 or a.max_num_batched_tokens < 1 or a.max_gpus_per_worker < 1:
@@ -207,4 +212,4 @@ def _cand_row(c: Candidate, chosen: bool) -> list[str]:
             f"{s.attainment:.0%}", _f(c.max_rate, 2)]
 
 
-__all__ = ["add_plan_args", "main_from_args", "render_report"]
+__all__ = ["add_model_args", "add_plan_args", "main_from_args", "model_from_args", "render_report"]
