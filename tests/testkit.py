@@ -10,7 +10,10 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiohttp
 
 
 class ServerThread:
@@ -151,3 +154,97 @@ def load_bench(name: str, module_name: str | None = None):  # type: ignore[no-un
     spec.loader.exec_module(mod)
     return mod
 
+
+# --- closed-loop streaming load that counts every failure ----------------------------------------
+MAX_TOKENS = 40  # tokens every Load request asks for (ignore_eos)
+
+
+@dataclass
+class LoadStats:
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    retried: int = 0
+
+
+class Load:
+    """``concurrency`` clients sending streaming chat requests until stopped, on their own loop."""
+
+    def __init__(self, url: str, concurrency: int = 6, prompt_words: int = 6) -> None:
+        self.url = url
+        self.concurrency = concurrency
+        self.prompt_words = prompt_words
+        self.stats = LoadStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> LoadStats:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the load did not finish within 60 s"
+        return self.stats
+
+    def wait_ok(self, n: int, timeout: float = 20.0) -> None:
+        target = self.stats.ok + n
+        deadline = time.monotonic() + timeout
+        while self.stats.ok < target:
+            assert time.monotonic() < deadline, f"load stalled: {self.stats}"
+            time.sleep(0.05)
+
+    async def _main(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            await asyncio.gather(*(self._client(session, i) for i in range(self.concurrency)))
+
+    async def _client(self, session: aiohttp.ClientSession, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            await self._one(session, f"client {i} request {n}: " + "tell me a story " * (self.prompt_words // 4))
+
+    async def _one(self, session: aiohttp.ClientSession, prompt: str) -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        for _ in range(20):
+            got_bytes = False
+            try:
+                async with session.post(self.url + "/v1/chat/completions", json=body) as resp:
+                    got_bytes = True
+                    if resp.status != 200:
+                        self.stats.failed.append(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                        return
+                    chunks, finish, usage, done = 0, None, None, False
+                    async for line in resp.content:
+                        line = line.strip()
+                        if not line.startswith(b"data: "):
+                            continue
+                        if line == b"data: [DONE]":
+                            done = True
+                            continue
+                        ev = json.loads(line[6:])
+                        if "error" in ev:
+                            self.stats.failed.append(f"in-band error: {ev['error']}")
+                            return
+                        for c in ev.get("choices", []):
+                            if c["delta"].get("content"):
+                                chunks += 1
+                            finish = c.get("finish_reason") or finish
+                        usage = ev.get("usage") or usage
+                    if not done or finish != "length" or not usage or usage["completion_tokens"] != MAX_TOKENS:
+                        self.stats.truncated.append(f"done={done} finish={finish} usage={usage} chunks={chunks}")
+                    else:
+                        self.stats.ok += 1
+                    return
+            except (aiohttp.ClientConnectionError, ConnectionError) as e:
+                if got_bytes:
+                    self.stats.failed.append(f"{type(e).__name__}: {e}")
+                    return
+                self.stats.retried += 1  # never reached a server that took it
+                await asyncio.sleep(0.05)
+        self.stats.failed.append("connection refused 20 times")
