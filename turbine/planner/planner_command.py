@@ -57,6 +57,7 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speedup-ratio", type=float, default=1.0,
                    help="the workers run this much faster than the modelled GPU (mock workers at a speed-up)")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the workers' token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="the workers' largest batch")
     g = p.add_argument_group("fleet")
     g.add_argument("--frontend-url", default="http://127.0.0.1:8000", help="the frontend whose /metrics it reads")
     g.add_argument("--frontend-model", default=None, help="plan for this served model only (default: all)")
@@ -90,7 +91,8 @@ def planner_config(a: argparse.Namespace, mode: str) -> PlannerConfig:
         prefill_layout=layouts["prefill"], decode_layout=layouts["decode"], min_workers=a.planner_min_workers,
         max_workers=a.planner_max_workers, gpu_budget=budget, scale_up_cooldown_s=a.planner_scale_up_cooldown,
         scale_down_cooldown_s=a.planner_scale_down_cooldown, max_utilization=a.planner_max_utilization,
-        token_budget=a.max_num_batched_tokens, speedup_ratio=a.speedup_ratio, correct=not a.planner_no_correction)
+        token_budget=a.max_num_batched_tokens, max_batch=a.max_num_seqs, speedup_ratio=a.speedup_ratio,
+        correct=not a.planner_no_correction)
 
 
 def _connector(a: argparse.Namespace, cfg: PlannerConfig) -> Any:

@@ -70,6 +70,7 @@ class PlannerConfig:
     max_scale_down_fraction: float = 0.5
     max_utilization: float = 0.8
     token_budget: int = 8192
+    max_batch: int = 256  # the workers' max_num_seqs
     speedup_ratio: float = 1.0  # workers run this much faster than the model's GPU (mock workers)
     correct: bool = True
     correction_smoothing: float = 0.5  # weight of the newest observed/expected ratio
@@ -87,6 +88,8 @@ class PlannerConfig:
             raise ValueError("max_utilization and max_scale_down_fraction must be in (0, 1]")
         if self.scale_up_cooldown_s < 0 or self.scale_down_cooldown_s < 0:
             raise ValueError("cooldowns must be >= 0")
+        if self.max_batch < 1 or self.token_budget < 1:
+            raise ValueError("max_batch and token_budget must be >= 1")
         if not self.speedup_ratio > 0 or not 0 < self.correction_smoothing <= 1:
             raise ValueError("speedup_ratio must be positive, correction_smoothing in (0, 1]")
         make_predictor(self.predictor, window=self.predictor_window, season=self.season)  # validates
@@ -128,7 +131,8 @@ class ReplicaMath:
         self.scale = 1.0 / cfg.speedup_ratio
 
     def _cap(self, par: Parallel, wl: Workload) -> int:
-        return self.model.kv_capacity_tokens(par) // max(1, math.ceil(wl.isl + wl.osl))
+        """The largest batch a worker runs: its max_num_seqs, or fewer when KV runs out."""
+        return min(self.cfg.max_batch, self.model.kv_capacity_tokens(par) // max(1, math.ceil(wl.isl + wl.osl)))
 
     def agg_rps(self, wl: Workload, ttft_ms: float, itl_ms: float) -> float:
         """Requests/s of one aggregated worker at the largest batch meeting both targets."""
