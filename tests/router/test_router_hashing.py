@@ -62,3 +62,22 @@ def test_indexer_fast_hashing_agrees_with_reference(n_tokens: int, lora: str | N
 def test_bad_block_size_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="block_size"):
         block_hashes([1, 2, 3], 0)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, 64])
+@pytest.mark.parametrize("lora", [None, "adapter-a"])
+def test_one_pass_chained_hashes_agree_with_reference(block_size: int, lora: str | None) -> None:
+    import random
+    from array import array
+
+    from turbine.router.hashing import chain_hashes_u32
+
+    rng = random.Random(block_size)
+    tokens = [rng.randrange(0, 2**32) for _ in range(block_size * 9 + 2)]
+    ref = block_hashes(tokens, block_size, lora).sequence
+    raw = memoryview(array("I", tokens)).cast("B")
+    seed = lora_seed(lora)
+    assert chain_hashes_u32(raw, block_size, seed) == ref  # a partial block at the end is skipped
+    # a chain continued after its fourth block
+    assert chain_hashes_u32(raw[block_size * 4 * 4 :], block_size, seed, ref[3]) == ref[4:]
+    assert chain_hashes_u32(raw[:4 * (block_size - 1)], block_size, seed) == []

@@ -177,27 +177,26 @@ class KVBlockManager:
             return
         seq.num_registered_blocks = n_full
         tokens = seq.token_ids
-        h2b = self._hash_to_block
-        run: list[SequenceHash] = []
-        run_tokens: list[int] = []
+        h2b, cached = self._hash_to_block, self._cached
+        packed = seq.hashed_tokens_u32()
+        run: list[SequenceHash] = []  # a chain of new blocks: one BlockStored event
+        run_start = start
         run_parent = hashes[start - 1] if start else None
         for i in range(start, n_full):
             h = hashes[i]
             if h in h2b:  # duplicate computation: another block already holds this prefix
                 if run:
-                    self._events.append(BlockStored(run, run_parent, run_tokens, bs))
-                    run, run_tokens = [], []
+                    self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : i * bs], bs))
+                    run = []
                 run_parent = h
+                run_start = i + 1
                 continue
             b = table[i]
-            block_tokens = tokens[i * bs : (i + 1) * bs]
-            parent = hashes[i - 1] if i else None
-            self._cached[b] = _Cached(h, parent, array("I", block_tokens), i)
+            cached[b] = _Cached(h, hashes[i - 1] if i else None, packed[i * bs : (i + 1) * bs], i)
             h2b[h] = b
             run.append(h)
-            run_tokens.extend(block_tokens)
         if run:
-            self._events.append(BlockStored(run, run_parent, run_tokens, bs))
+            self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : n_full * bs], bs))
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (idempotent). Cached blocks stay reusable until evicted.

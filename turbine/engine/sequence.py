@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from typing import Any
 
 from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
-from turbine.router.hashing import SequenceHash, chain_hash, local_block_hash, lora_seed
+from turbine.router.hashing import SequenceHash, chain_hashes_u32, lora_seed
 
 
 PLACEHOLDER = -1  # an output token the device has sampled (or will) but the host has not read yet
@@ -55,6 +56,7 @@ class Sequence:
         "_hash_block_size",
         "_hash_seed",
         "_block_hashes",
+        "_u32",
     )
 
     def __init__(
@@ -94,6 +96,7 @@ class Sequence:
         self._hash_block_size = 0
         self._hash_seed = lora_seed(lora_name)
         self._block_hashes: list[SequenceHash] = []
+        self._u32 = array("I")  # token_ids[:len(_u32)] as u32: the hashes' input, cached blocks' contents
 
     @classmethod
     def from_request(cls, request: Any, arrival_time: float | None = None) -> Sequence:
@@ -137,8 +140,30 @@ class Sequence:
         self.token_ids.append(token_id)
 
     # -- block hashes ---------------------------------------------------------------------
+    def prompt_u32(self, packed: array | None = None) -> array:
+        """The prompt's ids as a u32 array, packed once and kept (hashing reads it). ``packed``: the
+        caller's u32 copy of exactly these ids, copied instead of packing them again. Raises
+        OverflowError or TypeError for an id that is not an int in [0, 2**32). Read-only."""
+        n = self.num_prompt_tokens
+        if len(self._u32) < n:
+            if packed is not None and not self._u32 and len(packed) == n and packed.typecode == "I":
+                self._u32 = array("I", packed)
+            else:
+                self._pack_to(n)
+        return self._u32
+
+    def _pack_to(self, n: int) -> None:
+        """Extend the u32 copy to the first ``n`` token ids."""
+        packed = self._u32
+        tokens = self.token_ids[len(packed) : n]
+        try:
+            packed.fromlist(tokens)
+        except TypeError:  # not a list (a subclass), or ids of another type
+            packed.extend(array("I", tokens))
+
     def block_hashes(self, block_size: int) -> list[SequenceHash]:
-        """Chained hashes of every full block of ``token_ids``; only new blocks are hashed.
+        """Chained hashes of every full block of ``token_ids``; only new blocks are hashed (their
+        tokens packed to u32 once, kept: ``block_tokens_u32``).
 
         The returned list is the sequence's cache: callers must not mutate it.
         """
@@ -155,13 +180,19 @@ class Sequence:
         while n and tokens[n - 1] == PLACEHOLDER:
             n -= 1
         n_full = n // block_size
-        if len(hashes) < n_full:
-            parent = hashes[-1] if hashes else None
-            for i in range(len(hashes), n_full):
-                local = local_block_hash(tokens[i * block_size : (i + 1) * block_size], self._hash_seed)
-                parent = chain_hash(parent, local)
-                hashes.append(parent)
+        done = len(hashes)
+        if done < n_full:
+            if len(self._u32) < n_full * block_size:
+                self._pack_to(n_full * block_size)
+            with memoryview(self._u32) as view, view.cast("B") as raw:
+                hashes += chain_hashes_u32(raw[done * block_size * 4 : n_full * block_size * 4], block_size,
+                                           self._hash_seed, hashes[-1] if hashes else None)
         return hashes
+
+    def hashed_tokens_u32(self) -> array:
+        """The ids of (at least) every hashed block as u32, ``token_ids``' order; read-only.
+        Block ``i`` is ``[i * block_size, (i + 1) * block_size)``."""
+        return self._u32
 
     def __repr__(self) -> str:
         return (
