@@ -163,6 +163,27 @@ def test_rejects_bad_requests() -> None:
         MockerConfig(speedup_ratio=0)
 
 
+@pytest.mark.parametrize("vocab", [1, 2, 100, 4096, 4097, 128_256, 2**32, 2**32 + 5])
+def test_token_id_range_is_checked_exactly(vocab: int) -> None:
+    """The check packs the ids and tests them as 32-bit lanes of one big int: every edge."""
+    import random
+    from array import array
+
+    rng = random.Random(vocab)
+    for _ in range(60):
+        ids = [rng.choice((0, vocab - 1, vocab, vocab + 1, rng.randrange(0, 2 * vocab + 2), rng.randrange(vocab),
+                           -1, 2**32 - 1, 2**32)) for _ in range(rng.randrange(1, 40))]
+        valid = min(ids) >= 0 and max(ids) < vocab
+        core = MockerCore(MockerConfig(context_length=1000, num_gpu_blocks=64), vocab_size=vocab)
+        if valid:
+            core.add_request(req("a", ids))
+        else:
+            with pytest.raises(ValueError, match="token ids"):
+                core.add_request(req("a", ids))
+        ok = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        core.add_request(req("b", ok), prompt_u32=array("I", ok) if max(ok) < 2**32 else None)
+
+
 def test_preemption_keeps_greedy_outputs_identical() -> None:
     def run(num_blocks: int) -> tuple[dict[str, list[int]], int]:
         cfg = MockerConfig(block_size=4, num_gpu_blocks=num_blocks, max_num_batched_tokens=64)

@@ -515,6 +515,50 @@ class Scheduler:
             self.running = [s for s in self.running if s.status is _RUNNING]
         return results
 
+    # -- runs of plain decode steps (a simulator's fast path) ----------------------------------
+    def plain_decode_steps(self) -> int:
+        """How many of the next steps are *plain decodes*: ``schedule()`` would give every running
+        sequence, in order, a one-token decode that needs no new block, and ``complete()`` would
+        register no block and end no sequence, whatever tokens are sampled. Such a step's only
+        effect is one token appended to each running sequence (nothing queued, no KV event, no
+        block moves), so ``run_plain_decodes`` may apply several at once. 0 if the next step may
+        do anything else (waiting or held sequences, a prefill chunk, a placeholder in flight, a
+        stop token that could be drawn)."""
+        running = self.running
+        if self.waiting or self.held or not running or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        bs = self.block_manager.block_size
+        max_len = self.config.max_model_len
+        eos = self._eos
+        steps = 1 << 62
+        for seq in running:
+            tokens = seq.token_ids
+            n = len(tokens)
+            stop = seq.stop
+            if (n - seq.num_computed_tokens != 1 or n <= seq.num_prompt_tokens or tokens[-1] == PLACEHOLDER
+                    or stop.stop_token_ids or (eos and not stop.ignore_eos)):
+                return 0
+            # a step at length n: allocates iff n > blocks * bs; registers iff n reaches the block
+            # after the registered ones; ends the sequence iff n + 1 tokens reach a length limit
+            last = min(len(seq.block_table) * bs + 1, (seq.num_registered_blocks + 1) * bs,
+                       seq.num_prompt_tokens + stop.max_tokens - 1)
+            if max_len is not None and max_len - 1 < last:
+                last = max_len - 1
+            if last - n < steps:
+                steps = last - n
+                if steps <= 0:
+                    return 0
+        return steps
+
+    def run_plain_decodes(self, tokens: list[list[int]]) -> None:
+        """Apply ``len(tokens[0])`` plain decode steps (at most ``plain_decode_steps()``) at once:
+        ``tokens[i]`` are the tokens ``running[i]`` samples, one a step. The state is exactly
+        that of as many ``schedule``/``postprocess`` rounds."""
+        k = len(tokens[0])
+        for seq, toks in zip(self.running, tokens, strict=True):
+            seq.token_ids += toks
+            seq.num_computed_tokens += k
+
     # -- internals ----------------------------------------------------------------------------
     @staticmethod
     def _entry(seq: Sequence, n: int) -> ScheduledSeq:

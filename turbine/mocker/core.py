@@ -95,6 +95,26 @@ class MockerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return PolynomialTiming(self.speedup_ratio)
 
 
+def _ids_below(packed: array, limit: int) -> bool:
+    """Whether every id of ``packed`` (u32) is below ``limit``, without a Python-level max over a
+    long prompt: the ids become 32-bit lanes of one big int and, with ``k`` bits for ``limit - 1``,
+
+        every lane < 2**k               lanes & HIGH == 0          (HIGH: bits k..31 of each lane)
+        every lane < limit              (lanes + C) & HIGH == 0    (C: 2**k - limit in each lane)
+
+    (a lane below 2**k plus C stays below 2**(k+1) <= 2**32: no carry into the next lane)."""
+    k = (limit - 1).bit_length()
+    if k >= 32:
+        return True
+    n = len(packed)
+    lanes = int.from_bytes(packed, "little")
+    high = int.from_bytes(struct.pack("<I", (1 << 32) - (1 << k)) * n, "little")
+    if lanes & high:
+        return False
+    c = (1 << k) - limit
+    return not c or not (lanes + int.from_bytes(struct.pack("<I", c) * n, "little")) & high
+
+
 class _Launched(NamedTuple):
     out: SchedulerOutput
     slots: list[int]
@@ -110,6 +130,15 @@ class StepResult(NamedTuple):
     num_decode_seqs: int
     num_preempted: int
     pulls: list[PullOrder] = []  # copies admission ordered (disaggregation): the caller runs them
+
+
+class DecodeRun(NamedTuple):
+    """Plain decode steps run at once (``MockerCore.run_plain_decodes``): ``ends[k]`` is when step
+    k ended; every sequence of ``request_ids`` got one token a step (``tokens[i]``, in order)."""
+
+    ends: list[float]
+    request_ids: list[str]
+    tokens: list[list[int]]
 
 
 class MockerCore:
@@ -174,14 +203,22 @@ class MockerCore:
         self._num_allowed = k
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request: GenerateRequest, arrival_time: float | None = None) -> None:
-        """Queue a request; ValueError if it is malformed or can never fit this engine."""
-        tokens = request.token_ids
-        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
-            raise ValueError(
-                f"request {request.request_id!r}: token ids must lie in [0, {self.vocab_size})"
-            )
+    def add_request(self, request: GenerateRequest, arrival_time: float | None = None, *,
+                    prompt_u32: array | None = None) -> None:
+        """Queue a request; ValueError if it is malformed or can never fit this engine.
+        ``prompt_u32``: the caller's copy of ``request.token_ids`` as ``array("I")``, if it has one
+        (spares packing them; the caller vouches that the two agree)."""
         seq = Sequence.from_request(request, arrival_time)
+        tokens = request.token_ids
+        if tokens:
+            try:
+                ok = _ids_below(seq.prompt_u32(prompt_u32), self.vocab_size)
+            except (OverflowError, TypeError):  # not all u32 ints: compare them one by one
+                ok = min(tokens) >= 0 and max(tokens) < self.vocab_size
+            if not ok:
+                raise ValueError(
+                    f"request {request.request_id!r}: token ids must lie in [0, {self.vocab_size})"
+                )
         if seq.kv_source is not None and seq.kv_source.agent.layout is not None and self.kv_layout is not None:
             why = self.kv_layout.mismatch(seq.kv_source.agent.layout)
             if why:
@@ -256,6 +293,83 @@ class MockerCore:
                                   self.scheduler.take_pulls())
         self._inflight = self._launch() if self.pipelined else None
         return self._complete(done)
+
+    def run_plain_decodes(self, start: float, until: float) -> DecodeRun | None:
+        """The fast path of a discrete-event driver: run at once the plain decode steps
+        (``Scheduler.plain_decode_steps``) that would start before ``until``, the first at ``start``,
+        each starting when the one before ends. None (and nothing done) unless the next step is one.
+
+        Exactly what as many ``step()`` calls made at those times would do (the same tokens in the
+        same order of random draws, the same durations, one ``num_steps`` each): nothing outside
+        the running sequences changes in such steps, so the caller only has to promise that nothing
+        is added, pulled or released here before the last step starts (``until``: the next time
+        anything could be).
+        """
+        if self._inflight is not None or self.pipelined:
+            return None
+        sched = self.scheduler
+        limit = sched.plain_decode_steps()
+        if not limit:
+            return None
+        self._tier_copies()  # as step() begins (nothing is held: expire_held has nothing to do)
+        running = sched.running
+        n = len(running)
+        usage = self.block_manager.usage
+        step_seconds = self.timing.step_seconds
+        ends: list[float] = []
+        t = start
+        if getattr(self.timing, "decode_uses_context", True):
+            ctx = sum(len(seq.token_ids) for seq in running)
+            while True:
+                t += step_seconds(0, n, usage, mean_prefill_context=0.0, mean_decode_context=ctx / n)
+                ends.append(t)
+                if len(ends) == limit or t >= until:
+                    break
+                ctx += n
+        else:  # every step of the run lasts the same
+            d = step_seconds(0, n, usage, mean_prefill_context=0.0, mean_decode_context=0.0)
+            while True:
+                t += d
+                ends.append(t)
+                if len(ends) == limit or t >= until:
+                    break
+        k = len(ends)
+        tokens = self._sample_run(running, k)
+        sched.run_plain_decodes(tokens)
+        self.num_steps += k
+        return DecodeRun(ends, [seq.request_id for seq in running], tokens)
+
+    def _sample_run(self, running: list[Sequence], k: int) -> list[list[int]]:
+        """``k`` tokens for each sequence, drawn as ``k`` steps of ``_sample`` in batch order would."""
+        keys = self._keys
+        unkeyed = [i for i, seq in enumerate(running) if keys.get(seq.request_id) is None]
+        out: list[list[int]] = [[] for _ in running]
+        if unkeyed:
+            m = len(unkeyed)
+            rand, allowed = self._random, self._num_allowed
+            ks = [int(rand() * allowed) for _ in range(m * k)]  # step by step, sequence by sequence
+            for j, i in enumerate(unkeyed):
+                out[i] = self._allowed_ids(ks[j::m])
+        for i, seq in enumerate(running):
+            key = keys.get(seq.request_id)
+            if key is not None:
+                n0 = seq.num_output_tokens
+                allowed = self._num_allowed
+                out[i] = self._allowed_ids([xxhash.xxh3_64_intdigest(_PACK2(key, n0 + j)) % allowed
+                                            for j in range(k)])
+        return out
+
+    def _allowed_ids(self, ks: list[int]) -> list[int]:
+        """The k-th allowed token id for each k of ``ks``."""
+        if len(self._run_ks) == 1:
+            base = self._run_ids[0]
+            return [base + k for k in ks] if base else ks
+        run_ks, run_ids = self._run_ks, self._run_ids
+        out = []
+        for k in ks:
+            j = bisect_right(run_ks, k) - 1
+            out.append(run_ids[j] + k - run_ks[j])
+        return out
 
     def _take_preempted(self) -> int:
         n, self._preempted = self._preempted, 0

@@ -53,6 +53,10 @@ def _check_speedup(speedup_ratio: float) -> float:
 class PolynomialTiming:
     """Dynamo's default mocker timing (its figures, its prefill + decode composition)."""
 
+    # A decode step's time ignores the sequences' lengths (only KV usage counts), so a run of
+    # decode steps over the same blocks lasts the same each step (MockerCore.run_plain_decodes).
+    decode_uses_context = False
+
     def __init__(
         self,
         speedup_ratio: float = 1.0,

@@ -46,12 +46,13 @@ from turbine.bench.trace import DEFAULT_VOCAB_SIZE, TokenSynth, TraceRequest, ar
 from turbine.disagg.decision import DECISIONS, DisaggConfig, decide
 from turbine.engine.scheduler import PullOrder
 from turbine.kvbm.tiered import TierSource
-from turbine.mocker.core import MockerConfig, MockerCore, StepResult
+from turbine.mocker.core import DecodeRun, MockerConfig, MockerCore, StepResult
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
 from turbine.router.router import Router
 
 ROUTERS = ("kv", "round-robin", "random", "least-loaded", "power-of-two")
+_DEFERRED: Any = object()  # a pending marker: the worker's plain decodes start after the others at t
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,8 +197,15 @@ class Simulator:
         self.synth = TokenSynth(cfg.vocab_size, seed=cfg.seed)
         self.disagg = cfg.disagg()
         n = cfg.num_workers
-        self._pending: list[StepResult | None] = [None] * n  # the step each busy worker runs
+        self._pending: list[StepResult | DecodeRun | None] = [None] * n  # the step(s) each busy worker runs
+        self._ends = [0.0] * n  # when each busy worker's pending step(s) end
         self._heap: list[tuple[float, int]] = []  # (end time, worker) of every pending step
+        self._prefill_idx = [self._index[w] for w in self.prefill_ids]
+        self._next_arrival = math.inf  # the first arrival not routed yet
+        self._deferred: list[int] = []  # disaggregated: decode workers whose plain decodes run last at t
+        # the fast path (runs of plain decode steps) for every worker that decodes step by step
+        self._plain_decodes = [not core.pipelined and not w.startswith("prefill-")
+                               for core, w in zip(self.cores, self.worker_ids)]
         self._pulls: list[tuple[float, int, int, PullOrder]] = []  # (end, tie, decode worker, order)
         self._link_free = [0.0] * n  # when each decode worker's link finishes the copies queued on it
         self._holders: dict[str, int] = {}  # held transfer id -> prefill worker
@@ -236,9 +244,16 @@ class Simulator:
                 if w >= 0:
                     kicked.append(w)
                 i += 1
+            self._next_arrival = arrivals[i] if i < n else inf
             for w in kicked:
                 if pending[w] is None:
                     self._start_step(w, t)
+            if self._deferred:
+                for w in self._deferred:
+                    pending[w] = None
+                    if not self._start_plain_decodes(w, t):
+                        self._step(w, t)
+                self._deferred.clear()
         self.stats.wall_s = time.perf_counter() - wall0
         if self.cfg.disaggregated:
             self.stats.ttft_split = {k: round(statistics.median(v) * 1e3, 3) for k, v in self._split.items() if v}
@@ -263,7 +278,7 @@ class Simulator:
                 gen = GenerateRequest(request_id=pid, token_ids=tr.prompt, sampling=SamplingOptions(),
                                       stop=StopConditions(max_tokens=1, ignore_eos=True),
                                       kv_transfer=KvTransferRequest(hold_s=self.disagg.hold_s))
-                return self._add(w, gen, tr, self.prefill_router)
+                return self._add(w, gen, tr, self.prefill_router, ids)
         rid = f"req-{i}"
         decision_ = self.router.route(rid, self.generate_ids, ids)
         w = self._index[decision_.worker_id]
@@ -272,7 +287,7 @@ class Simulator:
             stop=StopConditions(max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True),
             predicted_overlap_blocks=decision_.overlap_blocks,
         )
-        return self._add(w, gen, tr, self.router)
+        return self._add(w, gen, tr, self.router, ids)
 
     def _decide(self, ids: Any) -> str:
         loads = self.prefill_router.loads.workers
@@ -280,9 +295,9 @@ class Simulator:
         cached = self.router.best_overlap(self.generate_ids, ids) * self.router.block_size
         return decide(len(ids), cached, queued, self.disagg)
 
-    def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router) -> int:
+    def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router, ids: Any = None) -> int:
         try:
-            self.cores[w].add_request(gen, arrival_time=self.now)
+            self.cores[w].add_request(gen, arrival_time=self.now, prompt_u32=ids)
         except ValueError as e:  # can never run on this engine (context, KV capacity)
             router.finished(gen.request_id)
             self._results[tr.index] = RequestResult(ok=False, error=str(e)[:200])
@@ -296,6 +311,19 @@ class Simulator:
         core = self.cores[w]
         if not core.has_work():
             return
+        if self._plain_decodes[w]:
+            if not self.cfg.disaggregated:
+                if self._start_plain_decodes(w, t):
+                    return
+            elif core.scheduler.plain_decode_steps():  # run after every other start at t: a prefill
+                self._pending[w] = _DEFERRED           # starting now may end before the run does
+                self._deferred.append(w)
+                return
+        self._step(w, t)
+
+    def _step(self, w: int, t: float) -> None:
+        """One step of worker ``w`` starting at ``t`` (its outputs and events are delivered at its end)."""
+        core = self.cores[w]
         res = core.step()
         self.stats.preemptions += res.num_preempted
         for order in res.pulls:
@@ -305,7 +333,51 @@ class Simulator:
             return
         self.stats.steps += 1
         self._pending[w] = res
-        heapq.heappush(self._heap, (t + res.duration_s, w))
+        end = self._ends[w] = t + res.duration_s
+        heapq.heappush(self._heap, (end, w))
+
+    # -- the fast path: runs of plain decode steps ---------------------------------------------
+    def _start_plain_decodes(self, w: int, t: float) -> bool:
+        """Run at once worker ``w``'s plain decode steps (MockerCore.run_plain_decodes) that start
+        before anything could reach it; their tokens are delivered when the last one ends.
+        False (nothing done) if its next step is not a plain decode."""
+        run = self.cores[w].run_plain_decodes(t, self._quiet_until(w))
+        if run is None:
+            return False
+        self.stats.steps += len(run.ends)
+        self._pending[w] = run
+        end = self._ends[w] = run.ends[-1]
+        heapq.heappush(self._heap, (end, w))
+        return True
+
+    def _quiet_until(self, w: int) -> float:
+        """The first time anything could reach worker ``w``: the next arrival (the router may send
+        it here), a KV pull ending here and, in a disaggregated fleet, any pull or prefill step
+        ending (a prefill hands its request to a decode worker; a pull releases a prefill worker,
+        which may then start a prefill)."""
+        until = self._next_arrival
+        disagg = self.cfg.disaggregated
+        for end, _, pw, _ in self._pulls:
+            if end < until and (pw == w or disagg):
+                until = end
+        if disagg:
+            pending, ends = self._pending, self._ends
+            for p in self._prefill_idx:
+                if pending[p] is not None and ends[p] < until:
+                    until = ends[p]
+        return until
+
+    def _deliver_plain_decodes(self, run: DecodeRun) -> None:
+        """Tokens of a run of plain decodes: one a step to each sequence (nothing else happens)."""
+        ends = run.ends
+        first, last = ends[0], ends[-1]
+        gaps = [b - a for a, b in zip(ends, ends[1:])]
+        tracks = self._tracks
+        for rid in run.request_ids:
+            tr = tracks[rid]
+            tr.itl.append(first - tr.last)
+            tr.itl += gaps
+            tr.last = last
 
     def _apply_events(self, w: int, res: StepResult, t: float) -> None:
         # Only exact kv routing reads the index; load policies and approx mode ignore events
@@ -320,8 +392,11 @@ class Simulator:
         """The step of worker ``w`` ends at ``t``: events to the router, tokens to clients.
         Returns other workers this wakes (a decode worker given a prefilled request)."""
         res = self._pending[w]
-        assert res is not None
         self._pending[w] = None
+        if type(res) is DecodeRun:
+            self._deliver_plain_decodes(res)
+            return []
+        assert res is not None
         self._apply_events(w, res, t)
         started = t - res.duration_s
         tracks = self._tracks
