@@ -100,7 +100,10 @@ class PlannerRunner:
         return d
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_minimum()
+        try:
+            await self.ensure_minimum()
+        except Exception as e:  # noqa: BLE001 - e.g. the Kubernetes API unreachable at start: decisions retry it
+            log.error("could not start the pools' minimum: %s", e)
         with contextlib.suppress(Exception):
             await self.source.read()  # prime the counters
         interval = self.planner.cfg.interval_s
