@@ -167,6 +167,13 @@ class LoadStats:
     retried: int = 0
 
 
+def assert_clean(stats: LoadStats, at_least: int) -> None:
+    """Every stream completed with all its tokens, and at least ``at_least`` of them."""
+    assert not stats.failed, stats.failed[:5]
+    assert not stats.truncated, stats.truncated[:5]
+    assert stats.ok >= at_least, stats
+
+
 class Load:
     """``concurrency`` clients sending streaming chat requests until stopped, on their own loop."""
 

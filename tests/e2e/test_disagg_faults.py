@@ -13,8 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from test_faults_under_load import MAX_TOKENS, Load, _assert_clean
-from testkit import free_port, metric_values, spawn, wait_workers
+from testkit import MAX_TOKENS, Load, assert_clean, free_port, metric_values, spawn, wait_workers
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, StopConditions
 from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
 
@@ -93,7 +92,7 @@ def test_prefill_worker_sigkilled_mid_transfer_under_load(tmp_path: Path, model_
         prefill[0].wait()
         load.wait_ok(15)
         stats = load.stop()
-    _assert_clean(stats, 25)
+    assert_clean(stats, 25)
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         text = r.read().decode()
     assert metric_values(text, 'turbine_disagg_decisions_total{decision="remote"}')[0] >= 20

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import Load, LoadStats, free_port, health, metric_values, spawn, wait_workers
+from testkit import Load, assert_clean, free_port, health, metric_values, spawn, wait_workers
 
 
 def _worker(procs: list, disc: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
@@ -37,12 +37,6 @@ def _wait_listening(url: str, timeout: float = 30) -> None:
     while not health(url):
         assert time.monotonic() < deadline, f"{url} did not come up"
         time.sleep(0.05)
-
-
-def _assert_clean(stats: LoadStats, at_least: int) -> None:
-    assert not stats.failed, stats.failed[:5]
-    assert not stats.truncated, stats.truncated[:5]
-    assert stats.ok >= at_least, stats
 
 
 def _exit(p: subprocess.Popen, sig: int, timeout: float = 30) -> float:
@@ -86,7 +80,7 @@ def test_worker_sigkill_sigstop_and_sigterm_under_load(fleet, model_dir: Path, p
         assert workers[0].returncode == 0 and took < 20
         load.wait_ok(10)
         stats = load.stop()
-    _assert_clean(stats, 60)
+    assert_clean(stats, 60)
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         text = r.read().decode()
     assert metric_values(text, "turbine_frontend_migrations_total")[0] >= 1  # SIGKILL and SIGSTOP moved streams
@@ -111,7 +105,7 @@ def test_rolling_restart_of_every_worker_under_load(tmp_path: Path, model_dir: P
             load.wait_ok(5)
             workers.append(new)
         stats = load.stop()
-    _assert_clean(stats, 25)
+    assert_clean(stats, 25)
     assert stats.retried == 0
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -149,7 +143,7 @@ def test_frontend_sigterm_finishes_its_streams(fleet) -> None:  # type: ignore[n
     time.sleep(0.5)
     stats = load.stats
     # Requests that started before the signal all completed; later ones found no server (retries).
-    _assert_clean(stats, 8)
+    assert_clean(stats, 8)
     load._thread.join(timeout=30)
 
 
@@ -170,4 +164,4 @@ def test_rolling_restart_of_the_frontend_under_load(tmp_path: Path, model_dir: P
             assert took < 15
             load.wait_ok(10)
         stats = load.stop()
-    _assert_clean(stats, 30)
+    assert_clean(stats, 30)
