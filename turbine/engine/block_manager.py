@@ -20,6 +20,8 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from functools import partial
+from itertools import islice
 from typing import NamedTuple
 
 from turbine.engine.sequence import Sequence
@@ -38,6 +40,9 @@ class _Cached(NamedTuple):
     parent_hash: SequenceHash | None
     token_ids: array  # u32, compact: cached blocks outlive their sequences
     position: int  # block index within its chain (parents sort first)
+
+
+_new_cached = partial(tuple.__new__, _Cached)  # _Cached from a tuple, without the Python-level __new__
 
 
 class KVBlockManager:
@@ -179,6 +184,17 @@ class KVBlockManager:
         tokens = seq.token_ids
         h2b, cached = self._hash_to_block, self._cached
         packed = seq.hashed_tokens_u32()
+        new = hashes[start:n_full]
+        if len(new) > 1 and h2b.keys().isdisjoint(new) and len(set(new)) == len(new):
+            # no block computed twice (the common case): the loop below, in bulk
+            blocks = table[start:n_full]
+            parent = hashes[start - 1] if start else None
+            offsets = range(start * bs, n_full * bs, bs)
+            contents = map(packed.__getitem__, map(slice, offsets, range((start + 1) * bs, (n_full + 1) * bs, bs)))
+            cached.update(zip(blocks, map(_new_cached, zip(new, [parent, *new[:-1]], contents, range(start, n_full)))))
+            h2b.update(zip(new, blocks))
+            self._events.append(BlockStored(new, parent, tokens[start * bs : n_full * bs], bs))
+            return
         run: list[SequenceHash] = []  # a chain of new blocks: one BlockStored event
         run_start = start
         run_parent = hashes[start - 1] if start else None
@@ -222,15 +238,19 @@ class KVBlockManager:
         n = min(num_blocks, len(self._evictable))
         if n <= 0:
             return 0
-        removed: list[SequenceHash] = []
+        evictable = self._evictable
+        blocks = list(islice(evictable, n))  # the n least recently used
+        for b in blocks:
+            del evictable[b]
+        infos = list(map(self._cached.pop, blocks))
+        removed: list[SequenceHash] = [info.seq_hash for info in infos]
+        h2b = self._hash_to_block
+        for h in removed:
+            del h2b[h]
+        self._free.extend(blocks)
         on_evict = self.on_evict
-        for _ in range(n):
-            b, _unused = self._evictable.popitem(last=False)
-            info = self._cached.pop(b)
-            del self._hash_to_block[info.seq_hash]
-            removed.append(info.seq_hash)
-            self._free.append(b)
-            if on_evict is not None:
+        if on_evict is not None:
+            for b, info in zip(blocks, infos):
                 on_evict(b, info)
         self._events.append(BlockRemoved(removed))
         return n
