@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from turbine.bench.report import mean_itl_s
-from turbine.bench.stats import percentile
+from turbine.bench.stats import RequestResult, percentile
 from turbine.bench.trace import TraceRequest
 from turbine.mocker.core import MockerConfig
 from turbine.planner.perf_model import Parallel, PerfModel
@@ -204,6 +204,14 @@ class SimCheck:
 RequestSource = Callable[[float], Sequence[TraceRequest]]  # rate -> requests arriving at that rate
 
 
+def within_sla(r: RequestResult, sla: Sla) -> bool:
+    """A request met the SLA: it succeeded, its TTFT and its mean inter-token latency in target."""
+    if not r.ok or r.ttft_s is None or r.ttft_s * 1e3 > sla.ttft_ms:
+        return False
+    itl = mean_itl_s(r)
+    return itl is None or itl * 1e3 <= sla.itl_ms
+
+
 class Simulated:
     """Runs deployments through `turbine.sim`, each worker priced by the perf model's profile for
     its layout (written once per layout into ``profile_dir``)."""
@@ -257,8 +265,7 @@ class Simulated:
         ttfts = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
         itls = [v * 1e3 for r in ok if (v := mean_itl_s(r)) is not None]
         sla = self.inp.sla
-        good = sum(1 for r in ok if r.ttft_s is not None and r.ttft_s * 1e3 <= sla.ttft_ms
-                   and ((v := mean_itl_s(r)) is None or v * 1e3 <= sla.itl_ms))
+        good = sum(1 for r in ok if within_sla(r, sla))
         q = self.inp.percentile
         return SimCheck(rate=rate, ttft_ms=percentile(ttfts, q), itl_ms=percentile(itls, q),
                         attainment=good / len(res.results), errors=len(res.results) - len(ok),
@@ -376,5 +383,5 @@ def summary(res: PlanResult) -> dict[str, Any]:
     }
 
 
-__all__ = ["BATCHES", "Candidate", "Deployment", "PlanInputs", "PlanResult", "SimCheck", "Simulated", "layouts",
+__all__ = ["BATCHES", "Candidate", "Deployment", "PlanInputs", "PlanResult", "SimCheck", "Simulated", "layouts", "within_sla",
            "plan", "rank", "size", "summary", "sweep"]

@@ -173,7 +173,8 @@ class Simulator:
     """Replays ``requests`` through the simulated fleet of ``cfg``; call ``run()`` once."""
 
     def __init__(self, requests: Sequence[TraceRequest], cfg: SimConfig, *,
-                 on_finish: Callable[[], None] | None = None) -> None:
+                 on_finish: Callable[[], None] | None = None,
+                 on_complete: Callable[[RequestResult, float], None] | None = None) -> None:
         if not requests:
             raise ValueError("no requests to simulate")
         self.cfg = cfg
@@ -213,6 +214,11 @@ class Simulator:
         self._results: list[RequestResult | None] = [None] * len(self.requests)
         self._split: dict[str, list[float]] = {"queue": [], "prefill": [], "transfer": [], "first_decode": []}
         self._on_finish = on_finish
+        self._on_complete = on_complete  # (result, virtual time) for every request that ends
+        # a dynamic fleet (the planner's virtual connector): timers, workers starting and draining
+        self._timers: list[tuple[float, int, Callable[[float], None]]] = []  # (time, tie, callback)
+        self._draining: set[int] = set()
+        self.retired: dict[str, float] = {}  # drained worker -> when it went idle and left
         self.stats = SimStats(requests_per_worker=[0] * n,
                               decisions=dict.fromkeys(DECISIONS, 0) if cfg.disaggregated else {})
         self._uses_events = cfg.router == "kv" and not cfg.router_approx
@@ -228,8 +234,13 @@ class Simulator:
         heap, pulls, arrivals, pending = self._heap, self._pulls, self.arrivals, self._pending
         n, i = len(arrivals), 0
         inf = math.inf
+        timers = self._timers
         while heap or pulls or i < n:
             t = min(heap[0][0] if heap else inf, pulls[0][0] if pulls else inf, arrivals[i] if i < n else inf)
+            if timers and timers[0][0] <= t:  # a timer first: what it changes holds for events at its time
+                self.now = t = timers[0][0]
+                heapq.heappop(timers)[2](t)
+                continue
             self.now = t
             kicked: list[int] = []
             while heap and heap[0][0] == t:
@@ -254,11 +265,81 @@ class Simulator:
                     if not self._start_plain_decodes(w, t):
                         self._step(w, t)
                 self._deferred.clear()
+            if self._draining:
+                self._retire_idle(t)
         self.stats.wall_s = time.perf_counter() - wall0
         if self.cfg.disaggregated:
             self.stats.ttft_split = {k: round(statistics.median(v) * 1e3, 3) for k, v in self._split.items() if v}
         results = [r if r is not None else RequestResult(ok=False, error="never finished") for r in self._results]
         return SimResult(results, self.arrivals, max(self.now, 1e-9), self.stats)
+
+    # -- a dynamic fleet (turbine/planner/connectors/virtual.py drives it) ---------------------
+    def at(self, t: float, callback: Callable[[float], None]) -> None:
+        """Call ``callback(t)`` at virtual time ``t`` (while the fleet still has requests to serve)."""
+        self._tie += 1
+        heapq.heappush(self._timers, (t, self._tie, callback))
+
+    def add_worker(self, role: str, ready_in_s: float = 0.0) -> str:
+        """A new ``role`` worker ("agg", "prefill" or "decode"), routable ``ready_in_s`` from now
+        (its model loading); its id."""
+        if role not in ("agg", "prefill", "decode") or (role == "agg") == self.cfg.disaggregated:
+            raise ValueError(f"a {'disaggregated' if self.cfg.disaggregated else 'aggregated'} fleet has no {role!r} pool")
+        prefix = "worker" if role == "agg" else role
+        wid = f"{prefix}-{sum(1 for w in self.worker_ids if w.startswith(prefix + '-'))}"
+        w = len(self.worker_ids)
+        clock = lambda: self.now  # noqa: E731
+        mocker = self.cfg.prefill_mocker if role == "prefill" and self.cfg.prefill_mocker else self.cfg.mocker
+        self.cores.append(MockerCore(mocker, vocab_size=self.cfg.vocab_size, rng_seed=self.cfg.seed * 1_000_003 + w,
+                                     clock=clock))
+        self.worker_ids.append(wid)
+        self._index[wid] = w
+        self._pending.append(None)
+        self._ends.append(0.0)
+        self._link_free.append(0.0)
+        self._plain_decodes.append(not self.cores[w].pipelined and role != "prefill")
+        self.stats.requests_per_worker.append(0)
+
+        def ready(_t: float) -> None:
+            if w in self._draining or wid in self.retired:
+                return
+            if role == "prefill":
+                self.prefill_ids.append(wid)
+                self._prefill_idx.append(w)
+            else:
+                self.generate_ids.append(wid)
+        if ready_in_s > 0:
+            self.at(self.now + ready_in_s, ready)
+        else:
+            ready(self.now)
+        return wid
+
+    def drain_worker(self, worker_id: str) -> None:
+        """Stop routing to ``worker_id``; it finishes what it holds, then leaves (``retired``)."""
+        w = self._index[worker_id]
+        if w in self._draining or worker_id in self.retired:
+            return
+        for ids in (self.generate_ids, self.prefill_ids):
+            if worker_id in ids:
+                ids.remove(worker_id)
+        if w in self._prefill_idx:
+            self._prefill_idx.remove(w)
+        self._draining.add(w)
+        self._retire_idle(self.now)
+
+    def routable(self, worker_id: str) -> bool:
+        return worker_id in self.generate_ids or worker_id in self.prefill_ids
+
+    def _retire_idle(self, t: float) -> None:
+        for w in [w for w in self._draining if self._pending[w] is None and self._idle(w)]:
+            self._draining.discard(w)
+            wid = self.worker_ids[w]
+            self.retired[wid] = t
+            router = self.prefill_router if wid.startswith("prefill-") else self.router
+            router.worker_removed(wid)
+
+    def _idle(self, w: int) -> bool:
+        core = self.cores[w]
+        return not core.has_work() and not core.scheduler.held and not core.scheduler.pulling
 
     # -- requests ----------------------------------------------------------------------------
     def _arrive(self, i: int, t: float) -> int:
@@ -301,6 +382,8 @@ class Simulator:
         except ValueError as e:  # can never run on this engine (context, KV capacity)
             router.finished(gen.request_id)
             self._results[tr.index] = RequestResult(ok=False, error=str(e)[:200])
+            if self._on_complete is not None:
+                self._on_complete(self._results[tr.index], self.now)
             self._finished()
             return -1
         self._tracks[gen.request_id] = tr
@@ -494,6 +577,8 @@ class Simulator:
         self._results[tr.index] = RequestResult(
             ok=True, ttft_s=tr.first - tr.arrival if tr.first >= 0 else None, itl_s=tr.itl,
             e2e_s=t - tr.arrival, prompt_tokens=prompt, output_tokens=completion, cached_tokens=cached)
+        if self._on_complete is not None:
+            self._on_complete(self._results[tr.index], t)
         if self.cfg.disaggregated and tr.first >= 0 and tr.started >= 0:
             sp = self._split
             sp["queue"].append(tr.started - tr.arrival)
