@@ -126,6 +126,42 @@ def test_bounds_budget_and_cooldowns() -> None:
         _cfg(min_workers=3, gpu_budget=2)
 
 
+def test_a_start_up_time_plans_for_the_load_when_new_workers_serve() -> None:
+    hw = HoltWinters()
+    for v in (10, 20, 30, 40):
+        hw.observe(v)
+    assert hw.predict(3) - hw.predict(1) == pytest.approx(2 * hw._trend) and hw.predict(3) > hw.predict(1)
+    model = FlatModel(10.0, kv=32 * 1100)
+    ramp = [Observation(60, rate=r, isl=1000, osl=100) for r in (30, 60, 90, 120)]
+    needed = {}
+    for startup in (0.0, 120.0):  # 60 s intervals: a worker asked for now serves in the third interval
+        cfg = _cfg(predictor="holt-winters", startup_s=startup)
+        assert cfg.horizon == (1 if startup == 0 else 3)
+        pl = SlaPlanner(model, cfg)  # type: ignore[arg-type]
+        for i, o in enumerate(ramp):
+            d = pl.decide(o, {"agg": 1}, 60.0 * i)
+        needed[startup] = d.needed["agg"]
+    assert needed[120.0] > needed[0.0]
+    # a falling load: the next interval's prediction (the larger) still rules
+    pl = SlaPlanner(model, _cfg(predictor="holt-winters", startup_s=120.0))  # type: ignore[arg-type]
+    for i, o in enumerate(reversed(ramp)):
+        d = pl.decide(o, {"agg": 1}, 60.0 * i)
+    assert d.predicted["rate"] == pytest.approx(pl.rate_p.predict(1))
+
+
+def test_cached_prompt_tokens_cost_no_prefill() -> None:
+    # Prompt tokens cost 0.04 ms each: a 50% prefix hit halves the modelled prefill of a prompt.
+    model = FlatModel(10.0, per_token_ms=0.04, kv=64 * 1100)
+    cfg = _cfg(mode="disagg", sla=Sla(100, 20), max_utilization=0.9)
+    cold = SlaPlanner(model, cfg).decide(Observation(60, rate=30, isl=1000, osl=100), {"prefill": 1, "decode": 1}, 0)  # type: ignore[arg-type]
+    warm_pl = SlaPlanner(model, cfg)  # type: ignore[arg-type]
+    warm_pl.decide(Observation(60, rate=30, isl=1000, osl=100, prefix_hit=0.5), {"prefill": 1, "decode": 1}, 0)
+    warm = warm_pl.decide(Observation(60, rate=30, isl=1000, osl=100, prefix_hit=0.5), {"prefill": 1, "decode": 1}, 60)
+    assert warm.predicted["prefix_hit"] == pytest.approx(0.375)  # smoothed: 0.25, then 0.375
+    assert warm.per_worker_rps["prefill"] > cold.per_worker_rps["prefill"]
+    assert warm.target["prefill"] < cold.target["prefill"]
+
+
 def test_no_traffic_keeps_the_minimum() -> None:
     pl = SlaPlanner(FlatModel(), _cfg(min_workers=2))  # type: ignore[arg-type]
     d = pl.decide(Observation(60, rate=0.0), {"agg": 2}, 0)
@@ -142,11 +178,13 @@ def test_observation_from_frontend_counters() -> None:
         mm.e2e.observe(2.0)
         mm.prompt_tokens.inc(1000)
         mm.output_tokens.inc(50)
+        mm.cached_tokens.inc(250)
         for _ in range(49):
             mm.itl.observe(0.01)
     obs = difference(before, parse_counters(m.render().decode(), at=110.0))
     assert obs.rate == pytest.approx(1.0) and obs.isl == pytest.approx(1000) and obs.osl == pytest.approx(50)
     assert obs.ttft_ms == pytest.approx(200) and obs.itl_ms == pytest.approx(10) and obs.concurrency == pytest.approx(2.0)
+    assert obs.prefix_hit == pytest.approx(0.25)
     assert parse_counters(m.render().decode(), model="other").values["prompt"] == 0
     # Nothing finished: lengths unknown, not zero.
     idle = difference(parse_counters(m.render().decode(), at=0), parse_counters(m.render().decode(), at=5))

@@ -56,6 +56,7 @@ class SimObserver:
             ttft_ms=statistics.fmean(ttfts) * 1e3 if ttfts else None,
             itl_ms=sum(sum(r.itl_s) for r in ok) / gaps * 1e3 if gaps else None,
             concurrency=sum(r.e2e_s or 0.0 for r in ok) / dt,
+            prefix_hit=sum(r.cached_tokens or 0 for r in ok) / prompt if (prompt := sum(r.prompt_tokens for r in ok)) else None,
         )
 
 
@@ -101,9 +102,11 @@ class ClosedLoopResult:
 
 def run_closed_loop(requests: Sequence[TraceRequest], cfg: SimConfig, sla: Sla, *, policy: Policy | None = None,
                     interval_s: float = 60.0, startup_s: float = 30.0, gpus_per_worker: dict[str, int] | None = None,
-                    label: str = "") -> ClosedLoopResult:
+                    label: str = "", score_from_s: float = 0.0) -> ClosedLoopResult:
     """Replay ``requests`` on the fleet of ``cfg`` (its initial size); with a ``policy``, it
-    decides every ``interval_s`` and the virtual connector applies the decision."""
+    decides every ``interval_s`` and the virtual connector applies the decision. Requests that
+    arrive from ``score_from_s`` on, and GPU time from then, are scored (earlier ones warm the
+    policy up: a second day scored after a first)."""
     if interval_s <= 0:
         raise ValueError(f"interval_s must be positive, got {interval_s}")
     observer: SimObserver | None = None
@@ -111,7 +114,6 @@ def run_closed_loop(requests: Sequence[TraceRequest], cfg: SimConfig, sla: Sla, 
     observer = SimObserver(sim.arrivals)
     conn = VirtualConnector(sim, gpus_per_worker=gpus_per_worker, startup_s=startup_s)
     ticks: list[Tick] = []
-    peak = conn.current_now()
 
     def tick(t: float) -> None:
         obs = observer.read(t - interval_s, t)
@@ -122,18 +124,24 @@ def run_closed_loop(requests: Sequence[TraceRequest], cfg: SimConfig, sla: Sla, 
             for pool, n in target.items():
                 if n != current.get(pool, 0):
                     conn.scale_now(pool, n)
-            for pool, n in conn.current_now().items():
-                peak[pool] = max(peak.get(pool, 0), n)
         ticks.append(Tick(t, obs.rate, obs.ttft_ms, obs.itl_ms, current, dict(target)))
         sim.at(t + interval_s, tick)
 
     sim.at(interval_s, tick)
+    before: list[float] = []
+    if score_from_s > 0:
+        sim.at(score_from_s, lambda t: before.append(conn.gpu_seconds(t)))
     res = sim.run()
+    scored = [r for r, t in zip(res.results, res.arrivals_s) if t >= score_from_s]
+    if not scored:
+        raise ValueError(f"no request arrives after score_from_s={score_from_s}")
     return ClosedLoopResult(
-        label=label or ("static" if policy is None else type(policy).__name__), results=res.results,
-        duration_s=res.duration_s, gpu_seconds=conn.gpu_seconds(res.duration_s),
-        attainment=sum(1 for r in res.results if within_sla(r, sla)) / len(res.results), ticks=ticks,
-        peak_workers=peak, sim_wall_s=res.stats.wall_s)
+        label=label or ("static" if policy is None else type(policy).__name__), results=scored,
+        duration_s=res.duration_s - score_from_s, gpu_seconds=conn.gpu_seconds(res.duration_s) - sum(before),
+        attainment=sum(1 for r in scored if within_sla(r, sla)) / len(scored),
+        ticks=(kept := [k for k in ticks if k.t > score_from_s]),
+        peak_workers={p: max([n, *(max(k.current[p], k.target[p]) for k in kept)]) for p, n in conn.current_now().items()},
+        sim_wall_s=res.stats.wall_s)
 
 
 __all__ = ["ClosedLoopResult", "SimObserver", "Tick", "run_closed_loop"]

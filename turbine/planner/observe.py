@@ -2,6 +2,7 @@
 
     rate         requests that got their first token, per second   (TTFT histogram count)
     ISL, OSL     prompt and output tokens per finished request      (token counters / E2E count)
+    prefix hit   cached prompt tokens / prompt tokens               (token counters)
     TTFT, ITL    means over the interval                            (histogram sum / count)
     concurrency  requests in flight, by Little's law                (E2E histogram sum / interval)
 """
@@ -25,6 +26,7 @@ _SERIES = {
     "e2e_sum": "turbine_frontend_request_duration_seconds_sum",
     "prompt": "turbine_frontend_prompt_tokens_total",
     "output": "turbine_frontend_output_tokens_total",
+    "cached": "turbine_frontend_cached_tokens_total",
 }
 
 
@@ -60,6 +62,7 @@ def difference(prev: Counters, cur: Counters) -> Observation:
         ttft_ms=d["ttft_sum"] / started * 1e3 if started else None,
         itl_ms=d["itl_sum"] / d["itl_count"] * 1e3 if d["itl_count"] else None,
         concurrency=d["e2e_sum"] / dt if finished else None,
+        prefix_hit=d["cached"] / d["prompt"] if d["prompt"] > 0 else None,
     )
 
 

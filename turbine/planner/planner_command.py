@@ -42,6 +42,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="seconds after any change of a pool before it may shrink")
     g.add_argument("--planner-max-utilization", type=float, default=0.8,
                    help="fraction of a worker's modelled capacity the planner plans to use (headroom for queueing)")
+    g.add_argument("--planner-startup", type=float, default=0.0,
+                   help="seconds a new worker takes to serve: scale-ups aim at the load predicted for then")
     g.add_argument("--planner-layout", default="tp1", help="aggregated workers' parallel layout (tp1, tp2, tp2pp2, ...)")
     g.add_argument("--planner-prefill-layout", default="tp1", help="prefill workers' layout")
     g.add_argument("--planner-decode-layout", default="tp1", help="decode workers' layout")
@@ -91,6 +93,7 @@ def planner_config(a: argparse.Namespace, mode: str) -> PlannerConfig:
         prefill_layout=layouts["prefill"], decode_layout=layouts["decode"], min_workers=a.planner_min_workers,
         max_workers=a.planner_max_workers, gpu_budget=budget, scale_up_cooldown_s=a.planner_scale_up_cooldown,
         scale_down_cooldown_s=a.planner_scale_down_cooldown, max_utilization=a.planner_max_utilization,
+        startup_s=a.planner_startup,
         token_budget=a.max_num_batched_tokens, max_batch=a.max_num_seqs, speedup_ratio=a.speedup_ratio,
         correct=not a.planner_no_correction)
 

@@ -21,8 +21,8 @@ from typing import Protocol
 class Predictor(Protocol):
     def observe(self, value: float) -> None: ...
 
-    def predict(self) -> float | None:
-        """The next interval's value; None before any observation."""
+    def predict(self, steps: int = 1) -> float | None:
+        """The value ``steps`` intervals ahead (1: the next); None before any observation."""
         ...
 
 
@@ -33,7 +33,7 @@ class Constant:
     def observe(self, value: float) -> None:
         self._last = value
 
-    def predict(self) -> float | None:
+    def predict(self, steps: int = 1) -> float | None:
         return self._last
 
 
@@ -46,7 +46,7 @@ class MovingAverage:
     def observe(self, value: float) -> None:
         self._values.append(value)
 
-    def predict(self) -> float | None:
+    def predict(self, steps: int = 1) -> float | None:
         return sum(self._values) / len(self._values) if self._values else None
 
 
@@ -87,13 +87,13 @@ class HoltWinters:
             self._seasonal[idx] = self.gamma * (value - self._level) + (1 - self.gamma) * season_v
         self._n += 1
 
-    def predict(self) -> float | None:
+    def predict(self, steps: int = 1) -> float | None:
         if self._level is None:
             if self._first_cycle:  # still inside the first cycle: follow it like Holt's trend would
                 return self._first_cycle[-1]
             return None
-        season_v = self._seasonal[self._n % self.season] if self.season else 0.0
-        return max(0.0, self._level + self._trend + season_v)
+        season_v = self._seasonal[(self._n + steps - 1) % self.season] if self.season else 0.0
+        return max(0.0, self._level + steps * self._trend + season_v)
 
 
 PREDICTORS = ("constant", "moving-average", "holt-winters")

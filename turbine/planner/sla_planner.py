@@ -2,7 +2,11 @@
 pool should have for the next one.
 
     observe      request rate, ISL, OSL, mean TTFT and ITL, concurrency (Little's law) over the interval
-    predict      next interval's rate, ISL and OSL (predictors.py; one predictor per quantity)
+    predict      next interval's rate, ISL and OSL (predictors.py; one predictor per quantity); with
+                 a worker start-up time, also the rate when a worker asked for now will serve, and
+                 the larger of the two is planned for
+    prefix hit   the observed fraction of prompt tokens found cached (smoothed): the model prices
+                 only the uncached part of a prompt
     correct      observed / expected latency, where expected is the performance model at the
                  observed concurrency per worker; smoothed, clamped to [0.3, 5]. The SLA targets
                  the replica math uses are divided by it: a fleet slower than modelled gets more
@@ -35,7 +39,7 @@ from turbine.planner.steady_state import Sla, Workload, agg_point, decode_itl_ms
 
 log = logging.getLogger("turbine.planner")
 
-CORRECTION_BOUNDS = (0.3, 5.0)
+CORRECTION_BOUNDS = (0.75, 5.0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Observation:
     ttft_ms: float | None = None
     itl_ms: float | None = None
     concurrency: float | None = None  # mean requests in flight
+    prefix_hit: float | None = None  # fraction of the finished requests' prompt tokens found cached
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class PlannerConfig:
     scale_down_cooldown_s: float = 180.0
     max_scale_down_fraction: float = 0.5
     max_utilization: float = 0.8
+    startup_s: float = 0.0  # a new worker serves this long after it is asked for: plan for the load then
     token_budget: int = 8192
     max_batch: int = 256  # the workers' max_num_seqs
     speedup_ratio: float = 1.0  # workers run this much faster than the model's GPU (mock workers)
@@ -86,8 +92,8 @@ class PlannerConfig:
             raise ValueError(f"the GPU budget ({self.gpu_budget}) is below what the minimum pools need ({self.min_gpus})")
         if not 0 < self.max_utilization <= 1 or not 0 < self.max_scale_down_fraction <= 1:
             raise ValueError("max_utilization and max_scale_down_fraction must be in (0, 1]")
-        if self.scale_up_cooldown_s < 0 or self.scale_down_cooldown_s < 0:
-            raise ValueError("cooldowns must be >= 0")
+        if self.scale_up_cooldown_s < 0 or self.scale_down_cooldown_s < 0 or self.startup_s < 0:
+            raise ValueError("cooldowns and startup_s must be >= 0")
         if self.max_batch < 1 or self.token_budget < 1:
             raise ValueError("max_batch and token_budget must be >= 1")
         if not self.speedup_ratio > 0 or not 0 < self.correction_smoothing <= 1:
@@ -100,6 +106,12 @@ class PlannerConfig:
 
     def layout(self, pool: str) -> Parallel:
         return {"agg": self.agg_layout, "prefill": self.prefill_layout, "decode": self.decode_layout}[pool]
+
+    @property
+    def horizon(self) -> int:
+        """Intervals ahead the rate is predicted for: until the end of the first interval in
+        which a worker asked for now serves."""
+        return max(1, math.ceil((self.startup_s + self.interval_s) / self.interval_s - 1e-9))
 
     @property
     def min_gpus(self) -> int:
@@ -187,6 +199,7 @@ class SlaPlanner:
         self._last_up: dict[str, float] = {}
         self._last_change: dict[str, float] = {}
         self._isl = self._osl = None  # the last seen lengths, kept through idle intervals
+        self._hit = 0.0  # the prefix-cache hit fraction, smoothed
 
     def _update_corrections(self, obs: Observation, wl: Workload, current: dict[str, int]) -> None:
         if not self.cfg.correct or obs.concurrency is None:
@@ -209,7 +222,10 @@ class SlaPlanner:
             self.isl_p.observe(obs.isl)
             self.osl_p.observe(obs.osl)
             self._isl, self._osl = obs.isl, obs.osl
-        rate = self.rate_p.predict() or 0.0
+        if obs.prefix_hit is not None:
+            self._hit = 0.5 * self._hit + 0.5 * min(0.95, max(0.0, obs.prefix_hit))
+        # the next interval, and the one in which a worker started now serves (a rising load)
+        rate = max(self.rate_p.predict() or 0.0, self.rate_p.predict(cfg.horizon) or 0.0)
         isl = self.isl_p.predict() or self._isl
         osl = self.osl_p.predict() or self._osl
         per: dict[str, float] = {}
@@ -219,9 +235,10 @@ class SlaPlanner:
             needed = {p: cfg.min_workers for p in cfg.pools}
             reasons = {p: "no traffic seen yet" for p in cfg.pools}
         else:
-            wl = Workload(isl=max(1.0, isl), osl=max(1.0, osl))
+            wl = Workload(isl=max(1.0, isl), osl=max(1.0, osl), prefix_hit=self._hit)
             if obs.isl is not None:
-                self._update_corrections(obs, Workload(isl=max(1.0, obs.isl), osl=max(1.0, obs.osl or osl)), current)
+                self._update_corrections(obs, Workload(isl=max(1.0, obs.isl), osl=max(1.0, obs.osl or osl),
+                                                       prefix_hit=self._hit), current)
             ttft_t = cfg.sla.ttft_ms / self.correction["ttft"]
             itl_t = cfg.sla.itl_ms / self.correction["itl"]
             if cfg.mode == "agg":
@@ -236,7 +253,8 @@ class SlaPlanner:
                 else:
                     needed[p] = math.ceil(rate / per[p]) if rate > 0 else 0
         target = self._bounded(needed, current, now, reasons)
-        return Decision(time=now, observed=asdict(obs), predicted={"rate": rate, "isl": isl, "osl": osl},
+        return Decision(time=now, observed=asdict(obs), predicted={"rate": rate, "isl": isl, "osl": osl,
+                                                                     "prefix_hit": self._hit},
                         correction=dict(self.correction), per_worker_rps=per, needed=needed, current=dict(current),
                         target=target, reasons=reasons)
 

@@ -76,14 +76,17 @@ def day_rate(t: float, *, period_s: float, peak: float, swing: float, bursts: Se
 
 
 def day_shaped_trace(shapes: Sequence[TraceRequest], *, duration_s: float, peak_rate: float, swing: float = 10.0,
-                     bursts: Sequence[tuple[float, float, float]] = (), seed: int = 0) -> list[TraceRequest]:
-    """Arrivals following `day_rate` over ``duration_s`` (one period), each taking the next request
+                     bursts: Sequence[tuple[float, float, float]] = (), seed: int = 0,
+                     days: int = 1) -> list[TraceRequest]:
+    """Arrivals following `day_rate` for ``days`` periods of ``duration_s`` (the bursts recur each
+    day), each taking the next request
     shape of ``shapes`` in order (lengths and hash ids, so multi-turn reuse survives); a second pass
     over ``shapes`` gets fresh hash ids, so it never hits the first pass's prefixes."""
     if not shapes:
         raise ValueError("no request shapes")
-    if not (duration_s > 0 and peak_rate > 0 and swing >= 1):
-        raise ValueError("duration_s and peak_rate must be positive, swing >= 1")
+    if not (duration_s > 0 and peak_rate > 0 and swing >= 1 and days >= 1):
+        raise ValueError("duration_s and peak_rate must be positive, swing >= 1, days >= 1")
+    bursts = [(start + d * duration_s, length, f) for d in range(days) for start, length, f in bursts]
     rng = random.Random(seed)
     bound = peak_rate * max([1.0] + [f for _, _, f in bursts])
     offset = max(h for r in shapes for h in r.hash_ids) + 1 if any(r.hash_ids for r in shapes) else 1
@@ -91,7 +94,7 @@ def day_shaped_trace(shapes: Sequence[TraceRequest], *, duration_s: float, peak_
     t, i = 0.0, 0
     while True:  # thinning: candidates at the bound rate, kept with probability rate / bound
         t += rng.expovariate(bound)
-        if t >= duration_s:
+        if t >= duration_s * days:
             break
         if rng.random() * bound > day_rate(t, period_s=duration_s, peak=peak_rate, swing=swing, bursts=bursts):
             continue
