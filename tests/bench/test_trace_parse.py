@@ -119,3 +119,18 @@ def test_real_trace_properties() -> None:
     reqs = load_trace(path)
     assert len(reqs) == 3993
     assert ideal_hit_rate(reqs) == pytest.approx(0.6396, abs=1e-4)  # "64% block reuse"
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 512])
+def test_prompt_block_hashes_are_the_prompts_own(block_size: int) -> None:
+    """Memoised per hash id, chained through whichever prefix reaches it: the values hashing the
+    prompt itself gives (the engines' and the router's)."""
+    from turbine.router.hashing import block_hashes
+
+    s = TokenSynth(4096)
+    reqs = [_req(0, 3 * B, [7, 8, 9]), _req(0, 2 * B + 100, [7, 8, 5]), _req(0, 2 * B + 70, [9, 8, 7]),
+            _req(0, B - 1, [4]), _req(0, 4 * B, [8, 7, 8, 7]), _req(0, 3 * B, [7, 8, 9])]
+    for r in reqs:
+        want = block_hashes(s.prompt(r), block_size)
+        assert s.prompt_block_hashes(r, block_size) == (want.local, want.sequence), r
+    assert s.prompt_block_hashes(reqs[0], 48) is None  # 48 does not divide the 512-token blocks

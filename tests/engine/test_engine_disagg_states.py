@@ -259,7 +259,7 @@ def test_random_disaggregation_keeps_the_block_manager_consistent(ops: list[tupl
             step(s)
         s.take_pulls()
         for hid, (hseq, _) in s.held.items():  # what a prefill worker would offer for this prompt
-            idx = next(i for i, p in enumerate(prompts) if hseq.token_ids[:len(p)] == p)
+            idx = next(i for i, p in enumerate(prompts) if list(hseq.token_ids[:len(p)]) == p)
             held = s.held_kv(hseq)
             offered[n] = KvTransferParams(transfer_id=f"{hid}:{idx}", worker_address="a",
                                           agent=AgentInfo(backend="mock"), block_ids=held.block_ids,

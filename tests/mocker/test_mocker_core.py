@@ -287,3 +287,32 @@ def test_async_scheduling_follows_the_profile(tmp_path) -> None:  # type: ignore
     path.write_text(json.dumps(profile))
     assert not MockerCore(MockerConfig(profile=str(path)), vocab_size=100).pipelined
     assert not MockerCore(MockerConfig(), vocab_size=100).pipelined  # Dynamo's polynomial: step by step
+
+
+def test_callers_block_hashes_and_token_array_change_nothing() -> None:
+    """A caller (the simulator) may hand over the prompt as a u32 array with its block hashes."""
+    from array import array
+
+    from turbine.router.hashing import block_hashes
+
+    prompts = [[(i * 7 + j) % 90 + 5 for j in range(n)] for i, n in enumerate((9, 17, 4, 33, 17))]
+    prompts[4] = prompts[1][:12] + [3, 3, 3, 3, 3]  # a prefix hit
+    runs = []
+    for given in (False, True):
+        core = MockerCore(SMALL, vocab_size=100, rng_seed=1)
+        outs, events = {}, []
+        for i, p in enumerate(prompts):
+            if given:
+                core.add_request(req(f"r{i}", array("I", p)), prompt_u32=array("I", p),  # type: ignore[arg-type]
+                                 block_hashes=block_hashes(p, SMALL.block_size).sequence)
+            else:
+                core.add_request(req(f"r{i}", p))
+            while i >= 3 and core.has_work():  # the last one arrives after r1 is cached
+                res = core.step()
+                events += res.kv_events
+                for o in res.outputs:
+                    outs.setdefault(o.request_id, []).append(o)
+        core.block_manager.check_integrity()
+        runs.append((outs, [(type(e).__name__, e.block_hashes, list(getattr(e, "token_ids", []))) for e in events]))
+    assert runs[0] == runs[1]
+    assert any(o.cached_tokens for outs in runs[1][0].values() for o in outs)

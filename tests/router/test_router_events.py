@@ -8,7 +8,7 @@ import xxhash
 from turbine.engine.block_manager import KVBlockManager
 from turbine.engine.sequence import Sequence
 from turbine.protocols.generate import StopConditions
-from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, enc_hook
 from turbine.router.indexer import KvIndexer
 from turbine.router.kv_event_decoder import (
     KvEventDecoder,
@@ -17,7 +17,7 @@ from turbine.router.kv_event_decoder import (
     default_decoder,
 )
 
-enc = msgspec.msgpack.Encoder()
+enc = msgspec.msgpack.Encoder(enc_hook=enc_hook)  # the worker's: engines' events carry token arrays
 STORED = BlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=[1, 2, 3, 4], block_size=2)
 
 
@@ -153,3 +153,21 @@ def test_engine_events_through_the_wire_into_the_index() -> None:
             assert fresh.apply(w, ev)
     assert fresh.block_counts() == ix.block_counts()
     assert set(fresh._mask) == set(ix._mask)
+
+
+def test_engine_events_hold_token_arrays_and_the_wire_holds_lists() -> None:
+    """In process a BlockStored carries a slice of the sequence's u32 tokens; the worker's encoder
+    (``enc_hook``) writes the list vLLM's layout has, and the index takes either."""
+    from array import array
+
+    bm = KVBlockManager(8, 4)
+    _run(bm, "a", list(range(100, 111)))
+    (ev,) = bm.take_events()
+    assert type(ev.token_ids) is array and ev.token_ids.tolist() == list(range(100, 108))
+    with pytest.raises(TypeError):
+        msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[ev]))  # no hook: arrays are not msgpack
+    (wire,) = KvEventDecoder().decode(enc.encode(KVEventBatch(ts=0.0, events=[ev]))).events
+    assert wire == BlockStored(ev.block_hashes, None, list(range(100, 108)), 4)
+    a, b = KvIndexer(4), KvIndexer(4)
+    assert a.apply("w", ev) and b.apply("w", wire)
+    assert a.find_matches_for_tokens(list(range(100, 112))) == b.find_matches_for_tokens(list(range(100, 112))) == {"w": 2}

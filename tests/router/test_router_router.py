@@ -170,3 +170,17 @@ def test_predicted_vs_actual_and_prometheus_export() -> None:
 def test_bad_configuration_is_a_value_error(kw: dict) -> None:
     with pytest.raises(ValueError):
         Router(**kw)
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_callers_local_hashes_route_like_the_tokens(approx: bool) -> None:
+    from turbine.router.indexer import hash_blocks
+
+    a, b = (Router("kv", block_size=BS, seed=1, approx=approx) for _ in range(2))
+    for r in (a, b):
+        r.apply_kv_events("w2", [stored([1, 2, 3], None, SHARED[:12])])
+    prompts = [SHARED + [7, 7], SHARED[:8] + [1] * 9, [5] * 3, SHARED]
+    for i, p in enumerate(prompts * 2):
+        assert a.route(f"r{i}", ["w1", "w2", "w3"], p) == b.route(f"r{i}", ["w1", "w2", "w3"], p,
+                                                                 local_hashes=hash_blocks(p, BS))
+    assert a.loads.workers == b.loads.workers

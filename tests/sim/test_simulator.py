@@ -93,9 +93,9 @@ class RecordingRouter:
         self.now = sim_now
         self.log: list[tuple[float, str, str]] = []
 
-    def route(self, rid: str, candidates: list[str], tokens: Any) -> Any:
+    def route(self, rid: str, candidates: list[str], tokens: Any, **kw: Any) -> Any:
         self.log.append((self.now(), "route", rid))
-        return self.inner.route(rid, candidates, tokens)
+        return self.inner.route(rid, candidates, tokens, **kw)
 
     def first_token(self, rid: str) -> None:
         self.log.append((self.now(), "first_token", rid))

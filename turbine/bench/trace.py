@@ -18,6 +18,7 @@ token-id prompt. They avoid special tokens by staying inside ``token_range(vocab
 """
 from __future__ import annotations
 
+import _random
 import json
 import random
 from array import array
@@ -26,6 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import msgspec
+import xxhash
+
+from turbine.router.hashing import HASH_SEED, chain_local_hashes
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens each Mooncake hash id stands for."""
@@ -33,6 +37,7 @@ MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_VOCAB_SIZE = 4096
 """Turbine's tiny generated model; pass the served model's vocabulary size otherwise."""
 
+_HASHES_MEMO = 1 << 16  # hash ids whose block hashes TokenSynth keeps (~40 MiB at 8 blocks each)
 _LOW_RESERVED = 16  # ids some tokenizers give <unk>/<s>/</s>/<pad> (Llama 2, Mistral)
 _HIGH_RESERVED = 512  # special/added ids at the end (Turbine's, Llama 3's 256, Qwen's ~290)
 
@@ -147,12 +152,18 @@ def _lane_patterns(bits: int, lo: int, lanes: int) -> tuple[int, int]:
     return mask, offset
 
 
+_RNG = random.Random()
+_SEED_RNG = _random.Random.seed  # what Random.seed does for an int, minus its Python-level dispatch
+
+
 @lru_cache(maxsize=16384)  # 16k blocks x 2 KiB = 32 MiB at most
 def _block_bytes(hash_id: int, lo: int, bits: int, block_tokens: int, seed: int) -> bytes:
     """u32 little-endian ids in ``[lo, lo + 2**bits)``: one random big int, masked and offset lane
-    by lane (lo + 2**bits < 2**32, so no lane carries into the next): no per-token Python."""
+    by lane (lo + 2**bits < 2**32, so no lane carries into the next): no per-token Python. The
+    generator is ``random.Random((seed << 64) ^ hash_id)`` (one instance, re-seeded)."""
     mask, offset = _lane_patterns(bits, lo, block_tokens)
-    x = random.Random((seed << 64) ^ hash_id).getrandbits(32 * block_tokens)
+    _SEED_RNG(_RNG, (seed << 64) ^ hash_id)
+    x = _RNG.getrandbits(32 * block_tokens)
     return ((x & mask) + offset).to_bytes(4 * block_tokens, "little")
 
 
@@ -170,6 +181,9 @@ class TokenSynth:
         self.vocab_size = vocab_size
         self.block_tokens = block_tokens
         self.seed = seed
+        # (block size, seed) -> hash id -> [its blocks' local hashes, the sequence hash they chain
+        # from last time, their sequence hashes then]
+        self._hashes: dict[tuple[int, int], dict[int, list]] = {}
 
     def block(self, hash_id: int) -> list[int]:
         """The ``block_tokens`` token ids hash id ``hash_id`` stands for."""
@@ -187,6 +201,45 @@ class TokenSynth:
         out = array("I")
         out.frombytes(buf[: 4 * n])
         return out
+
+    def prompt_block_hashes(self, request: TraceRequest, block_size: int,
+                            seed: int = HASH_SEED) -> tuple[list[int], list[int]] | None:
+        """Local and sequence hashes (``turbine.router.hashing``: ``local_block_hash`` with
+        ``seed``, ``chain_hash``) of the full ``block_size``-token blocks of the request's prompt:
+        the values hashing `prompt_array` gives, computed once per hash id (its blocks lie inside
+        its own ``block_tokens``; its sequence hashes are kept with the sequence hash they chain
+        from, and reused when a request reaches it through the same one). None when ``block_size``
+        does not divide ``block_tokens`` (a block would span two hash ids)."""
+        if block_size < 1 or self.block_tokens % block_size:
+            return None
+        memo = self._hashes.get((block_size, seed))
+        if memo is None or len(memo) >= _HASHES_MEMO:
+            memo = self._hashes[(block_size, seed)] = {}
+        whole, part = divmod(request.input_length // block_size, self.block_tokens // block_size)
+        local: list[int] = []
+        chained: list[int] = []
+        parent = None
+        entry: list = []
+        for h in request.hash_ids[: whole + (part > 0)]:
+            entry = memo.get(h)  # type: ignore[assignment]
+            if entry is None:
+                entry = memo[h] = [self._local_hashes(h, block_size, seed), None, ()]
+            if entry[1] != parent or not entry[2]:
+                entry[1] = parent
+                entry[2] = tuple(chain_local_hashes(entry[0], parent))
+            local += entry[0]
+            chained += entry[2]
+            parent = entry[2][-1]
+        if part:
+            cut = len(local) - len(entry[0]) + part
+            del local[cut:], chained[cut:]
+        return local, chained
+
+    def _local_hashes(self, hash_id: int, block_size: int, seed: int) -> tuple[int, ...]:
+        step = 4 * block_size
+        h = xxhash.xxh3_64_intdigest
+        with memoryview(_block_bytes(hash_id, self.lo, self.bits, self.block_tokens, self.seed)) as raw:
+            return tuple([h(raw[i : i + step], seed) for i in range(0, len(raw), step)])
 
     def prompt(self, request: TraceRequest) -> list[int]:
         """`prompt_array` as a list (what a GenerateRequest or a JSON body carries)."""

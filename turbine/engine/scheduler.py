@@ -556,7 +556,7 @@ class Scheduler:
         that of as many ``schedule``/``postprocess`` rounds."""
         k = len(tokens[0])
         for seq, toks in zip(self.running, tokens, strict=True):
-            seq.token_ids += toks
+            seq.extend_tokens(toks)
             seq.num_computed_tokens += k
 
     # -- internals ----------------------------------------------------------------------------

@@ -8,6 +8,11 @@
     PLACEHOLDER tokens (async scheduling: sampled on the device, not read yet) sit only at the
     tail of token_ids; blocks holding one are not hashed until it is filled in
 
+``token_ids`` is a u32 ``array("I")`` (4 bytes a token, no int objects; the block hashes read
+its bytes in place), or, for ids that are no u32, a list (the engines refuse those anyway:
+they lie outside any vocabulary). Either way it supports what the engines use: ``len``,
+indexing, slicing, ``append``, ``extend``, ``del`` of a tail.
+
 A preempted sequence keeps ``token_ids`` (prompt and output so far) and its hashes; only its
 blocks and ``num_computed_tokens`` are dropped, so recomputation re-derives the same state.
 """
@@ -22,7 +27,28 @@ from turbine.protocols.generate import FinishReason, SamplingOptions, StopCondit
 from turbine.router.hashing import SequenceHash, chain_hashes_u32, lora_seed
 
 
-PLACEHOLDER = -1  # an output token the device has sampled (or will) but the host has not read yet
+# An output token the device has sampled (or will) but the host has not read yet: the largest u32,
+# never a token id (ids lie below the vocabulary size).
+PLACEHOLDER = 0xFFFFFFFF
+
+
+def _u32_or_list(tokens: Any) -> Any:
+    """A u32 array of ``tokens`` (a copy), or a list of them if one is not an int in [0, 2**32)."""
+    if type(tokens) is array and tokens.typecode == "I":
+        return array("I", tokens)  # one memcpy
+    out = array("I")
+    try:
+        if type(tokens) is list:
+            out.fromlist(tokens)
+        else:
+            out.extend(tokens)
+    except (OverflowError, TypeError):
+        return list(tokens)
+    return out
+
+
+def _as_list(tokens: Any) -> list[int]:
+    return tokens.tolist() if type(tokens) is array else tokens
 
 
 class SequenceStatus(enum.Enum):
@@ -59,10 +85,12 @@ class Sequence:
         "_u32",
     )
 
+    token_ids: Any  # array("I"), or a list when an id is no u32 (see the module docstring)
+
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: Any,
         *,
         stop: StopConditions,
         sampling: SamplingOptions | None = None,
@@ -72,7 +100,7 @@ class Sequence:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: the prompt must hold at least one token")
         self.request_id = request_id
-        self.token_ids: list[int] = list(prompt_token_ids)
+        self.token_ids = _u32_or_list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling = sampling if sampling is not None else SamplingOptions()
         self.stop = stop
@@ -96,7 +124,9 @@ class Sequence:
         self._hash_block_size = 0
         self._hash_seed = lora_seed(lora_name)
         self._block_hashes: list[SequenceHash] = []
-        self._u32 = array("I")  # token_ids[:len(_u32)] as u32: the hashes' input, cached blocks' contents
+        # token_ids[:len(_u32)] as u32: the hashes' input, cached blocks' contents (token_ids itself
+        # when it is an array)
+        self._u32 = self.token_ids if type(self.token_ids) is array else array("I")
 
     @classmethod
     def from_request(cls, request: Any, arrival_time: float | None = None) -> Sequence:
@@ -122,11 +152,11 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return _as_list(self.token_ids[: self.num_prompt_tokens])
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return _as_list(self.token_ids[self.num_prompt_tokens :])
 
     @property
     def last_token_id(self) -> int:
@@ -141,9 +171,10 @@ class Sequence:
 
     # -- block hashes ---------------------------------------------------------------------
     def prompt_u32(self, packed: array | None = None) -> array:
-        """The prompt's ids as a u32 array, packed once and kept (hashing reads it). ``packed``: the
-        caller's u32 copy of exactly these ids, copied instead of packing them again. Raises
-        OverflowError or TypeError for an id that is not an int in [0, 2**32). Read-only."""
+        """The prompt's ids as a u32 array (at least them: ``token_ids`` itself when it is one),
+        packed once and kept (hashing reads it). ``packed``: the caller's u32 copy of exactly these
+        ids, copied instead of packing them again. Raises OverflowError or TypeError for an id
+        that is not an int in [0, 2**32). Read-only."""
         n = self.num_prompt_tokens
         if len(self._u32) < n:
             if packed is not None and not self._u32 and len(packed) == n and packed.typecode == "I":
@@ -153,8 +184,10 @@ class Sequence:
         return self._u32
 
     def _pack_to(self, n: int) -> None:
-        """Extend the u32 copy to the first ``n`` token ids."""
+        """Extend the u32 copy to the first ``n`` token ids (a list's; an array is its own copy)."""
         packed = self._u32
+        if packed is self.token_ids:
+            return
         tokens = self.token_ids[len(packed) : n]
         try:
             packed.fromlist(tokens)
@@ -189,10 +222,30 @@ class Sequence:
                                            self._hash_seed, hashes[-1] if hashes else None)
         return hashes
 
+    def adopt_block_hashes(self, block_size: int, hashes: list[SequenceHash]) -> None:
+        """Take the sequence hashes of the prompt's first full blocks from a caller that has them,
+        computed from these very tokens for ``block_size`` and this sequence's LoRA seed (the
+        values ``block_hashes`` would give; the caller vouches): spares hashing the prompt again.
+        Only before the sequence was hashed."""
+        if self._block_hashes or (self._hash_block_size and self._hash_block_size != block_size):
+            raise ValueError(f"sequence {self.request_id!r} is already hashed")
+        n = min(len(hashes), self.num_prompt_tokens // block_size)
+        self._hash_block_size = block_size
+        self._block_hashes = list(hashes[:n])
+        self._pack_to(n * block_size)  # a list's u32 copy covers every hashed block
+
     def hashed_tokens_u32(self) -> array:
         """The ids of (at least) every hashed block as u32, ``token_ids``' order; read-only.
         Block ``i`` is ``[i * block_size, (i + 1) * block_size)``."""
         return self._u32
+
+    def extend_tokens(self, tokens: list[int]) -> None:
+        """Append several tokens (ints of the vocabulary) at once."""
+        ids = self.token_ids
+        if type(ids) is array:
+            ids.fromlist(tokens)
+        else:
+            ids += tokens
 
     def __repr__(self) -> str:
         return (

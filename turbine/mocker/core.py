@@ -204,11 +204,16 @@ class MockerCore:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerateRequest, arrival_time: float | None = None, *,
-                    prompt_u32: array | None = None) -> None:
+                    prompt_u32: array | None = None, block_hashes: list[int] | None = None) -> None:
         """Queue a request; ValueError if it is malformed or can never fit this engine.
         ``prompt_u32``: the caller's copy of ``request.token_ids`` as ``array("I")``, if it has one
-        (spares packing them; the caller vouches that the two agree)."""
+        (spares packing them). ``block_hashes``: the sequence hashes (``turbine.router.hashing``) of
+        the prompt's full blocks at this core's block size and the request's LoRA seed, if the
+        caller has them (spares hashing the prompt). The caller vouches that they agree with
+        ``request.token_ids``."""
         seq = Sequence.from_request(request, arrival_time)
+        if block_hashes is not None:
+            seq.adopt_block_hashes(self.config.block_size, block_hashes)
         tokens = request.token_ids
         if tokens:
             try:

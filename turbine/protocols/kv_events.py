@@ -4,9 +4,14 @@ On the wire (ZMQ PUB): frames ``[topic, seq (8-byte big-endian), msgpack(KVEvent
 Engines queue these events; the worker drains them, batches them and numbers the batches.
 ``block_hashes`` are sequence (chained) hashes; the router recomputes local hashes from
 ``token_ids``.
+
+In process, Turbine's engines hand out ``BlockStored.token_ids`` as a u32 ``array("I")`` (a slice
+of the sequence's own tokens: no int objects); encoders of these events pass ``enc_hook`` (below),
+which writes it as the list the wire layout has. Decoded events always hold lists.
 """
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import msgspec
@@ -58,3 +63,10 @@ class KvStateSnapshot(msgspec.Struct, kw_only=True, gc=False):
 
     last_seq: int
     blocks: list[BlockStored]
+
+
+def enc_hook(obj: Any) -> Any:
+    """msgspec ``enc_hook`` for KV events: a u32 token array (see the module docstring) as a list."""
+    if type(obj) is array:
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")

@@ -61,6 +61,18 @@ def chain_hashes_u32(packed: memoryview, block_size: int, seed: int = HASH_SEED,
     return out
 
 
+def chain_local_hashes(local_hashes: Sequence[int], parent: SequenceHash | None = None) -> list[SequenceHash]:
+    """Sequence hashes of blocks whose local hashes are known, continuing the chain after
+    ``parent``: the values ``chain_hashes_u32`` gives for the blocks these local hashes name."""
+    h = xxhash.xxh3_64_intdigest
+    out: list[SequenceHash] = []
+    append = out.append
+    for local in local_hashes:
+        parent = local if parent is None else h(_PACK_CHAIN(parent, local), HASH_SEED)  # type: ignore[assignment]
+        append(parent)  # type: ignore[arg-type]
+    return out
+
+
 class BlockHashes(NamedTuple):
     local: list[LocalBlockHash]
     sequence: list[SequenceHash]

@@ -48,7 +48,10 @@ class IndexIntegrityError(RuntimeError):
 
 
 def _pack_u32(tokens: Sequence[int]) -> array:
+    """``tokens`` as a u32 array: itself if it is one (read, never changed), else a packed copy."""
     try:
+        if type(tokens) is array and tokens.typecode == "I":
+            return tokens
         if type(tokens) is list:
             arr = array("I")
             arr.fromlist(tokens)  # 1.5x faster than array("I", tokens), which goes item by item

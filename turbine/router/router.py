@@ -90,11 +90,14 @@ class Router:
         return 0
 
     def route(self, request_id: str, candidates: Sequence[str], token_ids: Sequence[int],
-              lora_name: str | None = None, remote_kv: bool = False) -> RouteDecision:
+              lora_name: str | None = None, remote_kv: bool = False,
+              local_hashes: Sequence[int] | None = None) -> RouteDecision:
         """Pick a worker among ``candidates`` and reserve the request's load on it.
 
         ``remote_kv``: the prompt's KV comes from a prefill worker, so the chosen worker has no
-        prefill work to queue (only the blocks to hold)."""
+        prefill work to queue (only the blocks to hold). ``local_hashes``: the local hashes of
+        ``token_ids``' full blocks (this router's block size, ``lora_name``'s seed), if the caller
+        has them: spares hashing the prompt (the caller vouches that they agree)."""
         if not candidates:
             raise ValueError("no candidate workers")
         overlap = 0
@@ -102,12 +105,15 @@ class Router:
             bs = self.block_size
             raw: dict[str, int] | None = None  # matched depths when tiers discount them
             if self.approx is not None:  # it records every block, so hash them all
-                local = self.approx.index.local_hashes(token_ids, lora_name)
+                local = (list(local_hashes) if local_hashes is not None
+                         else self.approx.index.local_hashes(token_ids, lora_name))
                 overlaps = self.approx.find_matches(local) if local else {}
             elif self.index.has_tiers():  # blocks in host memory or on disk are worth less
                 paths: list[int] = []
                 raw = self.index.find_matches_for_tokens(token_ids, lora_name, paths=paths)
                 overlaps = {w: d - self._tier_discount(w, paths, d) for w, d in raw.items()}  # type: ignore[misc]
+            elif local_hashes is not None:
+                overlaps = self.index.find_matches(local_hashes)
             else:  # hashes only as deep as some worker matches
                 overlaps = self.index.find_matches_for_tokens(token_ids, lora_name)
             sel = select_worker(candidates, overlaps, self.loads.workers, -(-len(token_ids) // bs),

@@ -361,14 +361,15 @@ class Simulator:
                                       kv_transfer=KvTransferRequest(hold_s=self.disagg.hold_s))
                 return self._add(w, gen, tr, self.prefill_router, ids)
         rid = f"req-{i}"
-        decision_ = self.router.route(rid, self.generate_ids, ids)
+        hashes = self.synth.prompt_block_hashes(req, self.cfg.mocker.block_size)  # the router's; memoised per hash id
+        decision_ = self.router.route(rid, self.generate_ids, ids, local_hashes=hashes and hashes[0])
         w = self._index[decision_.worker_id]
         gen = GenerateRequest(
-            request_id=rid, token_ids=ids.tolist(), sampling=SamplingOptions(),
+            request_id=rid, token_ids=ids, sampling=SamplingOptions(),  # in process: the u32 array
             stop=StopConditions(max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True),
             predicted_overlap_blocks=decision_.overlap_blocks,
         )
-        return self._add(w, gen, tr, self.router, ids)
+        return self._add(w, gen, tr, self.router, ids, hashes and hashes[1])
 
     def _decide(self, ids: Any) -> str:
         loads = self.prefill_router.loads.workers
@@ -376,9 +377,13 @@ class Simulator:
         cached = self.router.best_overlap(self.generate_ids, ids) * self.router.block_size
         return decide(len(ids), cached, queued, self.disagg)
 
-    def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router, ids: Any = None) -> int:
+    def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router, ids: Any = None,
+             block_hashes: list[int] | None = None) -> int:
+        """``block_hashes``: the prompt's sequence hashes at block size ``cfg.mocker.block_size``, if known."""
+        core = self.cores[w]
+        hashes = block_hashes if core.config.block_size == self.cfg.mocker.block_size else None
         try:
-            self.cores[w].add_request(gen, arrival_time=self.now, prompt_u32=ids)
+            core.add_request(gen, arrival_time=self.now, prompt_u32=ids, block_hashes=hashes)
         except ValueError as e:  # can never run on this engine (context, KV capacity)
             router.finished(gen.request_id)
             self._results[tr.index] = RequestResult(ok=False, error=str(e)[:200])

@@ -19,6 +19,7 @@ import msgspec
 from turbine.engine.base import Engine
 from turbine.protocols.generate import GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import KVEvent, KVEventBatch, KvStateSnapshot
+from turbine.protocols.kv_events import enc_hook as kv_enc_hook  # engines' events carry token arrays
 from turbine.protocols.kv_transfer import KvRelease
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
@@ -34,7 +35,7 @@ LOAD_HEARTBEAT_S = 1.0
 
 _req_decoder = msgspec.msgpack.Decoder(GenerateRequest)
 _release_decoder = msgspec.msgpack.Decoder(KvRelease)
-_encoder = msgspec.msgpack.Encoder()
+_encoder = msgspec.msgpack.Encoder(enc_hook=kv_enc_hook)
 
 
 class Worker:
