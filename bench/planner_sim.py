@@ -99,7 +99,7 @@ def main() -> int:
                           context_length=CONTEXT)
     sla = Sla(a.sla_ttft_ms, a.sla_itl_ms)
     pcfg = PlannerConfig(sla=sla, interval_s=a.interval, predictor="holt-winters", max_workers=a.max_workers,
-                         gpu_budget=a.max_workers, max_batch=256, scale_down_cooldown_s=4 * a.interval,
+                         gpu_budget=a.max_workers, max_batch=256, scale_down_cooldown_s=4 * a.interval, scale_down_window_s=4 * a.interval,
                          max_utilization=a.max_utilization, startup_s=a.startup)
     print(f"{len(trace)} requests over two days of {a.duration:g} s (peak {a.peak_rate:g} req/s, swing {a.swing:g}x, bursts "
           f"x1.6 and x1.8), {len(shapes)} Mooncake shapes; SLA TTFT <= {a.sla_ttft_ms:g} ms, ITL <= {a.sla_itl_ms:g} ms",

@@ -99,7 +99,7 @@ def test_the_planner_follows_a_day_and_spends_fewer_gpu_hours_than_static_peak()
     trace = day_shaped_trace(_requests(400), duration_s=160, peak_rate=30.0, swing=8.0, seed=3)
     model = PerfModel(get_shape("llama3.1-8b"), "h200", profile=json.loads(PROFILE.read_text()))
     pcfg = PlannerConfig(sla=SLA, interval_s=10.0, max_workers=8, gpu_budget=8, max_batch=64,
-                         scale_down_cooldown_s=20.0, max_utilization=0.6)
+                         scale_down_cooldown_s=20.0, scale_down_window_s=20.0, max_utilization=0.6)
     planned = run_closed_loop(trace, SimConfig(workers=1, mocker=MOCKER), SLA, policy=SlaPlanner(model, pcfg),
                               interval_s=10.0, startup_s=5.0)
     static = run_closed_loop(trace, SimConfig(workers=planned.peak_workers["agg"], mocker=MOCKER), SLA, interval_s=10.0)

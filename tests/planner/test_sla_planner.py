@@ -162,6 +162,19 @@ def test_cached_prompt_tokens_cost_no_prefill() -> None:
     assert warm.target["prefill"] < cold.target["prefill"]
 
 
+def test_a_pool_shrinks_only_to_the_largest_size_wanted_in_the_window() -> None:
+    model = FlatModel(10.0, kv=32 * 1100)
+    pl = SlaPlanner(model, _cfg(scale_down_window_s=150, max_scale_down_fraction=1.0))  # type: ignore[arg-type]
+    obs = lambda rate: Observation(60, rate=rate, isl=1000, osl=100)  # noqa: E731
+    assert pl.decide(obs(150), {"agg": 1}, 0).target["agg"] == 5
+    d = pl.decide(obs(0), {"agg": 5}, 60)  # one quiet interval: 5 was wanted 60 s ago
+    assert d.target["agg"] == 5 and "largest size wanted" in d.reasons["agg"]
+    assert pl.decide(obs(60), {"agg": 5}, 120).target["agg"] == 5  # 5 (at 0) still in the window
+    assert pl.decide(obs(60), {"agg": 5}, 160).target["agg"] == 2  # now only 1 and 2 were wanted
+    with pytest.raises(ValueError, match="window"):
+        _cfg(scale_down_window_s=-1)
+
+
 def test_no_traffic_keeps_the_minimum() -> None:
     pl = SlaPlanner(FlatModel(), _cfg(min_workers=2))  # type: ignore[arg-type]
     d = pl.decide(Observation(60, rate=0.0), {"agg": 2}, 0)

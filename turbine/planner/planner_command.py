@@ -40,6 +40,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--planner-scale-up-cooldown", type=float, default=0.0, help="seconds between scale-ups of a pool")
     g.add_argument("--planner-scale-down-cooldown", type=float, default=180.0,
                    help="seconds after any change of a pool before it may shrink")
+    g.add_argument("--planner-scale-down-window", type=float, default=180.0,
+                   help="a pool shrinks only to the largest size wanted within this many seconds")
     g.add_argument("--planner-max-utilization", type=float, default=0.8,
                    help="fraction of a worker's modelled capacity the planner plans to use (headroom for queueing)")
     g.add_argument("--planner-startup", type=float, default=0.0,
@@ -93,7 +95,7 @@ def planner_config(a: argparse.Namespace, mode: str) -> PlannerConfig:
         prefill_layout=layouts["prefill"], decode_layout=layouts["decode"], min_workers=a.planner_min_workers,
         max_workers=a.planner_max_workers, gpu_budget=budget, scale_up_cooldown_s=a.planner_scale_up_cooldown,
         scale_down_cooldown_s=a.planner_scale_down_cooldown, max_utilization=a.planner_max_utilization,
-        startup_s=a.planner_startup,
+        startup_s=a.planner_startup, scale_down_window_s=a.planner_scale_down_window,
         token_budget=a.max_num_batched_tokens, max_batch=a.max_num_seqs, speedup_ratio=a.speedup_ratio,
         correct=not a.planner_no_correction)
 

@@ -2,9 +2,9 @@
 pool should have for the next one.
 
     observe      request rate, ISL, OSL, mean TTFT and ITL, concurrency (Little's law) over the interval
-    predict      next interval's rate, ISL and OSL (predictors.py; one predictor per quantity); with
-                 a worker start-up time, also the rate when a worker asked for now will serve, and
-                 the larger of the two is planned for
+    predict      next interval's rate (predictors.py, the configured one); with a worker start-up
+                 time, also the rate when a worker asked for now will serve; the largest of those
+                 and the rate just observed is planned for. ISL and OSL: moving averages
     prefix hit   the observed fraction of prompt tokens found cached (smoothed): the model prices
                  only the uncached part of a prompt
     correct      observed / expected latency, where expected is the performance model at the
@@ -19,7 +19,10 @@ pool should have for the next one.
     bound        min/max per pool, then the GPU budget (pools shrunk in proportion)
     cooldown     up at most every ``scale_up_cooldown_s``, down at most every
                  ``scale_down_cooldown_s`` after any change of that pool, and by at most
-                 ``max_scale_down_fraction`` of it at once
+                 ``max_scale_down_fraction`` of it at once; a pool shrinks only to the largest
+                 size wanted within the last ``scale_down_window_s`` (a stabilization window:
+                 one interval of short prompts or high prefix hits does not empty a pool the
+                 next burst needs)
 
 Pools: ``agg`` (aggregated workers), or ``prefill`` and ``decode``. Every decision is a
 `Decision` (logged as one JSON line, exported as gauges and counters).
@@ -29,12 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from turbine.planner.perf_model import Parallel, PerfModel, Step
 from turbine.planner.plan import BATCHES
-from turbine.planner.predictors import make_predictor
+from turbine.planner.predictors import MovingAverage, make_predictor
 from turbine.planner.steady_state import Sla, Workload, agg_point, decode_itl_ms
 
 log = logging.getLogger("turbine.planner")
@@ -72,6 +76,7 @@ class PlannerConfig:
     gpu_budget: int = 64
     scale_up_cooldown_s: float = 0.0
     scale_down_cooldown_s: float = 180.0
+    scale_down_window_s: float = 180.0
     max_scale_down_fraction: float = 0.5
     max_utilization: float = 0.8
     startup_s: float = 0.0  # a new worker serves this long after it is asked for: plan for the load then
@@ -92,8 +97,8 @@ class PlannerConfig:
             raise ValueError(f"the GPU budget ({self.gpu_budget}) is below what the minimum pools need ({self.min_gpus})")
         if not 0 < self.max_utilization <= 1 or not 0 < self.max_scale_down_fraction <= 1:
             raise ValueError("max_utilization and max_scale_down_fraction must be in (0, 1]")
-        if self.scale_up_cooldown_s < 0 or self.scale_down_cooldown_s < 0 or self.startup_s < 0:
-            raise ValueError("cooldowns and startup_s must be >= 0")
+        if min(self.scale_up_cooldown_s, self.scale_down_cooldown_s, self.scale_down_window_s, self.startup_s) < 0:
+            raise ValueError("cooldowns, the scale-down window and startup_s must be >= 0")
         if self.max_batch < 1 or self.token_budget < 1:
             raise ValueError("max_batch and token_budget must be >= 1")
         if not self.speedup_ratio > 0 or not 0 < self.correction_smoothing <= 1:
@@ -194,10 +199,14 @@ class SlaPlanner:
         self.cfg = cfg
         self.math = ReplicaMath(model, cfg)
         mk = lambda: make_predictor(cfg.predictor, window=cfg.predictor_window, season=cfg.season)  # noqa: E731
-        self.rate_p, self.isl_p, self.osl_p = mk(), mk(), mk()
+        self.rate_p = mk()
+        # lengths are heavy-tailed and do not trend with the load: a trend model would extrapolate
+        # their noise into pool sizes, so they are averaged
+        self.isl_p, self.osl_p = MovingAverage(cfg.predictor_window), MovingAverage(cfg.predictor_window)
         self.correction = {"ttft": 1.0, "itl": 1.0}
         self._last_up: dict[str, float] = {}
         self._last_change: dict[str, float] = {}
+        self._wanted: dict[str, deque[tuple[float, int]]] = {p: deque() for p in cfg.pools}  # (time, size wanted)
         self._isl = self._osl = None  # the last seen lengths, kept through idle intervals
         self._hit = 0.0  # the prefix-cache hit fraction, smoothed
 
@@ -225,7 +234,9 @@ class SlaPlanner:
         if obs.prefix_hit is not None:
             self._hit = 0.5 * self._hit + 0.5 * min(0.95, max(0.0, obs.prefix_hit))
         # the next interval, and the one in which a worker started now serves (a rising load)
-        rate = max(self.rate_p.predict() or 0.0, self.rate_p.predict(cfg.horizon) or 0.0)
+        # never below the load just seen: a falling prediction shrinks pools only once the load
+        # has fallen (a trend extrapolated to zero at the trough would empty them)
+        rate = max(obs.rate, self.rate_p.predict() or 0.0, self.rate_p.predict(cfg.horizon) or 0.0)
         isl = self.isl_p.predict() or self._isl
         osl = self.osl_p.predict() or self._osl
         per: dict[str, float] = {}
@@ -275,6 +286,10 @@ class SlaPlanner:
         for p in cfg.pools:
             cur = current.get(p, 0)
             w = want[p]
+            hist = self._wanted[p]
+            hist.append((now, w))
+            while hist and hist[0][0] < now - cfg.scale_down_window_s:
+                hist.popleft()
             if w > cur and cur >= cfg.min_workers and now - self._last_up.get(p, -math.inf) < cfg.scale_up_cooldown_s:
                 w = cur
                 reasons.setdefault(p, "scale-up cooldown")
@@ -284,6 +299,10 @@ class SlaPlanner:
                     reasons.setdefault(p, "scale-down cooldown")
                 else:
                     w = max(w, cur - max(1, math.floor(cur * cfg.max_scale_down_fraction)))
+                    held = min(cur, max(n for _, n in hist))
+                    if held > w:
+                        w = held
+                        reasons.setdefault(p, f"held at the largest size wanted in the last {cfg.scale_down_window_s:g} s")
             if w > cur:
                 self._last_up[p] = now
             if w != cur:
