@@ -335,8 +335,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def consistent(self) -> None:
         self.bm.check_integrity()
         self.model.apply(self.bm.take_events())
-        snapshot = {h for ev in self.bm.stored_blocks_snapshot() for h in ev.block_hashes}
+        dump = self.bm.stored_blocks_snapshot()
+        snapshot = {h for ev in dump for h in ev.block_hashes}
         assert snapshot == self.model.hashes
+        EventModel(self.BLOCK_SIZE).apply(dump)  # every cached block's tokens hash to its hash
         bs = self.BLOCK_SIZE
         for rid, s in self.seqs.items():
             assert len(s.block_table) * bs >= s.num_computed_tokens + self.pending[rid]

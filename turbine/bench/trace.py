@@ -156,7 +156,7 @@ _RNG = random.Random()
 _SEED_RNG = _random.Random.seed  # what Random.seed does for an int, minus its Python-level dispatch
 
 
-@lru_cache(maxsize=16384)  # 16k blocks x 2 KiB = 32 MiB at most
+@lru_cache(maxsize=32768)  # 32k blocks x 2 KiB = 64 MiB at most (the Mooncake trace has 44k)
 def _block_bytes(hash_id: int, lo: int, bits: int, block_tokens: int, seed: int) -> bytes:
     """u32 little-endian ids in ``[lo, lo + 2**bits)``: one random big int, masked and offset lane
     by lane (lo + 2**bits < 2**32, so no lane carries into the next): no per-token Python. The

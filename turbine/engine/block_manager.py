@@ -14,15 +14,17 @@ Prefix caching keys a block by the chained sequence hash of its tokens
 (``turbine.router.hashing``), so two requests sharing a prefix share its blocks. Only full,
 computed blocks are registered; the manager queues vLLM-layout KV events (BlockStored,
 BlockRemoved, AllBlocksCleared) that the caller drains with ``take_events()`` and numbers.
+
+What a registered block holds (its hash, parent, position and tokens) lives in flat arrays
+indexed by block id (``_Registry``), not in an object per block: registering a run of blocks is
+a few slice copies, and the cyclic GC has nothing to walk.
 """
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from functools import partial
-from itertools import islice
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from turbine.engine.sequence import Sequence
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -33,16 +35,90 @@ class IntegrityError(RuntimeError):
     """The block manager's bookkeeping is inconsistent (a bug, never a user error)."""
 
 
+class _Registry:
+    """What each registered block holds, in arrays indexed by block id (no object per block):
+
+        pos[b]      its index within its chain (parents sort first), -1: b holds no hash
+        hash[b]     its sequence hash (u64)          parent[b]   its parent's (when pos[b] > 0)
+        tokens      its token ids (u32) at bytes [b * stride, (b + 1) * stride)
+
+    Written when blocks are registered (a run of consecutive block ids in one slice each), read
+    for a resync or a lower tier. The arrays grow with the highest block id handed out, so an idle
+    manager holds next to nothing."""
+
+    __slots__ = ("pos", "hash", "parent", "tokens", "stride")
+
+    def __init__(self, block_size: int) -> None:
+        self.pos = array("q")
+        self.hash = array("Q")
+        self.parent = array("Q")
+        self.tokens = bytearray()
+        self.stride = 4 * block_size
+
+    def grow(self, num_blocks: int) -> None:
+        k = num_blocks - len(self.pos)
+        if k > 0:
+            self.pos += array("q", [-1]) * k
+            zeros = bytes(8 * k)
+            self.hash.frombytes(zeros)
+            self.parent.frombytes(zeros)
+            self.tokens += bytes(k * self.stride)
+
+    def store(self, blocks: list[int], hashes: list[SequenceHash], parent: SequenceHash | None, first: int,
+              src: array) -> None:
+        """Block ``blocks[i]`` holds block ``first + i`` of the u32 tokens ``src``, hash ``hashes[i]``,
+        chained below ``parent`` (the previous block's hash, None for the first of a chain)."""
+        n = len(blocks)
+        parents = [0 if parent is None else parent, *hashes[:-1]]
+        s = self.stride
+        pos, hash_, par, tokens = self.pos, self.hash, self.parent, self.tokens
+        with memoryview(src) as m, m.cast("B") as raw:
+            b = blocks[0]
+            if blocks[-1] - b == n - 1 and (n < 3 or blocks == list(range(b, b + n))):  # the common case
+                pos[b : b + n] = array("q", range(first, first + n))
+                hash_[b : b + n] = array("Q", hashes)
+                par[b : b + n] = array("Q", parents)
+                tokens[b * s : (b + n) * s] = raw[first * s : (first + n) * s]
+                return
+            i = 0
+            while i < n:  # runs of consecutive block ids, one slice each
+                b = blocks[i]
+                j = i + 1
+                while j < n and blocks[j] == b + j - i:
+                    j += 1
+                e = b + j - i
+                pos[b:e] = array("q", range(first + i, first + j))
+                hash_[b:e] = array("Q", hashes[i:j])
+                par[b:e] = array("Q", parents[i:j])
+                tokens[b * s : e * s] = raw[(first + i) * s : (first + j) * s]
+                i = j
+
+    def info(self, block: int, copy: bool = False) -> _Cached:
+        """Block ``block``'s registration (a registered block); ``copy``: with its tokens copied,
+        to outlive the block's reuse."""
+        p = self.pos[block]
+        return _Cached(self.hash[block], self.parent[block] if p else None, p, block,
+                       self.token_ids(block) if copy else self)
+
+    def token_ids(self, block: int) -> array:
+        s = self.stride
+        return array("I", self.tokens[block * s : (block + 1) * s])
+
+
 class _Cached(NamedTuple):
-    """What a registered block holds, kept to rebuild BlockStored events for a resync."""
+    """What a registered block holds (rebuilds BlockStored events for a resync or a lower tier)."""
 
     seq_hash: SequenceHash
     parent_hash: SequenceHash | None
-    token_ids: array  # u32, compact: cached blocks outlive their sequences
     position: int  # block index within its chain (parents sort first)
+    block: int  # the block holding it
+    contents: Any  # the manager's _Registry (read at ``block``), or a copy of the tokens (u32 array)
 
-
-_new_cached = partial(tuple.__new__, _Cached)  # _Cached from a tuple, without the Python-level __new__
+    @property
+    def token_ids(self) -> array:
+        """Its token ids, u32 (a copy)."""
+        c = self.contents
+        return array("I", c) if type(c) is array else c.token_ids(self.block)
 
 
 class KVBlockManager:
@@ -58,11 +134,11 @@ class KVBlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = array("i", bytes(4 * num_blocks))
-        self._free: deque[int] = deque()  # recycled ids; ids >= _next_fresh were never used
+        self._free: list[int] = []  # recycled ids, taken from the end; ids >= _next_fresh were never used
         self._next_fresh = 0
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._cached: dict[int, _Cached] = {}  # block id -> registered contents
-        self._hash_to_block: dict[int, int] = {}
+        self._reg = _Registry(block_size)  # registered blocks: hash, parent, position, tokens
+        self._hash_to_block: dict[int, int] = {}  # every registered block, by its hash
         self._owners: dict[str, Sequence] = {}  # sequences holding blocks, by request id
         self._events: list[KVEvent] = []
         self.on_evict = on_evict
@@ -81,7 +157,13 @@ class KVBlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Blocks registered in the prefix cache, referenced or not."""
-        return len(self._cached)
+        return len(self._hash_to_block)
+
+    @property
+    def _cached(self) -> dict[int, _Cached]:
+        """Block id -> what it holds, for every registered block (built on demand: checks, tests)."""
+        info = self._reg.info
+        return {b: info(b) for b in self._hash_to_block.values()}
 
     @property
     def usage(self) -> float:
@@ -182,16 +264,14 @@ class KVBlockManager:
             return
         seq.num_registered_blocks = n_full
         tokens = seq.token_ids
-        h2b, cached = self._hash_to_block, self._cached
+        h2b, reg = self._hash_to_block, self._reg
         packed = seq.hashed_tokens_u32()
         new = hashes[start:n_full]
-        if len(new) > 1 and h2b.keys().isdisjoint(new) and len(set(new)) == len(new):
+        if h2b.keys().isdisjoint(new) and (len(new) == 1 or len(set(new)) == len(new)):
             # no block computed twice (the common case): the loop below, in bulk
             blocks = table[start:n_full]
             parent = hashes[start - 1] if start else None
-            offsets = range(start * bs, n_full * bs, bs)
-            contents = map(packed.__getitem__, map(slice, offsets, range((start + 1) * bs, (n_full + 1) * bs, bs)))
-            cached.update(zip(blocks, map(_new_cached, zip(new, [parent, *new[:-1]], contents, range(start, n_full)))))
+            reg.store(blocks, new, parent, start, packed)
             h2b.update(zip(new, blocks))
             self._events.append(BlockStored(new, parent, tokens[start * bs : n_full * bs], bs))
             return
@@ -208,7 +288,7 @@ class KVBlockManager:
                 run_start = i + 1
                 continue
             b = table[i]
-            cached[b] = _Cached(h, hashes[i - 1] if i else None, packed[i * bs : (i + 1) * bs], i)
+            reg.store([b], [h], hashes[i - 1] if i else None, i, packed)
             h2b[h] = b
             run.append(h)
         if run:
@@ -221,15 +301,15 @@ class KVBlockManager:
         """
         if self._owners.get(seq.request_id) is seq:
             del self._owners[seq.request_id]
-        ref = self._ref
+        ref, pos, evictable, free = self._ref, self._reg.pos, self._evictable, self._free
         for b in reversed(seq.block_table):
             r = ref[b] - 1
             ref[b] = r
             if r == 0:
-                if b in self._cached:
-                    self._evictable[b] = None
+                if pos[b] >= 0:  # registered: stays cached until evicted
+                    evictable[b] = None
                 else:
-                    self._free.append(b)
+                    free.append(b)
         seq.block_table = []
         seq.num_registered_blocks = 0
 
@@ -238,17 +318,19 @@ class KVBlockManager:
         n = min(num_blocks, len(self._evictable))
         if n <= 0:
             return 0
-        evictable = self._evictable
-        blocks = list(islice(evictable, n))  # the n least recently used
-        for b in blocks:
-            del evictable[b]
-        infos = list(map(self._cached.pop, blocks))
-        removed: list[SequenceHash] = [info.seq_hash for info in infos]
-        h2b = self._hash_to_block
+        popitem = self._evictable.popitem
+        blocks = [popitem(False)[0] for _ in range(n)]  # the n least recently used
+        reg = self._reg
+        removed: list[SequenceHash] = list(map(reg.hash.__getitem__, blocks))
+        on_evict = self.on_evict
+        if on_evict is not None:  # with a copy of the tokens: the block is about to be reused
+            infos = [reg.info(b, copy=True) for b in blocks]
+        h2b, pos = self._hash_to_block, reg.pos
         for h in removed:
             del h2b[h]
+        for b in blocks:
+            pos[b] = -1
         self._free.extend(blocks)
-        on_evict = self.on_evict
         if on_evict is not None:
             for b, info in zip(blocks, infos):
                 on_evict(b, info)
@@ -259,13 +341,15 @@ class KVBlockManager:
         """Forget the whole prefix cache; sequences keep their blocks, now unregistered."""
         self._free.extend(self._evictable)
         self._evictable.clear()
-        self._cached.clear()
+        pos = self._reg.pos
+        for b in self._hash_to_block.values():
+            pos[b] = -1
         self._hash_to_block.clear()
         self._events.append(AllBlocksCleared())
 
     def stored_blocks_snapshot(self) -> list[BlockStored]:
         """BlockStored events (parents first) that rebuild the current cache on a fresh router."""
-        infos = sorted(self._cached.values(), key=lambda c: c.position)
+        infos = sorted(self._cached.values(), key=lambda c: c.position)  # parents first
         return [
             BlockStored([c.seq_hash], c.parent_hash, c.token_ids.tolist(), self.block_size)
             for c in infos
@@ -279,19 +363,24 @@ class KVBlockManager:
 
     def _take_blocks(self, n: int) -> list[int]:
         """``n`` blocks at ref 1; the caller checked ``n <= num_free_blocks``."""
-        fresh = min(n - len(self._free), self.num_blocks - self._next_fresh)
+        free = self._free
+        fresh = min(n - len(free), self.num_blocks - self._next_fresh)
         if fresh > 0:
             start = self._next_fresh
             self._next_fresh = start + fresh
             out = list(range(start, start + fresh))
+            self._reg.grow(start + fresh)
         else:
             out = []
-        short = n - len(out) - len(self._free)
+        short = n - len(out) - len(free)
         if short > 0:
             self.evict(short)
-        free = self._free
-        while len(out) < n:
-            out.append(free.pop())
+        k = n - len(out)
+        if k > 0:  # from the end of the free list, last first (as pop() would)
+            tail = free[-k:]
+            del free[-k:]
+            tail.reverse()
+            out += tail
         ref = self._ref
         for b in out:
             ref[b] = 1
@@ -320,6 +409,10 @@ class KVBlockManager:
                 if not 0 <= b < self._next_fresh:
                     fail(f"sequence {rid!r} holds block {b}, never allocated")
                 holders[b] += 1
+        reg = self._reg
+        if not len(reg.pos) == len(reg.hash) == len(reg.parent) == len(reg.tokens) // reg.stride <= n:
+            fail("the registry's arrays differ in size")
+        registered = {b for b, p in enumerate(reg.pos) if p >= 0}
         for b in range(n):
             ref = self._ref[b]
             states = (b in free) + (b in self._evictable) + (ref > 0) + (b >= self._next_fresh)
@@ -327,17 +420,14 @@ class KVBlockManager:
                 fail(f"block {b} is in {states} states (ref={ref})")
             if ref != holders[b]:
                 fail(f"block {b} has ref {ref} but {holders[b]} sequences hold it")
-            if (b in free or b >= self._next_fresh) and b in self._cached:
+            if (b in free or b >= self._next_fresh) and b in registered:
                 fail(f"free block {b} holds a hash")
-            if b in self._evictable and b not in self._cached:
+            if b in self._evictable and b not in registered:
                 fail(f"evictable block {b} holds no hash")
-        if len(self._cached) != len(self._hash_to_block):
-            fail("hash map and block contents differ in size")
+        if len(registered) != len(self._hash_to_block):
+            fail("hash map and registered blocks differ in size")
         for h, b in self._hash_to_block.items():
-            info = self._cached.get(b)
-            if info is None or info.seq_hash != h:
+            if b not in registered or reg.hash[b] != h:
                 fail(f"hash {h:#x} maps to block {b}, which does not hold it")
-            if len(info.token_ids) != self.block_size:
-                fail(f"cached block {b} holds {len(info.token_ids)} tokens")
-        if not self.enable_prefix_caching and (self._cached or self._evictable):
+        if not self.enable_prefix_caching and (registered or self._evictable):
             fail("prefix caching is off but blocks are cached")

@@ -28,7 +28,10 @@ GPU-only fleets pay nothing. A removal clears one tier's bit; the node goes when
 from __future__ import annotations
 
 from array import array
+from collections import deque
 from collections.abc import Iterable, Sequence
+from itertools import compress, repeat
+from operator import and_, not_, or_, xor
 
 import xxhash
 
@@ -170,6 +173,8 @@ class KvIndexer:
         tiers = self._tiers.get(worker_id) if (tier != GPU_TIER or worker_id in self._tiers) else None
         if tiers is None and tier != GPU_TIER:
             tiers = self._tiers[worker_id] = {}
+        if tiers is None and self._store_new(blocks, bit, nid, local_hashes, seq_hashes):
+            return True
         size = size0 = len(blocks)
         for lh, sh in zip(local_hashes, seq_hashes):
             cid = hash((nid, lh))
@@ -204,6 +209,27 @@ class KvIndexer:
         self._num_blocks += size - size0
         return True
 
+    def _store_new(self, blocks: dict[int, int], bit: int, nid: int, local_hashes: Sequence[int],
+                   seq_hashes: Sequence[int]) -> bool:
+        """``store``'s loop for the common case, in bulk: GPU blocks all new to the worker (no hash
+        it knows, no node it holds, none twice). False (and nothing done) otherwise."""
+        if not blocks.keys().isdisjoint(seq_hashes):
+            return False
+        cids = []
+        append = cids.append
+        for lh in local_hashes:
+            nid = hash((nid, lh))
+            append(nid)
+        mask = self._mask
+        ms = list(map(mask.get, cids, repeat(0)))
+        n = len(cids)
+        if any(map(and_, ms, repeat(bit))) or len(set(cids)) != n or (n > 1 and len(set(seq_hashes)) != n):
+            return False
+        blocks.update(zip(seq_hashes, cids))
+        mask.update(zip(cids, map(or_, ms, repeat(bit))))
+        self._num_blocks += n
+        return True
+
     def remove(self, worker_id: str, seq_hashes: Iterable[int], tier: int = GPU_TIER) -> int:
         """Release the worker's blocks ``seq_hashes`` from KV tier ``tier``; returns how many it
         stopped holding altogether (a block still in another tier stays)."""
@@ -217,6 +243,18 @@ class KvIndexer:
         bit = self._bit[worker_id]
         mask, dups = self._mask, self._dups
         pop = blocks.pop
+        if not (dups and worker_id in dups):  # each node held through one hash: in bulk
+            nids = list(map(pop, seq_hashes, repeat(None)))
+            unknown = nids.count(None)
+            if unknown:
+                nids = [nid for nid in nids if nid is not None]
+            left = list(map(xor, map(mask.__getitem__, nids), repeat(bit)))
+            mask.update(zip(nids, left))
+            if left.count(0):
+                deque(map(mask.__delitem__, compress(nids, map(not_, left))), maxlen=0)
+            self._num_blocks -= len(nids)
+            self.unknown_removals += unknown
+            return len(nids)
         removed = unknown = 0
         for sh in seq_hashes:
             nid = pop(sh, None)
