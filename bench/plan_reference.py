@@ -105,7 +105,9 @@ def main() -> int:
                 chk = sim.check(dep, claimed)
                 top, _ = sim.max_rate(dep)
                 sim_cols = f"{chk.ttft_ms:.0f} / {chk.itl_ms:.1f}, {chk.attainment:.0%} | {top:.2f}"
-            rows.append(f"| AIConfigurator 0.12 ({row['backend']} {row['version']}, {mode}) | {label} | {GPUS} | "
+            backend = row.get("backend") or row.get("(p)backend", "?")
+            version = row.get("version") or row.get("(p)version", "?")
+            rows.append(f"| AIConfigurator 0.12 ({backend} {version}, {mode}) | {label} | {GPUS} | "
                         f"{float(row['tokens/s/gpu_cluster']):.0f} | {float(row['tokens/s/user']):.1f} | "
                         f"{float(row['ttft']):.0f} / {float(row['tpot']):.1f} | {claimed:.2f} | {sim_cols}"
                         + (" |" if mode == "agg" else " | - |"))

@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--sla-ttft-ms", type=float, default=3000.0)
     p.add_argument("--sla-itl-ms", type=float, default=25.0)
     p.add_argument("--max-workers", type=int, default=32)
-    p.add_argument("--max-utilization", type=float, default=0.6)
+    p.add_argument("--max-utilization", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args()
@@ -99,7 +99,7 @@ def main() -> int:
                           context_length=CONTEXT)
     sla = Sla(a.sla_ttft_ms, a.sla_itl_ms)
     pcfg = PlannerConfig(sla=sla, interval_s=a.interval, predictor="holt-winters", max_workers=a.max_workers,
-                         gpu_budget=a.max_workers, max_batch=256, scale_down_cooldown_s=4 * a.interval, scale_down_window_s=4 * a.interval,
+                         gpu_budget=a.max_workers, max_batch=256, scale_down_cooldown_s=2 * a.interval, scale_down_window_s=2 * a.interval,
                          max_utilization=a.max_utilization, startup_s=a.startup)
     print(f"{len(trace)} requests over two days of {a.duration:g} s (peak {a.peak_rate:g} req/s, swing {a.swing:g}x, bursts "
           f"x1.6 and x1.8), {len(shapes)} Mooncake shapes; SLA TTFT <= {a.sla_ttft_ms:g} ms, ITL <= {a.sla_itl_ms:g} ms",
