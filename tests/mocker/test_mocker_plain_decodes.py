@@ -75,7 +75,9 @@ def _replay(core: MockerCore, work: list[tuple[float, GenerateRequest]], fast: b
             if run is not None:
                 runs += 1
                 run_steps += len(run.ends)
+                batches = dict(run.events)
                 for k, end in enumerate(run.ends):
+                    events.extend(batches.get(k, ()))
                     tokens.extend((end, rid, toks[k], None) for rid, toks in zip(run.request_ids, run.tokens))
                 t = run.ends[-1]
                 continue
@@ -110,15 +112,17 @@ def test_runs_of_plain_decodes_equal_step_by_step(seed: int) -> None:
     assert slow["runs"] == 0
 
 
-def test_runs_cover_the_plain_decodes() -> None:
-    """One long decode: a run per block, ended where a block fills or a new one is needed."""
+def test_runs_cover_the_decodes() -> None:
+    """One long decode: one run, through the steps that fill a block or need a new one."""
     core = MockerCore(MockerConfig(block_size=16, num_gpu_blocks=64, context_length=4096), vocab_size=VOCAB)
     core.add_request(GenerateRequest(request_id="a", token_ids=list(range(20, 60)),
                                      stop=StopConditions(max_tokens=100, ignore_eos=True)))
     out = _replay(core, [], fast=True)
-    # 40 prompt tokens: a prefill, then decodes at lengths 41..139. Plain unless the step fills a
-    # block (48, 64, ...), needs a new one (49, 65, ...) or ends the request (139): 86 steps, 7 runs
-    assert out["runs"] == 7 and out["run_steps"] == 86 and core.num_steps == 100
+    # 40 prompt tokens: a prefill, then decodes at lengths 41..139. The steps that fill a block
+    # (48, 64, ...: an event each) or need a new one (49, 65, ...) are in the run, the one that
+    # ends the request (139) is not: one run of 98 steps
+    assert out["runs"] == 1 and out["run_steps"] == 98 and core.num_steps == 100
+    assert len(out["events"]) == 7  # the prefill's two blocks, then blocks 2..7 filled during the run
     assert len([x for x in out["tokens"] if x[2] is not None]) == 100
     assert not core.has_work()
 

@@ -22,13 +22,19 @@ a few slice copies, and the cyclic GC has nothing to walk.
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from functools import partial
+from itertools import compress, islice, repeat
+from operator import add, ge, not_
 from typing import Any, NamedTuple
 
 from turbine.engine.sequence import Sequence
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from turbine.router.hashing import SequenceHash
+
+
+_consume = partial(deque, maxlen=0)  # runs an iterator (a map of calls) to its end at C speed
 
 
 class IntegrityError(RuntimeError):
@@ -221,21 +227,21 @@ class KVBlockManager:
             raise ValueError("a cached prefix is whole blocks, matched before any allocation")
         k = num_cached_tokens // bs
         try:
-            hits = [self._hash_to_block[h] for h in seq.block_hashes(bs)[:k]]
+            hits = list(map(self._hash_to_block.__getitem__, seq.block_hashes(bs)[:k]))
         except KeyError:
             raise ValueError(f"stale prefix match for {seq.request_id!r}: call match_prefix again") from None
         if len(hits) != k:
             raise ValueError(f"sequence {seq.request_id!r} has fewer than {k} full blocks")
         ref = self._ref
-        revived = sum(1 for b in hits if ref[b] == 0)  # evictable now, referenced after
+        refs = list(map(ref.__getitem__, hits))
+        revived = refs.count(0)  # evictable now, referenced after
         need = -(-total // bs) - k
         if need > self.num_free_blocks - revived:
             return False
         self._claim_owner(seq)
-        for b in hits:
-            if ref[b] == 0:
-                del self._evictable[b]
-            ref[b] += 1
+        if revived:
+            _consume(map(self._evictable.__delitem__, compress(hits, map(not_, refs))))
+        _consume(map(ref.__setitem__, hits, map(add, refs, repeat(1))))  # distinct blocks: one each
         table.extend(hits)
         seq.num_registered_blocks = k
         if need > 0:
@@ -302,14 +308,28 @@ class KVBlockManager:
         if self._owners.get(seq.request_id) is seq:
             del self._owners[seq.request_id]
         ref, pos, evictable, free = self._ref, self._reg.pos, self._evictable, self._free
-        for b in reversed(seq.block_table):
-            r = ref[b] - 1
-            ref[b] = r
-            if r == 0:
-                if pos[b] >= 0:  # registered: stays cached until evicted
-                    evictable[b] = None
-                else:
-                    free.append(b)
+        back = seq.block_table[::-1]
+        refs = list(map(ref.__getitem__, back))
+        if refs.count(1) == len(refs):  # held by this sequence alone (the common case): the loop below, in bulk
+            _consume(map(ref.__setitem__, back, repeat(0)))
+            registered = list(map(ge, map(pos.__getitem__, back), repeat(0)))
+            n_reg = registered.count(True)
+            if n_reg == len(back):
+                evictable.update(dict.fromkeys(back))
+            elif not n_reg:
+                free += back
+            else:  # each list in its own order, as the loop would
+                evictable.update(dict.fromkeys(compress(back, registered)))
+                free += compress(back, map(not_, registered))
+        else:
+            for b in back:
+                r = ref[b] - 1
+                ref[b] = r
+                if r == 0:
+                    if pos[b] >= 0:  # registered: stays cached until evicted
+                        evictable[b] = None
+                    else:
+                        free.append(b)
         seq.block_table = []
         seq.num_registered_blocks = 0
 
@@ -318,18 +338,16 @@ class KVBlockManager:
         n = min(num_blocks, len(self._evictable))
         if n <= 0:
             return 0
-        popitem = self._evictable.popitem
-        blocks = [popitem(False)[0] for _ in range(n)]  # the n least recently used
+        evictable = self._evictable
+        blocks = list(islice(evictable, n))  # the n least recently used
+        _consume(map(evictable.__delitem__, blocks))
         reg = self._reg
         removed: list[SequenceHash] = list(map(reg.hash.__getitem__, blocks))
         on_evict = self.on_evict
         if on_evict is not None:  # with a copy of the tokens: the block is about to be reused
             infos = [reg.info(b, copy=True) for b in blocks]
-        h2b, pos = self._hash_to_block, reg.pos
-        for h in removed:
-            del h2b[h]
-        for b in blocks:
-            pos[b] = -1
+        _consume(map(self._hash_to_block.__delitem__, removed))
+        _consume(map(reg.pos.__setitem__, blocks, repeat(-1)))
         self._free.extend(blocks)
         if on_evict is not None:
             for b, info in zip(blocks, infos):
@@ -381,9 +399,7 @@ class KVBlockManager:
             del free[-k:]
             tail.reverse()
             out += tail
-        ref = self._ref
-        for b in out:
-            ref[b] = 1
+        _consume(map(self._ref.__setitem__, out, repeat(1)))
         return out
 
     # -- checking -------------------------------------------------------------------------------

@@ -550,6 +550,31 @@ class Scheduler:
                     return 0
         return steps
 
+    def decode_step_fits(self) -> bool:
+        """Whether the next step is a one-token decode of every running sequence, in order, that
+        admits nobody (nothing waits or is held), preempts nobody (the blocks it needs are free or
+        evictable) and ends no sequence whatever it samples (no stop token can end it, no length
+        limit is reached); unlike a plain one it may allocate and register blocks."""
+        running = self.running
+        if self.waiting or self.held or not running or len(running) > self.config.max_num_batched_tokens:
+            return False
+        bs = self.block_manager.block_size
+        max_len = self.config.max_model_len
+        eos = self._eos
+        need = 0
+        for seq in running:
+            tokens = seq.token_ids
+            n = len(tokens)
+            stop = seq.stop
+            if (n - seq.num_computed_tokens != 1 or n <= seq.num_prompt_tokens or tokens[-1] == PLACEHOLDER
+                    or stop.stop_token_ids or (eos and not stop.ignore_eos)):
+                return False
+            if n + 1 - seq.num_prompt_tokens >= stop.max_tokens or (max_len is not None and n + 1 >= max_len):
+                return False  # the token it samples ends it (_reaches_limit)
+            if n > len(seq.block_table) * bs:
+                need += 1
+        return need <= self.block_manager.num_free_blocks
+
     def run_plain_decodes(self, tokens: list[list[int]]) -> None:
         """Apply ``len(tokens[0])`` plain decode steps (at most ``plain_decode_steps()``) at once:
         ``tokens[i]`` are the tokens ``running[i]`` samples, one a step. The state is exactly

@@ -133,12 +133,15 @@ class StepResult(NamedTuple):
 
 
 class DecodeRun(NamedTuple):
-    """Plain decode steps run at once (``MockerCore.run_plain_decodes``): ``ends[k]`` is when step
-    k ended; every sequence of ``request_ids`` got one token a step (``tokens[i]``, in order)."""
+    """Decode steps run at once (``MockerCore.run_plain_decodes``): ``ends[k]`` is when step k
+    ended; every sequence of ``request_ids`` got one token a step (``tokens[i]``, in order);
+    ``events`` holds ``(k, the KV events of step k)`` for the steps that stored or evicted blocks,
+    in order: the caller delivers each at ``ends[k]`` (and may drop them from the list as it does)."""
 
     ends: list[float]
     request_ids: list[str]
     tokens: list[list[int]]
+    events: list[tuple[int, list[KVEvent]]]
 
 
 class MockerCore:
@@ -204,18 +207,20 @@ class MockerCore:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerateRequest, arrival_time: float | None = None, *,
-                    prompt_u32: array | None = None, block_hashes: list[int] | None = None) -> None:
+                    prompt_u32: array | None = None, block_hashes: list[int] | None = None,
+                    ids_in_vocab: bool = False) -> None:
         """Queue a request; ValueError if it is malformed or can never fit this engine.
         ``prompt_u32``: the caller's copy of ``request.token_ids`` as ``array("I")``, if it has one
         (spares packing them). ``block_hashes``: the sequence hashes (``turbine.router.hashing``) of
         the prompt's full blocks at this core's block size and the request's LoRA seed, if the
-        caller has them (spares hashing the prompt). The caller vouches that they agree with
-        ``request.token_ids``."""
+        caller has them (spares hashing the prompt). ``ids_in_vocab``: the caller made the prompt
+        from ids below this core's vocabulary size (spares checking them). The caller vouches for
+        all three."""
         seq = Sequence.from_request(request, arrival_time)
         if block_hashes is not None:
             seq.adopt_block_hashes(self.config.block_size, block_hashes)
         tokens = request.token_ids
-        if tokens:
+        if tokens and not ids_in_vocab:
             try:
                 ok = _ids_below(seq.prompt_u32(prompt_u32), self.vocab_size)
             except (OverflowError, TypeError):  # not all u32 ints: compare them one by one
@@ -300,35 +305,69 @@ class MockerCore:
         return self._complete(done)
 
     def run_plain_decodes(self, start: float, until: float) -> DecodeRun | None:
-        """The fast path of a discrete-event driver: run at once the plain decode steps
-        (``Scheduler.plain_decode_steps``) that would start before ``until``, the first at ``start``,
-        each starting when the one before ends. None (and nothing done) unless the next step is one.
+        """The fast path of a discrete-event driver: run at once the decode steps that would start
+        before ``until``, the first at ``start``, each starting when the one before ends, as long as
+        every running sequence decodes one token a step and nothing else happens: nothing is
+        admitted, preempted or ended. Plain ones (``Scheduler.plain_decode_steps``: no block moves)
+        go many at once; one that allocates or registers a block (``Scheduler.decode_step_fits``)
+        is a ``step()``, and its KV events go into the run with their step. None (and nothing
+        done) unless the next step is such a decode.
 
         Exactly what as many ``step()`` calls made at those times would do (the same tokens in the
-        same order of random draws, the same durations, one ``num_steps`` each): nothing outside
-        the running sequences changes in such steps, so the caller only has to promise that nothing
-        is added, pulled or released here before the last step starts (``until``: the next time
-        anything could be).
+        same order of random draws, the same durations, blocks and events, one ``num_steps``
+        each): nothing outside the running sequences and their blocks changes in such steps, so
+        the caller only has to promise that nothing is added, pulled or released here before the
+        last step starts (``until``: the next time anything could be), and deliver each step's
+        events at its end.
         """
         if self._inflight is not None or self.pipelined:
             return None
         sched = self.scheduler
+        running = sched.running
         limit = sched.plain_decode_steps()
-        if not limit:
+        if not limit and not sched.decode_step_fits():
             return None
+        ids = [seq.request_id for seq in running]
+        tokens: list[list[int]] = [[] for _ in running]
+        ends: list[float] = []
+        events: list[tuple[int, list[KVEvent]]] = []
+        t = start
+        while True:
+            if limit:
+                t = self._plain_decodes(t, until, limit, ends, tokens)
+                if t >= until or not sched.decode_step_fits():
+                    break
+            res = self.step()  # allocates or registers blocks, ends nothing (decode_step_fits)
+            t += res.duration_s
+            ends.append(t)
+            for toks, out in zip(tokens, res.outputs, strict=True):
+                toks.append(out.token_id)  # type: ignore[arg-type]
+            if res.kv_events:
+                events.append((len(ends) - 1, res.kv_events))
+            if t >= until:
+                break
+            limit = sched.plain_decode_steps()
+            if not limit and not sched.decode_step_fits():
+                break
+        return DecodeRun(ends, ids, tokens, events)
+
+    def _plain_decodes(self, t: float, until: float, limit: int, ends: list[float],
+                       tokens: list[list[int]]) -> float:
+        """Up to ``limit`` plain decode steps at once, the first at ``t``, the last starting before
+        ``until``; their ends and tokens appended. Returns the last end."""
         self._tier_copies()  # as step() begins (nothing is held: expire_held has nothing to do)
+        sched = self.scheduler
         running = sched.running
         n = len(running)
         usage = self.block_manager.usage
         step_seconds = self.timing.step_seconds
-        ends: list[float] = []
-        t = start
+        first = len(ends)
         if getattr(self.timing, "decode_uses_context", True):
             ctx = sum(len(seq.token_ids) for seq in running)
             while True:
                 t += step_seconds(0, n, usage, mean_prefill_context=0.0, mean_decode_context=ctx / n)
                 ends.append(t)
-                if len(ends) == limit or t >= until:
+                if len(ends) - first == limit or t >= until:
                     break
                 ctx += n
         else:  # every step of the run lasts the same
@@ -336,13 +375,15 @@ class MockerCore:
             while True:
                 t += d
                 ends.append(t)
-                if len(ends) == limit or t >= until:
+                if len(ends) - first == limit or t >= until:
                     break
-        k = len(ends)
-        tokens = self._sample_run(running, k)
-        sched.run_plain_decodes(tokens)
+        k = len(ends) - first
+        drawn = self._sample_run(running, k)
+        sched.run_plain_decodes(drawn)
+        for toks, new in zip(tokens, drawn):
+            toks += new
         self.num_steps += k
-        return DecodeRun(ends, [seq.request_id for seq in running], tokens)
+        return t
 
     def _sample_run(self, running: list[Sequence], k: int) -> list[list[int]]:
         """``k`` tokens for each sequence, drawn as ``k`` steps of ``_sample`` in batch order would."""

@@ -344,6 +344,7 @@ class Simulator:
     # -- requests ----------------------------------------------------------------------------
     def _arrive(self, i: int, t: float) -> int:
         """Route request ``i`` and queue it on its worker; the worker index, -1 if rejected."""
+        self._deliver_run_events(t)  # the router reads its index now
         req = self.requests[i]
         ids = self.synth.prompt_array(req)  # the router hashes u32 arrays without converting
         tr = _Track(t, i)
@@ -383,7 +384,8 @@ class Simulator:
         core = self.cores[w]
         hashes = block_hashes if core.config.block_size == self.cfg.mocker.block_size else None
         try:
-            core.add_request(gen, arrival_time=self.now, prompt_u32=ids, block_hashes=hashes)
+            core.add_request(gen, arrival_time=self.now, prompt_u32=ids, block_hashes=hashes,
+                             ids_in_vocab=ids is not None and self.synth.vocab_size <= core.vocab_size)
         except ValueError as e:  # can never run on this engine (context, KV capacity)
             router.finished(gen.request_id)
             self._results[tr.index] = RequestResult(ok=False, error=str(e)[:200])
@@ -417,7 +419,7 @@ class Simulator:
         for order in res.pulls:
             self._start_pull(w, order, t)
         if not res.outputs and not core.in_flight:  # nothing fits now; freed blocks or an arrival kick it again
-            self._apply_events(w, res, t)
+            self._apply_events(w, res, t, delivery=False)
             return
         self.stats.steps += 1
         self._pending[w] = res
@@ -455,8 +457,40 @@ class Simulator:
                     until = ends[p]
         return until
 
+    def _deliver_run_events(self, t: float, reader: int | None = None, own: DecodeRun | None = None) -> None:
+        """KV events of runs (MockerCore.run_plain_decodes) still held back, to the router in the
+        order a step-by-step replay delivers them: by step end, then worker. Called before the
+        router reads its index or takes other events: at an arrival (``reader`` None), every step
+        that ended at or before ``t``; at worker ``reader``'s step end, those ended before ``t`` or
+        at ``t`` on a lower worker, and all of ``own`` (the run of ``reader`` ending now). Only
+        the router's reads can tell when an event arrived, so this keeps every result the same."""
+        if not self._uses_events:
+            return
+        due: list[tuple[float, int, int, list[Any]]] = []
+        for v, run in enumerate(self._pending):
+            if type(run) is DecodeRun and run.events:
+                ends, events = run.ends, run.events
+                strict = reader is not None and v >= reader
+                k = 0
+                for i, batch in events:
+                    if ends[i] > t or (strict and ends[i] == t):
+                        break
+                    due.append((ends[i], v, k, batch))
+                    k += 1
+                del events[:k]
+        if own is not None and own.events:
+            due += [(own.ends[i], reader, k, batch) for k, (i, batch) in enumerate(own.events)]  # type: ignore[misc]
+            own.events.clear()
+        if len(due) > 1:
+            due.sort(key=lambda d: d[:3])
+        ids = self.worker_ids
+        for _, v, _, batch in due:
+            self.stats.kv_event_batches += 1
+            router = self.prefill_router if ids[v].startswith("prefill-") else self.router
+            router.apply_kv_events(ids[v], batch)
+
     def _deliver_plain_decodes(self, run: DecodeRun) -> None:
-        """Tokens of a run of plain decodes: one a step to each sequence (nothing else happens)."""
+        """Tokens of a run of decodes: one a step to each sequence (nothing else happens)."""
         ends = run.ends
         first, last = ends[0], ends[-1]
         gaps = [b - a for a, b in zip(ends, ends[1:])]
@@ -467,10 +501,13 @@ class Simulator:
             tr.itl += gaps
             tr.last = last
 
-    def _apply_events(self, w: int, res: StepResult, t: float) -> None:
+    def _apply_events(self, w: int, res: StepResult, t: float, delivery: bool = True) -> None:
         # Only exact kv routing reads the index; load policies and approx mode ignore events
         # (feeding them would cost ~15% of a run and change no decision).
         if res.kv_events and self._uses_events:
+            # runs' events a step-by-step replay delivers before these (at the step's end: by
+            # worker; at its start: every one ended by then)
+            self._deliver_run_events(t, reader=w if delivery else None)
             self.stats.kv_event_batches += 1
             # no ts: the router takes it for a wall-clock stamp (its event-lag metric)
             router = self.prefill_router if self.worker_ids[w].startswith("prefill-") else self.router
@@ -482,6 +519,8 @@ class Simulator:
         res = self._pending[w]
         self._pending[w] = None
         if type(res) is DecodeRun:
+            if res.events:
+                self._deliver_run_events(t, reader=w, own=res)
             self._deliver_plain_decodes(res)
             return []
         assert res is not None
@@ -507,6 +546,7 @@ class Simulator:
                 tr.last = t
             if out.finish_reason is not None:
                 if prefill_leg:
+                    self._deliver_run_events(t, reader=w)  # it routes the decode leg
                     woken += self._prefill_done(w, rid, tr, out, t)
                 else:
                     self.router.finished(rid)
