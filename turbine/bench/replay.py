@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from turbine.bench.loadgen import endpoint_url, first_model, send_request
@@ -95,6 +94,8 @@ async def replay(requests: Sequence[TraceRequest], cfg: ReplayConfig) -> ReplayR
     results: list[RequestResult | None] = [None] * n
     sent = [0.0] * n
     ends = [0.0] * n
+    import aiohttp  # here, not at the top: it takes ~0.25 s to import, and only a live run needs it
+
     connector = aiohttp.TCPConnector(limit=0)  # open loop: never queue behind a connection cap
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -170,6 +171,8 @@ def write_outputs(report: TraceReport, label: str, json_path: str | None, plot_p
 
 def main_from_args(a: argparse.Namespace) -> int:
     """`turbine bench --trace`: 0 if every request succeeded, 1 if any failed, 2 on bad input."""
+    import aiohttp
+
     try:
         requests = load_trace(a.trace, a.max_requests)
         cfg = ReplayConfig(url=a.url, speed=a.speed, model=a.model, vocab_size=a.vocab_size, seed=a.seed,

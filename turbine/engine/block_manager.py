@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from functools import partial
 from itertools import compress, islice, repeat
-from operator import add, ge, not_
+from operator import add, ne, not_, sub
 from typing import Any, NamedTuple
 
 from turbine.engine.sequence import Sequence
@@ -35,6 +35,7 @@ from turbine.router.hashing import SequenceHash
 
 
 _consume = partial(deque, maxlen=0)  # runs an iterator (a map of calls) to its end at C speed
+_ONES = b"\x01" * 1024
 
 
 class IntegrityError(RuntimeError):
@@ -44,7 +45,8 @@ class IntegrityError(RuntimeError):
 class _Registry:
     """What each registered block holds, in arrays indexed by block id (no object per block):
 
-        pos[b]      its index within its chain (parents sort first), -1: b holds no hash
+        on[b]       1: b holds a hash (registered), 0: it does not (the other fields are stale)
+        pos[b]      its index within its chain (parents sort first)
         hash[b]     its sequence hash (u64)          parent[b]   its parent's (when pos[b] > 0)
         tokens      its token ids (u32) at bytes [b * stride, (b + 1) * stride)
 
@@ -52,9 +54,10 @@ class _Registry:
     for a resync or a lower tier. The arrays grow with the highest block id handed out, so an idle
     manager holds next to nothing."""
 
-    __slots__ = ("pos", "hash", "parent", "tokens", "stride")
+    __slots__ = ("hash", "on", "parent", "pos", "stride", "tokens")
 
     def __init__(self, block_size: int) -> None:
+        self.on = bytearray()
         self.pos = array("q")
         self.hash = array("Q")
         self.parent = array("Q")
@@ -62,10 +65,11 @@ class _Registry:
         self.stride = 4 * block_size
 
     def grow(self, num_blocks: int) -> None:
-        k = num_blocks - len(self.pos)
+        k = num_blocks - len(self.on)
         if k > 0:
-            self.pos += array("q", [-1]) * k
+            self.on += bytes(k)
             zeros = bytes(8 * k)
+            self.pos.frombytes(zeros)
             self.hash.frombytes(zeros)
             self.parent.frombytes(zeros)
             self.tokens += bytes(k * self.stride)
@@ -75,29 +79,30 @@ class _Registry:
         """Block ``blocks[i]`` holds block ``first + i`` of the u32 tokens ``src``, hash ``hashes[i]``,
         chained below ``parent`` (the previous block's hash, None for the first of a chain)."""
         n = len(blocks)
-        parents = [0 if parent is None else parent, *hashes[:-1]]
         s = self.stride
-        pos, hash_, par, tokens = self.pos, self.hash, self.parent, self.tokens
+        on, pos, hash_, par, tokens = self.on, self.pos, self.hash, self.parent, self.tokens
+        b = blocks[0]
         with memoryview(src) as m, m.cast("B") as raw:
-            b = blocks[0]
             if blocks[-1] - b == n - 1 and (n < 3 or blocks == list(range(b, b + n))):  # the common case
+                on[b : b + n] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
                 pos[b : b + n] = array("q", range(first, first + n))
                 hash_[b : b + n] = array("Q", hashes)
-                par[b : b + n] = array("Q", parents)
+                par[b : b + n] = array("Q", [0 if parent is None else parent, *hashes[:-1]])
                 tokens[b * s : (b + n) * s] = raw[first * s : (first + n) * s]
                 return
-            i = 0
-            while i < n:  # runs of consecutive block ids, one slice each
+            # runs of consecutive block ids, one slice each
+            breaks = list(compress(range(1, n), map(ne, map(sub, blocks[1:], blocks), repeat(1))))
+            all_pos = array("q", range(first, first + n))
+            all_hash = array("Q", hashes)
+            all_par = array("Q", [0 if parent is None else parent, *hashes[:-1]])
+            for i, j in zip([0, *breaks], [*breaks, n]):
                 b = blocks[i]
-                j = i + 1
-                while j < n and blocks[j] == b + j - i:
-                    j += 1
                 e = b + j - i
-                pos[b:e] = array("q", range(first + i, first + j))
-                hash_[b:e] = array("Q", hashes[i:j])
-                par[b:e] = array("Q", parents[i:j])
+                on[b:e] = _ONES[: j - i] if j - i <= len(_ONES) else b"\x01" * (j - i)
+                pos[b:e] = all_pos[i:j]
+                hash_[b:e] = all_hash[i:j]
+                par[b:e] = all_par[i:j]
                 tokens[b * s : e * s] = raw[(first + i) * s : (first + j) * s]
-                i = j
 
     def info(self, block: int, copy: bool = False) -> _Cached:
         """Block ``block``'s registration (a registered block); ``copy``: with its tokens copied,
@@ -307,13 +312,13 @@ class KVBlockManager:
         """
         if self._owners.get(seq.request_id) is seq:
             del self._owners[seq.request_id]
-        ref, pos, evictable, free = self._ref, self._reg.pos, self._evictable, self._free
+        ref, on, evictable, free = self._ref, self._reg.on, self._evictable, self._free
         back = seq.block_table[::-1]
         refs = list(map(ref.__getitem__, back))
         if refs.count(1) == len(refs):  # held by this sequence alone (the common case): the loop below, in bulk
             _consume(map(ref.__setitem__, back, repeat(0)))
-            registered = list(map(ge, map(pos.__getitem__, back), repeat(0)))
-            n_reg = registered.count(True)
+            registered = bytes(map(on.__getitem__, back))
+            n_reg = registered.count(1)
             if n_reg == len(back):
                 evictable.update(dict.fromkeys(back))
             elif not n_reg:
@@ -326,7 +331,7 @@ class KVBlockManager:
                 r = ref[b] - 1
                 ref[b] = r
                 if r == 0:
-                    if pos[b] >= 0:  # registered: stays cached until evicted
+                    if on[b]:  # registered: stays cached until evicted
                         evictable[b] = None
                     else:
                         free.append(b)
@@ -347,7 +352,7 @@ class KVBlockManager:
         if on_evict is not None:  # with a copy of the tokens: the block is about to be reused
             infos = [reg.info(b, copy=True) for b in blocks]
         _consume(map(self._hash_to_block.__delitem__, removed))
-        _consume(map(reg.pos.__setitem__, blocks, repeat(-1)))
+        _consume(map(reg.on.__setitem__, blocks, repeat(0)))
         self._free.extend(blocks)
         if on_evict is not None:
             for b, info in zip(blocks, infos):
@@ -359,9 +364,9 @@ class KVBlockManager:
         """Forget the whole prefix cache; sequences keep their blocks, now unregistered."""
         self._free.extend(self._evictable)
         self._evictable.clear()
-        pos = self._reg.pos
+        on = self._reg.on
         for b in self._hash_to_block.values():
-            pos[b] = -1
+            on[b] = 0
         self._hash_to_block.clear()
         self._events.append(AllBlocksCleared())
 
@@ -426,9 +431,9 @@ class KVBlockManager:
                     fail(f"sequence {rid!r} holds block {b}, never allocated")
                 holders[b] += 1
         reg = self._reg
-        if not len(reg.pos) == len(reg.hash) == len(reg.parent) == len(reg.tokens) // reg.stride <= n:
+        if not len(reg.on) == len(reg.pos) == len(reg.hash) == len(reg.parent) == len(reg.tokens) // reg.stride <= n:
             fail("the registry's arrays differ in size")
-        registered = {b for b, p in enumerate(reg.pos) if p >= 0}
+        registered = {b for b, f in enumerate(reg.on) if f}
         for b in range(n):
             ref = self._ref[b]
             states = (b in free) + (b in self._evictable) + (ref > 0) + (b >= self._next_fresh)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from turbine.bench.replay import add_trace_args, write_outputs
@@ -68,6 +69,10 @@ def main_from_args(a: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    # The fleet's objects are garbage now (a reference cycle: the router's and cores' clock) and the
+    # process ends in a moment: park them where the cyclic GC never looks instead of spending a
+    # full collection (~0.3 s on the Mooncake trace) on memory the exit hands back anyway.
+    gc.freeze()
     meta = {"mode": "sim", "trace": str(a.trace), "router": cfg.label(), "workers": cfg.num_workers, "speed": cfg.speed,
             "mocker": {"block_size": mocker.block_size, "num_gpu_blocks": mocker.num_gpu_blocks,
                        "max_num_seqs": mocker.max_num_seqs, "max_num_batched_tokens": mocker.max_num_batched_tokens,
