@@ -37,7 +37,7 @@ def test_serve_planner_grows_and_drains_under_load(tmp_path: Path, model_dir: Pa
     spawn(procs, "serve", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny", "--port", str(port),
           "--profile", str(_slow_profile(tmp_path / "slow.json")), "--max-num-seqs", "4", "--planner",
           "--sla-ttft-ms", "400", "--sla-itl-ms", "60", "--planner-interval", "1.5", "--planner-max-workers", "5",
-          "--planner-scale-down-cooldown", "4", "--planner-predictor", "constant")
+          "--planner-scale-down-cooldown", "4", "--planner-scale-down-window", "4", "--planner-predictor", "constant")
     wait_workers(url, 1, timeout=60)
     peak = 1
     with Load(url, concurrency=12) as load:
