@@ -110,3 +110,25 @@ def test_the_planner_follows_a_day_and_spends_fewer_gpu_hours_than_static_peak()
     assert 0.25 * len(sizes) < peak_at < 0.9 * len(sizes), sizes
     assert planned.gpu_seconds < 0.8 * static.gpu_seconds  # static for the planner's own peak
     assert static.attainment >= 0.95 and planned.attainment >= 0.9
+
+
+def test_disaggregated_pools_grow_and_drain_in_the_simulator() -> None:
+    reqs = _requests(200, rate=5.0)
+    sim = Simulator(reqs, SimConfig(prefill_workers=1, decode_workers=1, mocker=MOCKER))
+    conn = VirtualConnector(sim, gpus_per_worker={"decode": 2}, startup_s=2.0)
+    assert conn.current_now() == {"prefill": 1, "decode": 1}
+    sim.at(5.0, lambda t: (conn.scale_now("prefill", 2), conn.scale_now("decode", 2)))
+    sim.at(20.0, lambda t: conn.scale_now("prefill", 1))  # a prefill worker drains: its held KV is pulled first
+    res = sim.run()
+    assert all(r.ok for r in res.results), [r.error for r in res.results if not r.ok][:3]
+    assert conn.current_now() == {"prefill": 1, "decode": 2}
+    assert sim.stats.requests_per_worker[sim._index["decode-1"]] > 0
+    (gone,) = sim.retired  # the least loaded prefill worker, after its last transfer
+    assert gone.startswith("prefill-") and 20.0 <= sim.retired[gone] <= res.duration_s
+    assert all(not core.scheduler.held for core in sim.cores)  # no KV left held anywhere
+    # GPU time: each prefill worker from its request to its exit, decode workers two GPUs each
+    started = {"prefill-0": 0.0, "prefill-1": 5.0}
+    kept = "prefill-1" if gone == "prefill-0" else "prefill-0"
+    d = res.duration_s
+    expected = (d - started[kept]) + (sim.retired[gone] - started[gone]) + 2 * d + 2 * (d - 5.0)
+    assert conn.gpu_seconds() == pytest.approx(expected)
