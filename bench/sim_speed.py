@@ -105,7 +105,7 @@ def main() -> int:
         else:
             lines.append(f"| {r} | {t:.2f} | {loop:.2f} | - | - | no Dynamo venv at {dyn_py} |")
     table = "\n".join(lines)
-    note = (f"Whole Mooncake trace ({sum(1 for _ in open(trace))} requests), 8 workers, speed 1x; "
+    note = (f"Whole Mooncake trace ({len(trace.read_text().splitlines())} requests), 8 workers, speed 1x; "
             f"{a.repeats} repeats per tool and router, alternating, each a fresh process; medians. Turbine's results "
             f"{'identical across repeats' if same else 'DIFFER across repeats'}.")
     print("\n" + table + "\n\n" + note)
