@@ -32,7 +32,7 @@ class Policy(Protocol):
 class SimObserver:
     """Collects every request's end; `read` gives the interval before ``now`` as an Observation."""
 
-    def __init__(self, arrivals_s: Sequence[float]) -> None:
+    def __init__(self, arrivals_s: Sequence[float] = ()) -> None:
         self.arrivals = list(arrivals_s)  # sorted (the simulator replays in trace order)
         self._ended: list[tuple[float, RequestResult]] = []
         self._read_to = 0  # ends before this index were read
@@ -109,9 +109,9 @@ def run_closed_loop(requests: Sequence[TraceRequest], cfg: SimConfig, sla: Sla, 
     policy up: a second day scored after a first)."""
     if interval_s <= 0:
         raise ValueError(f"interval_s must be positive, got {interval_s}")
-    observer: SimObserver | None = None
-    sim = Simulator(requests, cfg, on_complete=lambda r, t: observer.on_complete(r, t) if observer else None)
-    observer = SimObserver(sim.arrivals)
+    observer = SimObserver()
+    sim = Simulator(requests, cfg, on_complete=observer.on_complete)
+    observer.arrivals = sim.arrivals
     conn = VirtualConnector(sim, gpus_per_worker=gpus_per_worker, startup_s=startup_s)
     ticks: list[Tick] = []
 
