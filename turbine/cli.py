@@ -73,7 +73,19 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--router", default="kv", choices=POLICIES,
-                   help="routing policy: kv = the worker holding most of the prompt's KV blocks, weighed against load")
+                   help="routing policy: kv = the worker holding most of the prompt's KV blocks, weighed against "
+                   "load (Dynamo's cost); predicted = the lowest predicted TTFT on each worker's own timing model "
+                   "(prefix hits, queued prefill, decode batch)")
+    p.add_argument("--router-max-itl-ms", type=float, default=0.0,
+                   help="predicted routing: keep a prefill off workers whose running requests' steps it would "
+                   "stretch beyond this, when another worker can take it (0 = no guard)")
+    p.add_argument("--router-max-queued", type=int, default=0,
+                   help="requests a worker may have waiting for their first token; beyond it requests wait in the "
+                   "frontend's queue, in arrival order (0 = no limit)")
+    p.add_argument("--router-queue-size", type=int, default=1024,
+                   help="requests that may wait in that queue; beyond it: 503 with Retry-After")
+    p.add_argument("--router-own-load-only", action="store_true",
+                   help="ignore the load workers report beyond this frontend's own requests (other frontends')")
     p.add_argument("--router-approx", action="store_true",
                    help="kv routing without worker events: remember where prefixes were sent (TTL)")
     p.add_argument("--router-temperature", type=float, default=0.0,
@@ -313,11 +325,15 @@ def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit("turbine: --router-temperature must be >= 0")
     if args.kv_overlap_weight < 0:
         raise SystemExit("turbine: --kv-overlap-weight must be >= 0")
-    if args.router_approx and args.router != "kv":
-        raise SystemExit("turbine: --router-approx applies to --router kv only")
+    if args.router_approx and args.router not in ("kv", "predicted"):
+        raise SystemExit("turbine: --router-approx applies to --router kv and predicted only")
     if not (0 <= args.kv_host_weight <= 1 and 0 <= args.kv_disk_weight <= 1):
         raise SystemExit("turbine: --kv-host-weight and --kv-disk-weight must be in [0, 1]")
+    if args.router_max_itl_ms < 0 or args.router_max_queued < 0 or args.router_queue_size < 0:
+        raise SystemExit("turbine: --router-max-itl-ms, --router-max-queued and --router-queue-size must be >= 0")
     return RouterConfig(policy=args.router, overlap_weight=args.kv_overlap_weight,
+                        max_itl_ms=args.router_max_itl_ms, max_queued=args.router_max_queued,
+                        queue_size=args.router_queue_size, shared_load=not args.router_own_load_only,
                         temperature=args.router_temperature, approx=args.router_approx,
                         host_tier_weight=args.kv_host_weight, disk_tier_weight=args.kv_disk_weight)
 

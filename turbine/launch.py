@@ -23,7 +23,8 @@ from turbine.engine.base import Engine
 from turbine.engine.builtin_config import BuiltinConfig
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
-from turbine.protocols.model_card import ModelCard
+from turbine.mocker.timing import ProfileTiming
+from turbine.protocols.model_card import ModelCard, WorkerTiming
 from turbine.runtime.discovery import Discovery, MemoryDiscovery, MemoryStore, make_discovery
 from turbine.runtime.fleet_token import fleet_token
 from turbine.runtime.events import (
@@ -89,6 +90,19 @@ def model_context_length(model_dir: Path, fallback: int) -> int:
     return fallback
 
 
+def card_timing(profile: str | None, max_num_batched_tokens: int, speedup_ratio: float = 1.0) -> WorkerTiming:
+    """What the worker's card tells a latency-predicting router about its step times: the
+    measured profile it was given (``--profile``), else Dynamo's polynomial, at its token budget."""
+    data = None
+    if profile:
+        try:
+            ProfileTiming.from_file(profile, speedup_ratio)  # a bad profile fails here, with its path
+            data = json.loads(Path(profile).read_text())
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"turbine: --profile: {e}") from None
+    return WorkerTiming(max_num_batched_tokens=max_num_batched_tokens, speedup_ratio=speedup_ratio, profile=data)
+
+
 def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Engine, ModelCard]:
     """Blocking (the built-in engine loads weights): call it off the event loop."""
     if opts.engine not in ENGINES:
@@ -108,7 +122,8 @@ def build_engine(opts: WorkerOptions, tokenizer: TurbineTokenizer) -> tuple[Engi
                         eos_token_ids=tuple(tokenizer.eos_token_ids))
     card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir),
                      block_size=cfg.block_size, total_kv_blocks=cfg.num_gpu_blocks, max_num_seqs=cfg.max_num_seqs,
-                     context_length=ctx, engine="mock")
+                     context_length=ctx, engine="mock",
+                     timing=card_timing(cfg.profile, cfg.max_num_batched_tokens, cfg.speedup_ratio))
     return engine, card
 
 
@@ -128,7 +143,8 @@ def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
         raise SystemExit(f"turbine: cannot start the builtin engine on {opts.model_dir}: {e}") from None
     card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir), block_size=engine.block_size,
                      total_kv_blocks=engine.num_kv_blocks, max_num_seqs=engine.max_num_seqs,
-                     context_length=engine.context_length, engine="builtin")
+                     context_length=engine.context_length, engine="builtin",
+                     timing=card_timing(opts.mocker.profile, cfg.max_num_batched_tokens))
     return engine, card
 
 

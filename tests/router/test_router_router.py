@@ -25,7 +25,7 @@ class Clock:
         return self.t
 
 
-@pytest.mark.parametrize("policy", ["round-robin", "random", "least-loaded", "power-of-two", "kv"])
+@pytest.mark.parametrize("policy", ["round-robin", "random", "least-loaded", "power-of-two", "kv", "predicted"])
 def test_frontend_api_for_every_policy(policy: str) -> None:
     r = Router(policy, block_size=BS, seed=3)
     cands = ["w1", "w2", "w3"]
@@ -45,7 +45,7 @@ def test_frontend_api_for_every_policy(policy: str) -> None:
     assert "w1" not in r.loads.workers
     with pytest.raises(ValueError, match="no candidate"):
         r.route("x", [], SHARED)
-    assert set(POLICIES) == {"kv", "round-robin", "random", "least-loaded", "power-of-two"}
+    assert set(POLICIES) == {"kv", "predicted", "round-robin", "random", "least-loaded", "power-of-two"}
 
 
 def test_kv_routes_to_the_cached_prefix_and_reserves_only_new_prefill() -> None:

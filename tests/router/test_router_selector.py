@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 
-from turbine.router.load_tracker import WorkerLoad
+from turbine.router.load_tracker import LoadEstimate
 from turbine.router.selector import Selection, select_worker, softmax_pick, worker_costs
 
 
 def test_cost_formula_by_hand() -> None:
-    loads = {"a": WorkerLoad(prefill_tokens=32, decode_blocks=5), "b": WorkerLoad()}
+    loads = {"a": LoadEstimate(prefill_tokens=32, decode_blocks=5), "b": LoadEstimate()}
     costs = worker_costs(["a", "b", "c"], {"a": 3, "c": 1}, loads, 10, block_size=16, overlap_weight=2.0)
     # a: 2 * (10 - 3 + 32/16) + 5 = 23;  b: 2 * 10 + 0 = 20;  c (no load known): 2 * (10 - 1) = 18
     assert costs == [23.0, 20.0, 18.0]
@@ -20,12 +20,12 @@ def test_cost_formula_by_hand() -> None:
 
 def test_lowest_cost_wins_and_reports_its_overlap() -> None:
     rng = random.Random(0)
-    loads = {"a": WorkerLoad(), "b": WorkerLoad()}
+    loads = {"a": LoadEstimate(), "b": LoadEstimate()}
     assert select_worker(["a", "b"], {"b": 4}, loads, 8, block_size=16, rng=rng) == Selection("b", 4, 4.0)
-    busy = {"a": WorkerLoad(), "b": WorkerLoad(decode_blocks=100)}
+    busy = {"a": LoadEstimate(), "b": LoadEstimate(decode_blocks=100)}
     assert select_worker(["a", "b"], {"b": 4}, busy, 8, block_size=16, rng=rng).worker_id == "a"
     # the overlap weight trades cache hits against load
-    mid = {"a": WorkerLoad(), "b": WorkerLoad(decode_blocks=6)}
+    mid = {"a": LoadEstimate(), "b": LoadEstimate(decode_blocks=6)}
     assert select_worker(["a", "b"], {"b": 4}, mid, 8, block_size=16, rng=rng).worker_id == "a"  # 8 vs 10
     assert select_worker(["a", "b"], {"b": 4}, mid, 8, block_size=16, rng=rng,
                          overlap_weight=2.0).worker_id == "b"  # 16 vs 14
@@ -60,7 +60,7 @@ def test_temperature_samples_from_softmax_of_normalised_costs() -> None:
 
 
 def test_temperature_through_select_worker() -> None:
-    loads = {"a": WorkerLoad(), "b": WorkerLoad(decode_blocks=8)}
+    loads = {"a": LoadEstimate(), "b": LoadEstimate(decode_blocks=8)}
     cold = Counter(select_worker(["a", "b"], {}, loads, 8, block_size=16, rng=random.Random(s),
                                  temperature=0.01).worker_id for s in range(200))
     hot = Counter(select_worker(["a", "b"], {}, loads, 8, block_size=16, rng=random.Random(s),
@@ -83,7 +83,7 @@ def test_one_pass_choice_is_an_argmin_of_worker_costs() -> None:
     rng = random.Random(5)
     for _ in range(300):
         cands = [f"w{i}" for i in range(rng.randint(1, 8))]
-        loads = {w: WorkerLoad(prefill_tokens=rng.choice([0, 16, 40]), decode_blocks=rng.randint(0, 3))
+        loads = {w: LoadEstimate(prefill_tokens=rng.choice([0, 16, 40]), decode_blocks=rng.randint(0, 3))
                  for w in cands if rng.random() < 0.8}
         overlaps = {w: rng.randint(0, 4) for w in cands if rng.random() < 0.5}
         costs = worker_costs(cands, overlaps, loads, 6, block_size=16, overlap_weight=1.5)

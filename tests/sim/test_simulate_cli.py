@@ -50,7 +50,7 @@ def test_simulate_plot_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert ex.value.code == 2 and "missing.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ex:
         main(["simulate", "--trace", str(tmp_path / "t.jsonl"), "--router", "random", "--router-approx"])
-    assert ex.value.code == 2 and "kv router only" in capsys.readouterr().err
+    assert ex.value.code == 2 and "predicted routers only" in capsys.readouterr().err
 
 
 def test_simulate_schedules_ahead_as_the_profile_or_the_flag_says(tmp_path: Path) -> None:

@@ -82,10 +82,13 @@ class PrefillLeg:
         router = m.prefill_router
         prompt = spec.prompt_ids
         try:
-            worker = router.route(request_id, self.registry.candidates(m, "prefill"), prompt).worker_id
+            decision = router.route(request_id, self.registry.candidates(m, "prefill"), prompt)
         except ApiError:
+            decision = None
+        if decision is None:  # no prefill worker, or all at their queue limit: the decode worker prefills
             self.stats.prefill_failures += 1
             return None
+        worker = decision.worker_id
         inst = m.workers[worker]
         stop = spec.stop
         req = GenerateRequest(request_id=request_id, token_ids=prompt, sampling=spec.sampling,

@@ -16,6 +16,7 @@ class EngineStats(NamedTuple):
     num_running: int
     num_waiting: int
     tiers: tuple[Any, ...] = ()  # protocols.load.TierLoad of each KV tier below the GPU cache
+    prefill_tokens: int = 0  # prompt tokens not computed yet (0 where the engine does not say)
 
 
 class Engine(Protocol):

@@ -364,7 +364,8 @@ class BuiltinCore:
             tiers = self.tiers.loads(self.kv_cache.spec.bytes_per_block) if self.tiers is not None else ()
             return EngineStats(kv_active_blocks=self.block_manager.num_active_blocks, tiers=tiers,
                                kv_total_blocks=self.block_manager.num_blocks,
-                               num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting)
+                               num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                               prefill_tokens=self.scheduler.num_prefill_tokens())
 
     def kv_snapshot(self) -> list[BlockStored]:
         """BlockStored events rebuilding the current prefix cache and its tiers (a router's resync)."""

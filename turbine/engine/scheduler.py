@@ -152,6 +152,13 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def num_prefill_tokens(self) -> int:
+        """Tokens still to prefill: waiting requests' whole prompts (a prefix hit is only known at
+        admission) and the rest of partly prefilled ones. O(queue): for load reports, not steps."""
+        n = sum(len(s.token_ids) - s.num_computed_tokens for s in self.waiting)
+        return n + sum(len(s.token_ids) - s.num_computed_tokens for s in self.running
+                       if s.num_computed_tokens < s.num_prompt_tokens)
+
     def has_work(self) -> bool:
         """Something to schedule (pulls in progress and held blocks are not work for a step)."""
         return bool(self.running or self.waiting)

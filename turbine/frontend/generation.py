@@ -139,7 +139,11 @@ class Generation:
                 tokens = spec.prompt_ids + generated if generated else spec.prompt_ids
                 sub_id = f"{spec.request_id}.{attempt}" if attempt else spec.request_id
                 attempt += 1
-                decision = router.route(sub_id, self.registry.candidates(m), tokens, remote_kv=source is not None)
+                remote = source is not None
+                decision = router.route(sub_id, self.registry.candidates(m), tokens, remote_kv=remote)
+                if decision is None:  # every worker is at its queue limit: wait in line
+                    decision = await m.queue.admit(
+                        lambda: router.route(sub_id, self.registry.candidates(m), tokens, remote_kv=remote), deadline)
                 worker_id = decision.worker_id
                 inst = m.workers[worker_id]
                 req = GenerateRequest(

@@ -17,6 +17,7 @@ import msgspec
 
 from turbine.frontend.errors import ApiError
 from turbine.frontend.metrics import FrontendMetrics
+from turbine.frontend.route_queue import DEFAULT_QUEUE_SIZE, RouteQueue
 from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
@@ -64,6 +65,7 @@ class ServedModel:
     prefill_router: Router
     tokenizer: TurbineTokenizer | None = None
     workers: dict[str, Instance] = field(default_factory=dict)
+    queue: RouteQueue = field(default_factory=RouteQueue)  # requests no worker admits yet (router.max_queued)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def role(self, worker_id: str) -> str:
@@ -79,11 +81,13 @@ class ModelRegistry:
     def __init__(self, discovery: Discovery, metrics: FrontendMetrics, client: RequestPlaneClient,
                  router_factory: Callable[[ModelCard], Router],
                  subscriber: EventSubscriber | None = None,
-                 on_model_added: Callable[[ServedModel], None] | None = None):
+                 on_model_added: Callable[[ServedModel], None] | None = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE):
         self.discovery = discovery
         self.metrics = metrics
         self.subscriber = subscriber
         self.router_factory = router_factory
+        self.queue_size = queue_size
         self.models: dict[str, ServedModel] = {}
         self._suspect: dict[str, tuple[float, float]] = {}  # worker -> (until, current backoff)
         self.rejected_records = 0
@@ -148,19 +152,24 @@ class ModelRegistry:
         m = self.models.get(card.model_name)
         routers = (self.router_factory(card), self.router_factory(card)) if m is None else None
         old = m.workers.get(inst.instance_id) if m is not None else None
+        router = (routers[1] if card.role == "prefill" else routers[0]) if routers is not None else m.router_for(inst)
+        router.latency_model(card.total_kv_blocks, card.timing)  # a timing profile that does not load raises here
         if old is not None and (old.event_address != inst.event_address or old.model_card != card):
             self._remove(old)  # re-registered elsewhere or with another role: forget the old record first
         if inst.event_address and self.subscriber is not None:
             self.subscriber.connect(inst.event_address)
         if m is None:
             assert routers is not None
-            m = self.models[card.model_name] = ServedModel(card.model_name, card, *routers)
+            m = self.models[card.model_name] = ServedModel(card.model_name, card, *routers,
+                                                           queue=RouteQueue(self.queue_size))
+            m.router.on_capacity = m.queue.kick
             if self._on_model_added is not None:
                 self._on_model_added(m)
         elif card.block_size != m.card.block_size:
             log.warning("worker %s serves %s with block size %d, others use %d: prefix routing across them "
                         "will not match", inst.instance_id, card.model_name, card.block_size, m.card.block_size)
         m.workers[inst.instance_id] = inst
+        router.worker_added(inst.instance_id, card.total_kv_blocks, card.timing)
         self._suspect.pop(inst.instance_id, None)
         self.metrics.workers.labels(m.name).set(len(m.workers))
         if inst.event_address and self.subscriber is not None:
@@ -209,6 +218,7 @@ class ModelRegistry:
         m = self.models.get(load.model_name)
         if m is not None and load.worker_id in m.workers:
             self.metrics.worker_load(load)
+            m.router_for(m.workers[load.worker_id]).reported_load(load)
 
     # --- lookups -----------------------------------------------------------------------------
     def get(self, name: str) -> ServedModel:

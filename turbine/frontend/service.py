@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from turbine.frontend.api import OpenAIApi
 from turbine.frontend.generation import DEFAULT_REQUEST_TIMEOUT_S, Generation
 from turbine.frontend.http_server import HttpLimits, HttpServer
 from turbine.frontend.metrics import FrontendMetrics
+from turbine.frontend.route_queue import DEFAULT_QUEUE_SIZE
 from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.protocols.model_card import ModelCard
 from turbine.router.metrics import register_prometheus
@@ -28,6 +30,10 @@ class RouterConfig:
 
     policy: str = "kv"
     overlap_weight: float = 1.0
+    max_itl_ms: float = 0.0  # predicted policy's ITL guard (0: none)
+    max_queued: int = 0  # requests a worker may have waiting for a first token (0: no limit)
+    queue_size: int = DEFAULT_QUEUE_SIZE  # requests waiting in the frontend when every worker is at max_queued
+    shared_load: bool = True  # count the load workers report beyond this frontend's own requests
     temperature: float = 0.0
     approx: bool = False
     approx_ttl_s: float = 120.0
@@ -39,7 +45,9 @@ class RouterConfig:
         return Router(self.policy, block_size=card.block_size, overlap_weight=self.overlap_weight,
                       temperature=self.temperature, approx=self.approx, approx_ttl_s=self.approx_ttl_s,
                       seed=self.seed, host_tier_weight=self.host_tier_weight,
-                      disk_tier_weight=self.disk_tier_weight)
+                      disk_tier_weight=self.disk_tier_weight,
+                      max_itl_s=self.max_itl_ms / 1e3 if self.max_itl_ms else math.inf,
+                      max_queued=self.max_queued, shared_load=self.shared_load)
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Frontend:
         self.client = client
         self.subscriber = subscriber
         self.registry = ModelRegistry(discovery, self.metrics, client, config.router.build, subscriber,
-                                      on_model_added=self._model_added)
+                                      on_model_added=self._model_added, queue_size=config.router.queue_size)
         self.generation = Generation(self.registry, client, config.request_timeout_s, config.disagg)
         self.api = OpenAIApi(self.registry, self.generation, self.metrics, max_inflight=config.max_inflight,
                              api_keys=config.api_keys)

@@ -471,6 +471,7 @@ class MockerCore:
             kv_total_blocks=self.block_manager.num_blocks,
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
+            prefill_tokens=self.scheduler.num_prefill_tokens(),
             tiers=self.tiers.loads(cfg.block_size * cfg.kv_bytes_per_token) if self.tiers is not None else (),
         )
 

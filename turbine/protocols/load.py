@@ -23,5 +23,6 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     kv_total_blocks: int
     num_running: int
     num_waiting: int
+    prefill_tokens: int = 0  # prompt tokens not computed yet (waiting and partly prefilled requests)
     ts: float = 0.0
     tiers: list[TierLoad] = []

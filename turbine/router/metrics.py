@@ -38,6 +38,10 @@ class LagStats:
 class RouterStats:
     block_size: int = 16
     decisions: dict[str, int] = field(default_factory=dict)  # policy -> requests routed
+    declined: int = 0  # route() calls that found every candidate at its queue limit
+    guard_overridden: int = 0  # predicted: no worker passed the ITL guard, the fastest took it
+    queued: int = 0  # requests that waited in the frontend's queue (FairQueue)
+    queue_rejected: int = 0  # turned away because that queue was full
     # predicted vs actual prefix hits, for requests whose usage came back (observe_actual)
     observed: int = 0
     predicted_blocks: int = 0
@@ -67,6 +71,10 @@ class RouterStats:
         """Everything as one plain dict (for JSON reports, logs and tests)."""
         return {
             "decisions": dict(self.decisions),
+            "declined": self.declined,
+            "guard_overridden": self.guard_overridden,
+            "queued": self.queued,
+            "queue_rejected": self.queue_rejected,
             "observed": self.observed,
             "predicted_blocks": self.predicted_blocks,
             "actual_cached_blocks": self.actual_cached_blocks,
@@ -127,6 +135,11 @@ class RouterCollector:
                 ("turbine_router_kv_events_unplaced", "BlockStored events whose parent was unknown", s.events_unplaced),
                 ("turbine_router_kv_events_rejected", "KV events contradicting the index", s.events_rejected),
                 ("turbine_router_resyncs", "Worker index rebuilds from a full-state dump", s.resyncs),
+                ("turbine_router_declined", "Routing attempts that found every worker at its queue limit", s.declined),
+                ("turbine_router_itl_guard_overridden", "Predicted routing with no worker inside the ITL guard",
+                 s.guard_overridden),
+                ("turbine_router_queued_requests", "Requests that waited in the frontend's queue", s.queued),
+                ("turbine_router_queue_rejected", "Requests turned away by a full frontend queue", s.queue_rejected),
             ):
                 _add(family(CounterMetricFamily, name, doc), labels(["model"], ls), ls, value)
             ev = family(CounterMetricFamily, "turbine_router_kv_events", "KV events applied")

@@ -1,31 +1,32 @@
 """Load-only routing policies: pure choices over a snapshot of candidate loads.
 
-``kv`` (prefix-aware) is chosen in ``selector.py``; the policy names all live here.
+``kv`` (prefix-aware, overlap-first cost) is chosen in ``selector.py``, ``predicted`` (prefix- and
+load-aware, predicted TTFT) in ``latency_selector.py``; the policy names all live here.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 
-from turbine.router.load_tracker import WorkerLoad
+from turbine.router.load_tracker import LoadEstimate
 
 LOAD_POLICIES = ("round-robin", "random", "least-loaded", "power-of-two")
-POLICIES = ("kv", *LOAD_POLICIES)
+POLICIES = ("kv", "predicted", *LOAD_POLICIES)
 
 
-def _cost(load: WorkerLoad | None) -> tuple[int, int]:
+def _cost(load: LoadEstimate | None) -> tuple[int, int]:
     if load is None:
         return (0, 0)
     return (load.prefill_tokens + load.decode_blocks, load.active_requests)
 
 
-def least_loaded(candidates: Sequence[str], loads: dict[str, WorkerLoad], rng: random.Random) -> str:
+def least_loaded(candidates: Sequence[str], loads: dict[str, LoadEstimate], rng: random.Random) -> str:
     best = min(_cost(loads.get(w)) for w in candidates)
     ties = [w for w in candidates if _cost(loads.get(w)) == best]
     return ties[0] if len(ties) == 1 else rng.choice(ties)
 
 
-def power_of_two(candidates: Sequence[str], loads: dict[str, WorkerLoad], rng: random.Random) -> str:
+def power_of_two(candidates: Sequence[str], loads: dict[str, LoadEstimate], rng: random.Random) -> str:
     if len(candidates) == 1:
         return candidates[0]
     a, b = rng.sample(list(candidates), 2)
@@ -42,7 +43,7 @@ class LoadPolicy:
         self.rng = random.Random(seed)
         self._cursor = 0
 
-    def choose(self, candidates: Sequence[str], loads: dict[str, WorkerLoad]) -> str:
+    def choose(self, candidates: Sequence[str], loads: dict[str, LoadEstimate]) -> str:
         if not candidates:
             raise ValueError("no candidate workers")
         if self.name == "round-robin":

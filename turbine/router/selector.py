@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from turbine.router.load_tracker import WorkerLoad
+from turbine.router.load_tracker import LoadEstimate
 
 
 class Selection(NamedTuple):
@@ -26,7 +26,7 @@ class Selection(NamedTuple):
     cost: float
 
 
-def worker_costs(candidates: Sequence[str], overlaps: Mapping[str, int], loads: Mapping[str, WorkerLoad],
+def worker_costs(candidates: Sequence[str], overlaps: Mapping[str, int], loads: Mapping[str, LoadEstimate],
                  request_blocks: int, *, block_size: int, overlap_weight: float = 1.0) -> list[float]:
     """The cost of each candidate, in order (see the module docstring)."""
     if block_size <= 0:
@@ -60,7 +60,7 @@ def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random)
     return len(costs) - 1  # rounding left r at the very end
 
 
-def select_worker(candidates: Sequence[str], overlaps: Mapping[str, int], loads: Mapping[str, WorkerLoad],
+def select_worker(candidates: Sequence[str], overlaps: Mapping[str, int], loads: Mapping[str, LoadEstimate],
                   request_blocks: int, *, block_size: int, rng: random.Random, overlap_weight: float = 1.0,
                   temperature: float = 0.0) -> Selection:
     """The worker to send the request to, with its predicted overlap (blocks) and cost."""

@@ -32,6 +32,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="kv routing without KV events (the router predicts caches from its own decisions)")
     p.add_argument("--router-temperature", type=float, default=0.0,
                    help="kv routing: sample workers by softmax over costs (0 = pick the cheapest)")
+    p.add_argument("--router-max-itl-ms", type=float, default=0.0,
+                   help="predicted routing: keep a prefill off workers whose running requests' steps it would "
+                   "stretch beyond this, when another worker can take it (0 = no guard)")
+    p.add_argument("--router-max-queued", type=int, default=0,
+                   help="requests a worker may have waiting for their first token; beyond it a request waits in "
+                   "the frontend's queue, in arrival order (0 = no limit)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary as JSON")
     p.add_argument("--seed", type=int, default=0, help="seeds routing ties, sampling and prompt tokens")
     p.add_argument("--label", default="", help="row label in the printed table")
@@ -53,6 +59,7 @@ def main_from_args(a: argparse.Namespace) -> int:
                               disk_kv_bandwidth_gbps=a.disk_kv_bandwidth)
         cfg = SimConfig(workers=a.workers, router=a.router, router_approx=a.router_approx,
                         router_temperature=a.router_temperature, speed=a.speed, vocab_size=a.vocab_size,
+                        router_max_itl_ms=a.router_max_itl_ms, router_max_queued=a.router_max_queued,
                         seed=a.seed, mocker=mocker, prefill_workers=a.prefill_workers,
                         decode_workers=a.decode_workers, min_remote_prefill_tokens=a.disagg_min_prefill_tokens,
                         max_prefill_queue_tokens=a.disagg_max_prefill_queue)

@@ -32,9 +32,11 @@ decode (to the decode worker's first token).
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +51,13 @@ from turbine.kvbm.tiered import TierSource
 from turbine.mocker.core import DecodeRun, MockerConfig, MockerCore, StepResult
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
+from turbine.protocols.model_card import WorkerTiming
+from turbine.router.policies import POLICIES
 from turbine.router.router import Router
 
-ROUTERS = ("kv", "round-robin", "random", "least-loaded", "power-of-two")
+ROUTERS = POLICIES  # the frontend's policies, every one
 _DEFERRED: Any = object()  # a pending marker: the worker's plain decodes start after the others at t
+_DECLINED = -2  # _arrive: no worker admits the request now
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +68,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     router_approx: bool = False  # kv without KV events: the router remembers its own decisions
     router_temperature: float = 0.0
     overlap_weight: float = 1.0
+    router_max_itl_ms: float = 0.0  # predicted policy's ITL guard (0: none)
+    router_max_queued: int = 0  # requests a worker may have waiting for a first token (0: no limit)
     speed: float = 1.0  # arrival times are divided by this
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seed: int = 0
@@ -82,8 +89,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
-        if self.router_approx and self.router != "kv":
-            raise ValueError("router_approx applies to the kv router only")
+        if self.router_approx and self.router not in ("kv", "predicted"):
+            raise ValueError("router_approx applies to the kv and predicted routers only")
+        if self.router_max_itl_ms < 0 or self.router_max_queued < 0:
+            raise ValueError("router_max_itl_ms and router_max_queued must be >= 0 (0: off)")
         if not (self.speed > 0 and math.isfinite(self.speed)):
             raise ValueError(f"speed must be a positive number, got {self.speed}")
         if self.router_temperature < 0:
@@ -117,6 +126,7 @@ class SimStats:
     requests_per_worker: list[int] = field(default_factory=list)
     decisions: dict[str, int] = field(default_factory=dict)  # disaggregated: where prompts were prefilled
     pulled_blocks: int = 0
+    queued: int = 0  # requests that waited in the frontend's queue (no worker admitted them on arrival)
     onboarded_blocks: int = 0  # copied up from host/disk KV tiers
     ttft_split: dict[str, float] = field(default_factory=dict)  # medians (ms) of the TTFT parts
 
@@ -127,6 +137,8 @@ class SimStats:
             out.update(decisions=dict(self.decisions), pulled_blocks=self.pulled_blocks)
         if self.onboarded_blocks:
             out["onboarded_blocks"] = self.onboarded_blocks
+        if self.queued:
+            out["queued"] = self.queued
         if self.ttft_split:
             out["ttft_split_p50_ms"] = dict(self.ttft_split)
         return out
@@ -163,10 +175,23 @@ class _Track:
         self.cached = 0
 
 
-def make_router(cfg: SimConfig, clock: Callable[[], float]) -> Router:
-    """The frontend's Router, configured as `turbine serve --router ...` would be."""
+def make_router(cfg: SimConfig, clock: Callable[[], float], *, queue: bool = True) -> Router:
+    """The frontend's Router, configured as `turbine serve --router ...` would be (``queue``: with
+    the per-worker queue limit; a disaggregated fleet's prefill pool has none)."""
     return Router(cfg.router, block_size=cfg.mocker.block_size, overlap_weight=cfg.overlap_weight,
-                  temperature=cfg.router_temperature, approx=cfg.router_approx, seed=cfg.seed, clock=clock)
+                  temperature=cfg.router_temperature, approx=cfg.router_approx, seed=cfg.seed, clock=clock,
+                  max_itl_s=cfg.router_max_itl_ms / 1e3 if cfg.router_max_itl_ms else math.inf,
+                  max_queued=cfg.router_max_queued if queue else 0)
+
+
+def card_timing(mocker: MockerConfig) -> WorkerTiming:
+    """What a mocker worker's card would announce (turbine/launch.py ``card_timing``)."""
+    profile = None
+    if mocker.profile:
+        with open(mocker.profile, encoding="utf-8") as f:
+            profile = json.load(f)
+    return WorkerTiming(max_num_batched_tokens=mocker.max_num_batched_tokens, speedup_ratio=mocker.speedup_ratio,
+                        profile=profile)
 
 
 class Simulator:
@@ -183,7 +208,7 @@ class Simulator:
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
         self.router = make_router(cfg, clock)  # aggregated or decode workers
-        self.prefill_router = make_router(cfg, clock)
+        self.prefill_router = make_router(cfg, clock, queue=False)
         if cfg.disaggregated:
             self.worker_ids = ([f"prefill-{i}" for i in range(cfg.prefill_workers)]
                                + [f"decode-{i}" for i in range(cfg.decode_workers)])
@@ -195,6 +220,13 @@ class Simulator:
         self.cores = [MockerCore(cfg.prefill_mocker if w.startswith("prefill-") and cfg.prefill_mocker else cfg.mocker,
                                  vocab_size=cfg.vocab_size, rng_seed=cfg.seed * 1_000_003 + i, clock=clock)
                       for i, w in enumerate(self.worker_ids)]
+        self._timings: dict[int, WorkerTiming] = {}
+        for w, core in zip(self.worker_ids, self.cores):
+            self._announce(w, core)
+        # requests no worker could admit (route() said None), oldest first: the frontend's queue
+        self._queue: deque[tuple[int, float]] = deque()
+        self._capacity = False
+        self.router.on_capacity = self._on_capacity
         self.synth = TokenSynth(cfg.vocab_size, seed=cfg.seed)
         self.disagg = cfg.disagg()
         n = cfg.num_workers
@@ -221,9 +253,20 @@ class Simulator:
         self.retired: dict[str, float] = {}  # drained worker -> when it went idle and left
         self.stats = SimStats(requests_per_worker=[0] * n,
                               decisions=dict.fromkeys(DECISIONS, 0) if cfg.disaggregated else {})
-        self._uses_events = cfg.router == "kv" and not cfg.router_approx
+        self._uses_events = cfg.router in ("kv", "predicted") and not cfg.router_approx
         self._ran = False
         self._tie = 0
+
+    def _announce(self, worker_id: str, core: MockerCore) -> None:
+        """The worker's card reached the router: its KV capacity and timing."""
+        timing = self._timings.get(id(core.config))
+        if timing is None:
+            timing = self._timings[id(core.config)] = card_timing(core.config)
+        router = self.prefill_router if worker_id.startswith("prefill-") else self.router
+        router.worker_added(worker_id, core.config.num_gpu_blocks, timing)
+
+    def _on_capacity(self) -> None:
+        self._capacity = True
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -235,8 +278,11 @@ class Simulator:
         n, i = len(arrivals), 0
         inf = math.inf
         timers = self._timers
-        while heap or pulls or i < n:
+        while heap or pulls or i < n or self._queue:
             t = min(heap[0][0] if heap else inf, pulls[0][0] if pulls else inf, arrivals[i] if i < n else inf)
+            if t == inf and not timers:  # only queued requests are left, and no worker will free up
+                self._fail_queued("no worker admitted the request")
+                break
             if timers and timers[0][0] <= t:  # a timer first: what it changes holds for events at its time
                 self.now = t = timers[0][0]
                 heapq.heappop(timers)[2](t)
@@ -250,10 +296,16 @@ class Simulator:
             while pulls and pulls[0][0] == t:
                 _, _, w, order = heapq.heappop(pulls)
                 kicked += self._pull_done(w, order)
+            if self._queue and self._capacity:
+                kicked += self._retry_queued(t)
             while i < n and arrivals[i] == t:
-                w = self._arrive(i, t)
-                if w >= 0:
-                    kicked.append(w)
+                if self._queue:  # others wait already: in line behind them
+                    self._queue.append((i, t))
+                    self.stats.queued += 1
+                else:
+                    w = self._arrive(i, t)
+                    if w >= 0:
+                        kicked.append(w)
                 i += 1
             self._next_arrival = arrivals[i] if i < n else inf
             for w in kicked:
@@ -302,6 +354,7 @@ class Simulator:
         def ready(_t: float) -> None:
             if w in self._draining or wid in self.retired:
                 return
+            self._announce(wid, self.cores[w])
             if role == "prefill":
                 self.prefill_ids.append(wid)
                 self._prefill_idx.append(w)
@@ -342,12 +395,33 @@ class Simulator:
         return not core.has_work() and not core.scheduler.held and not core.scheduler.pulling
 
     # -- requests ----------------------------------------------------------------------------
-    def _arrive(self, i: int, t: float) -> int:
-        """Route request ``i`` and queue it on its worker; the worker index, -1 if rejected."""
+    def _fail_queued(self, error: str) -> None:
+        while self._queue:
+            i, _ = self._queue.popleft()
+            self._results[i] = RequestResult(ok=False, error=error)
+            self._finished()
+
+    def _retry_queued(self, t: float) -> list[int]:
+        """Capacity freed up: route queued requests, oldest first, until one is declined again."""
+        self._capacity = False
+        kicked = []
+        while self._queue:
+            i, arrived = self._queue[0]
+            w = self._arrive(i, t, arrived)
+            if w == _DECLINED:
+                break
+            self._queue.popleft()
+            if w >= 0:
+                kicked.append(w)
+        return kicked
+
+    def _arrive(self, i: int, t: float, arrived: float | None = None) -> int:
+        """Route request ``i`` and queue it on its worker; the worker index, -1 if rejected,
+        _DECLINED if no worker admits it now (a new arrival then waits in the queue)."""
         self._deliver_run_events(t)  # the router reads its index now
         req = self.requests[i]
         ids = self.synth.prompt_array(req)  # the router hashes u32 arrays without converting
-        tr = _Track(t, i)
+        tr = _Track(t if arrived is None else arrived, i)
         tr.output_length = req.output_length
         if self.cfg.disaggregated:
             decision = self._decide(ids)
@@ -364,6 +438,11 @@ class Simulator:
         rid = f"req-{i}"
         hashes = self.synth.prompt_block_hashes(req, self.cfg.mocker.block_size)  # the router's; memoised per hash id
         decision_ = self.router.route(rid, self.generate_ids, ids, local_hashes=hashes and hashes[0])
+        if decision_ is None:
+            if arrived is None:
+                self._queue.append((i, t))
+                self.stats.queued += 1
+            return _DECLINED
         w = self._index[decision_.worker_id]
         gen = GenerateRequest(
             request_id=rid, token_ids=ids, sampling=SamplingOptions(),  # in process: the u32 array

@@ -146,7 +146,8 @@ class Worker:
         s = self.engine.stats()
         return WorkerLoad(worker_id=self.worker_id, model_name=self.card.model_name,
                           kv_active_blocks=s.kv_active_blocks, kv_total_blocks=s.kv_total_blocks,
-                          num_running=s.num_running, num_waiting=s.num_waiting, ts=time.time(),
+                          num_running=s.num_running, num_waiting=s.num_waiting, prefill_tokens=s.prefill_tokens,
+                          ts=time.time(),
                           tiers=list(s.tiers))
 
     async def _publish_load_loop(self) -> None:
