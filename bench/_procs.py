@@ -45,6 +45,7 @@ class System:
     url: str
     tokenizer: str | None
     procs: list[Proc] = field(default_factory=list)
+    extra_urls: list[str] = field(default_factory=list)  # more frontends in front of the same workers
 
     def pids(self) -> str:
         # "+": count descendants too, in case a server forks helpers

@@ -56,7 +56,9 @@ from _procs import (  # noqa: E402
     machine_busy_s,
     prometheus_sums,
     reexec_in_netns,
+    start,
     start_system,
+    wait_ready,
     stop_all,
     want_netns,
 )
@@ -76,7 +78,11 @@ from turbine.mocker.core import MockerConfig  # noqa: E402
 from turbine.sim import SimConfig, simulate  # noqa: E402
 
 DEFAULT_TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
-TURBINE_POLICIES = ("kv", "kv-approx", "round-robin", "random", "least-loaded", "power-of-two")
+TURBINE_POLICIES = ("predicted", "predicted-own-load", "kv", "kv-approx", "round-robin", "random", "least-loaded",
+                    "power-of-two")
+# how each row's frontends are started (predicted-own-load: each frontend blind to the others' requests)
+ROUTER_ARGS = {"kv-approx": ["--router", "kv", "--router-approx"],
+               "predicted-own-load": ["--router", "predicted", "--router-own-load-only"]}
 DYNAMO_POLICIES = {"kv": ["--router-mode", "kv"], "kv-approx": ["--router-mode", "kv", "--no-router-kv-events"],
                    "round-robin": ["--router-mode", "round-robin"], "random": ["--router-mode", "random"],
                    "least-loaded": ["--router-mode", "least-loaded"],
@@ -124,7 +130,8 @@ def mocker_config(a: argparse.Namespace) -> MockerConfig:
 
 def run_sim(reqs: list[TraceRequest], policy: str, a: argparse.Namespace) -> TraceReport:
     """`turbine simulate` on the same requests, speed, fleet and mocker config."""
-    cfg = SimConfig(workers=a.workers, router="kv" if policy == "kv-approx" else policy,
+    base = policy.split(" ")[0]
+    cfg = SimConfig(workers=a.workers, router={"kv-approx": "kv", "predicted-own-load": "predicted"}.get(base, base),
                     router_approx=policy == "kv-approx", speed=a.speed, vocab_size=a.vocab_size, seed=0,
                     mocker=mocker_config(a))
     res = simulate(reqs, cfg)
@@ -135,21 +142,35 @@ def run_sim(reqs: list[TraceRequest], policy: str, a: argparse.Namespace) -> Tra
 
 # ---- live systems ------------------------------------------------------------------------------------
 def start_turbine(policy: str, a: argparse.Namespace, work: Path) -> System:
+    """``policy`` may end in " xN": N frontends on the same workers (the replay takes turns)."""
     from turbine.launch import default_model_dir
 
     cmd = [sys.executable, "-m", "turbine"]
     model = Path(a.turbine_model) if a.turbine_model else default_model_dir()
     disc = str(fresh_dir(work / "turbine-discovery"))
-    port = free_port()
-    router = ["--router", "kv", "--router-approx"] if policy == "kv-approx" else ["--router", policy]
-    return start_system(System(f"turbine {policy}", f"http://127.0.0.1:{port}", str(model)), [
-        ("frontend", cmd + ["frontend", "--discovery-dir", disc, "--host", "127.0.0.1", "--port", str(port), *router]),
+    name, _, count = policy.partition(" x")
+    ports = [free_port() for _ in range(int(count or 1))]
+    router = ROUTER_ARGS.get(name, ["--router", name])
+    frontends = [(f"frontend{i or ''}", cmd + ["frontend", "--discovery-dir", disc, "--host", "127.0.0.1",
+                                               "--port", str(port), *router]) for i, port in enumerate(ports)]
+    sys_ = start_system(System(f"turbine {policy}", f"http://127.0.0.1:{ports[0]}", str(model)), [
+        *frontends[:1],
         ("worker", cmd + [
             "worker", "--engine", "mock", "--model", str(model), "--num-workers", str(a.workers),
             "--discovery-dir", disc, "--block-size", str(a.block_size), "--num-gpu-blocks", str(a.num_gpu_blocks),
             "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--context-length", str(a.context_length), "--speedup-ratio", "1"]),
-    ], work / "logs" / f"turbine-{policy}", a.workers, a.ready_timeout)
+    ], work / "logs" / f"turbine-{policy.replace(' ', '')}", a.workers, a.ready_timeout)
+    try:
+        for (fname, fcmd), port in zip(frontends[1:], ports[1:]):
+            sys_.procs.append(start(fname, fcmd, work / "logs" / f"turbine-{policy.replace(' ', '')}"))
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(System(sys_.label, url, sys_.tokenizer), a.workers, a.ready_timeout)
+            sys_.extra_urls.append(url)
+    except BaseException:
+        stop_all(sys_.procs)
+        raise
+    return sys_
 
 
 def start_dynamo(policy: str, a: argparse.Namespace, work: Path) -> System:
@@ -174,7 +195,7 @@ def run_live(sys_: System, reqs: list[TraceRequest], a: argparse.Namespace) -> R
     """Replay against a started system, measuring CPU of its processes and of this replayer."""
     targets = [Target(p.name, p.popen.pid, tree=True) for p in sys_.procs] + [Target("replayer", os.getpid())]
     meter = CpuMeter(targets)
-    cfg = ReplayConfig(url=sys_.url, speed=a.speed, vocab_size=a.vocab_size, seed=0, slo_ttft_ms=a.slo_ttft,
+    cfg = ReplayConfig(url=sys_.url, extra_urls=tuple(sys_.extra_urls), speed=a.speed, vocab_size=a.vocab_size, seed=0, slo_ttft_ms=a.slo_ttft,
                        slo_itl_ms=a.slo_itl, progress=not a.no_progress, meta={"system": sys_.label})
     meter.start()
     busy0, t0 = machine_busy_s(), time.perf_counter()
@@ -232,7 +253,7 @@ def router_note(r: Row) -> str | None:
     """One line on how well Turbine's router predicted the workers' prefix hits."""
     m = r.router or {}
     n = m.get("overlap_observations_total")
-    if not n or r.policy not in ("kv", "kv-approx"):  # only kv predicts hits
+    if not n or r.policy.split(" ")[0] not in ("kv", "kv-approx", "predicted", "predicted-own-load"):
         return None
     lag_n = m.get("kv_event_lag_seconds_count")
     lag = m.get("kv_event_lag_seconds_sum", 0) / lag_n * 1e3 if lag_n else None
@@ -317,6 +338,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--systems", default="turbine,dynamo", help="comma list of turbine, dynamo")
     p.add_argument("--policies", default=",".join(TURBINE_POLICIES), help="Turbine's routing policies")
     p.add_argument("--dynamo-policies", default="kv,round-robin", help=f"of {', '.join(DYNAMO_POLICIES)}")
+    p.add_argument("--frontends", default="1",
+                   help="comma list of frontend counts per Turbine row (2: two frontends on the same workers, "
+                   "requests sent to them in turn)")
     p.add_argument("--no-sim", action="store_true", help="no simulator prediction")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--block-size", type=int, default=64)
@@ -346,6 +370,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.system_list = [s for s in a.systems.split(",") if s]
     a.policy_list = [s for s in a.policies.split(",") if s]
     a.dynamo_policy_list = [s for s in a.dynamo_policies.split(",") if s]
+    try:
+        a.frontend_counts = [int(s) for s in a.frontends.split(",") if s]
+    except ValueError:
+        p.error("--frontends: a comma list of counts")
+    if not a.frontend_counts or min(a.frontend_counts) < 1:
+        p.error("--frontends: counts of at least 1")
     if not set(a.system_list) <= {"turbine", "dynamo"} or not a.system_list:
         p.error("--systems: a comma list of turbine, dynamo")
     if not set(a.policy_list) <= set(TURBINE_POLICIES) or not set(a.dynamo_policy_list) <= set(DYNAMO_POLICIES):
@@ -375,7 +405,8 @@ def main(argv: list[str]) -> int:
     notes = list(a.note)
     if cut:
         notes.append(f"{cut} prompts longer than {a.max_input_tokens} tokens were cut to it (live and simulated)")
-    plan = [("turbine", p) for p in a.policy_list if "turbine" in a.system_list]
+    plan = [("turbine", p if n == 1 else f"{p} x{n}") for n in a.frontend_counts for p in a.policy_list
+            if "turbine" in a.system_list]
     if "dynamo" in a.system_list:
         if why := dynamo_missing(a.dynamo_dir, a.dynamo_model, a.no_netns):
             print(f"[bench] skipping Dynamo: {why}", file=sys.stderr)

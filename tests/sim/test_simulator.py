@@ -152,7 +152,7 @@ def test_config_validation() -> None:
         SimConfig(workers=0)
     with pytest.raises(ValueError, match="unknown router"):
         SimConfig(router="fastest")
-    with pytest.raises(ValueError, match="kv router only"):
+    with pytest.raises(ValueError, match="kv and predicted routers only"):
         SimConfig(router="random", router_approx=True)
     with pytest.raises(ValueError, match="speed"):
         SimConfig(speed=0)
@@ -172,3 +172,36 @@ def test_kv_routing_follows_the_cached_prefix(flat_profile: str) -> None:
     approx = simulate(reqs, _cfg(flat_profile, workers=2, router="kv", approx=True))
     assert [r.cached_tokens for r in approx.results] == [0, 2 * B]  # remembered its own decision
     assert approx.stats.kv_event_batches == 0
+
+
+def test_queue_limit_holds_requests_at_the_frontend_in_arrival_order(flat_profile: str) -> None:
+    """Six requests at once on two workers with room for one waiting request each: four wait in
+    the frontend's queue and are admitted oldest first as first tokens free the workers."""
+    reqs = [_req(0, 100, 2, [i]) for i in range(6)]
+    cfg = SimConfig(workers=2, router="predicted", router_max_queued=1,
+                    mocker=MockerConfig(profile=flat_profile, num_gpu_blocks=1024))
+    sim = Simulator(reqs, cfg)
+    most = []
+    real_route = sim.router.route
+
+    def route(*a: Any, **kw: Any) -> Any:
+        most.append(max((ld.queued for ld in sim.router.loads.workers.values()), default=0))
+        return real_route(*a, **kw)
+    sim.router.route = route  # type: ignore[method-assign]
+    res = sim.run()
+    assert all(r.ok for r in res.results) and res.stats.queued == 4
+    assert max(most) <= 1  # never more than one request waiting on a worker
+    ttfts = [r.ttft_s for r in res.results]
+    assert ttfts[:2] == pytest.approx([PREFILL, PREFILL])
+    assert ttfts == sorted(ttfts)  # admitted in arrival order
+    # without the limit all six go straight to the workers
+    free = simulate(reqs, SimConfig(workers=2, router="predicted",
+                                    mocker=MockerConfig(profile=flat_profile, num_gpu_blocks=1024)))
+    assert free.stats.queued == 0 and all(r.ok for r in free.results)
+
+
+def test_predicted_policy_runs_on_kv_events(flat_profile: str) -> None:
+    """The predicted router reads the same KV events as kv: a repeated prefix is a hit."""
+    reqs = [_req(0, 4 * B, 2, [1, 2, 3, 4]), _req(100, 4 * B, 2, [1, 2, 3, 4])]
+    res = simulate(reqs, _cfg(flat_profile, workers=4, router="predicted"))
+    assert res.results[1].cached_tokens and res.results[1].cached_tokens >= 3 * B

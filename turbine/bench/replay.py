@@ -44,6 +44,7 @@ from turbine.bench.trace import (
 @dataclass
 class ReplayConfig:
     url: str = "http://127.0.0.1:8000"  # http://h:p, http://h:p/v1 or the full .../v1/completions URL
+    extra_urls: tuple[str, ...] = ()  # more frontends of the same fleet: request i goes to URL i % count
     speed: float = 1.0  # recorded arrival times are divided by this
     model: str | None = None  # None: the first model the server lists
     vocab_size: int = DEFAULT_VOCAB_SIZE
@@ -63,6 +64,9 @@ class ReplayConfig:
 
     def endpoint(self) -> str:
         return endpoint_url(self.url, completions=True)
+
+    def endpoints(self) -> list[str]:
+        return [self.endpoint(), *(endpoint_url(u, completions=True) for u in self.extra_urls)]
 
 
 @dataclass
@@ -88,6 +92,7 @@ async def replay(requests: Sequence[TraceRequest], cfg: ReplayConfig) -> ReplayR
     from tqdm import tqdm
 
     url = cfg.endpoint()
+    urls = cfg.endpoints()
     synth = TokenSynth(cfg.vocab_size, seed=cfg.seed)
     offsets = arrival_offsets_s(requests, cfg.speed)
     n = len(requests)
@@ -106,7 +111,7 @@ async def replay(requests: Sequence[TraceRequest], cfg: ReplayConfig) -> ReplayR
         async def one(i: int, body: bytes, t0: float) -> None:
             nonlocal errors
             sent[i] = perf_counter() - t0
-            r = await send_request(session, url, body, True)
+            r = await send_request(session, urls[i % len(urls)], body, True)
             ends[i] = perf_counter() - t0
             results[i] = r
             errors += not r.ok
@@ -129,7 +134,7 @@ async def replay(requests: Sequence[TraceRequest], cfg: ReplayConfig) -> ReplayR
             bar.close()
     done = [r if r is not None else RequestResult(ok=False, error="not sent") for r in results]
     lag = max(s - at for s, at in zip(sent, offsets))
-    meta = {"mode": "live", "url": url, "model": model, "speed": cfg.speed, "max_send_lag_s": round(lag, 4),
+    meta = {"mode": "live", "url": url if len(urls) == 1 else urls, "model": model, "speed": cfg.speed, "max_send_lag_s": round(lag, 4),
             **cfg.meta}
     report = summarize_trace(done, max(max(ends), 1e-9), slo_ttft_ms=cfg.slo_ttft_ms, slo_itl_ms=cfg.slo_itl_ms,
                              ideal_hit_rate=ideal_hit_rate(requests), meta=meta)
