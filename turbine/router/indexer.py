@@ -27,11 +27,12 @@ GPU-only fleets pay nothing. A removal clears one tier's bit; the node goes when
 """
 from __future__ import annotations
 
+import threading
 from array import array
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
-from operator import and_, not_, or_, xor
+from operator import and_, is_, or_, xor
 
 import xxhash
 
@@ -39,9 +40,11 @@ from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockSto
 from turbine.router.hashing import HASH_SEED, LocalBlockHash, lora_seed
 
 ROOT = 0
+CLEAR_PIECE = 512  # blocks dropped between two ``pace`` calls when clearing a worker
 GPU_TIER = 1
 TIER_BITS = {None: GPU_TIER, "GPU": GPU_TIER, "gpu": GPU_TIER, "CPU": 2, "cpu": 2, "CPU_PINNED": 2,
              "DISK": 4, "disk": 4}
+_SMALL_INTS = frozenset(range(-5, 257))  # CPython's cached ints: the same object wherever made
 if array("I").itemsize != 4:  # pragma: no cover - every platform Turbine runs on has 4-byte uint
     raise ImportError("turbine.router.indexer needs a 4-byte array('I')")
 
@@ -86,6 +89,10 @@ class KvIndexer:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+        # Held by readers for one query, and by the one thread that changes the index for a
+        # slice of its work (the frontend's event applier; see kv_event_applier.py). The
+        # methods that change the index never take it themselves.
+        self.lock = threading.Lock()
         self._mask: dict[int, int] = {}
         self._blocks: dict[str, dict[int, int]] = {}  # worker -> engine sequence hash -> path id
         # worker -> path id -> extra sequence hashes of that worker naming the same node (rare:
@@ -98,6 +105,7 @@ class KvIndexer:
         self._num_blocks = 0
         self._decoded: dict[int, tuple[str, ...]] = {}  # worker mask -> workers (reset on slot changes)
         self._seeds: dict[str | None, int] = {None: HASH_SEED}
+        self._slices: dict[int, list[slice]] = {}  # blocks in an event -> their byte slices
         self.unplaced_events = 0  # BlockStored whose parent this index does not know
         self.unknown_removals = 0  # BlockRemoved hashes this index does not know
 
@@ -112,10 +120,11 @@ class KvIndexer:
         return hash_blocks(tokens, self.block_size, self.seed(lora_name))
 
     @staticmethod
-    def path_ids(local_hashes: Iterable[int]) -> list[int]:
-        """The path id of each prefix of ``local_hashes`` (a node's identity in this index)."""
+    def path_ids(local_hashes: Iterable[int], start: int = ROOT) -> list[int]:
+        """The path id of each prefix of ``local_hashes`` (a node's identity in this index),
+        below the node ``start`` (the root by default)."""
         out = []
-        nid = ROOT
+        nid = start
         for lh in local_hashes:
             nid = hash((nid, lh))
             out.append(nid)
@@ -128,26 +137,63 @@ class KvIndexer:
         Raises ValueError for an event that contradicts this index's block size.
         """
         if type(event) is BlockStored:
-            n = len(event.block_hashes)
-            if event.block_size != self.block_size:
-                raise ValueError(f"worker {worker_id!r} stores blocks of {event.block_size} tokens; "
-                                 f"this index uses {self.block_size}")
-            if len(event.token_ids) != n * self.block_size:
-                raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but "
-                                 f"{len(event.token_ids)} tokens (block size {self.block_size})")
-            name = event.lora_name
-            if name is None and event.lora_id is not None:
-                name = f"lora_id:{event.lora_id}"  # no name: a namespace no request matches
-            locals_ = hash_blocks(event.token_ids, self.block_size, self.seed(name))
-            return self.store(worker_id, event.parent_block_hash, locals_, event.block_hashes,
-                              TIER_BITS.get(event.medium, GPU_TIER))
+            return self._stored(worker_id, event)
         if type(event) is BlockRemoved:
-            self.remove(worker_id, event.block_hashes, TIER_BITS.get(event.medium, GPU_TIER))
+            medium = event.medium
+            self.remove(worker_id, event.block_hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
             return True
         if type(event) is AllBlocksCleared:
             self.clear_worker(worker_id)
             return True
         raise ValueError(f"not a KV event: {type(event).__name__}")
+
+    def _stored(self, worker_id: str, ev: BlockStored) -> bool:
+        """``apply`` of a BlockStored: pack its tokens once, then one loop hashes each block and
+        chains its path id (no list of local hashes, no second pass)."""
+        hashes = ev.block_hashes
+        n = len(hashes)
+        bs = self.block_size
+        if ev.block_size != bs:
+            raise ValueError(f"worker {worker_id!r} stores blocks of {ev.block_size} tokens; "
+                             f"this index uses {bs}")
+        tokens = ev.token_ids
+        if len(tokens) != n * bs:
+            raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but "
+                             f"{len(tokens)} tokens (block size {bs})")
+        if type(tokens) is list:  # off the wire (_pack_u32, inlined)
+            arr = array("I")
+            try:
+                arr.fromlist(tokens)
+            except (OverflowError, TypeError):
+                raise ValueError("token ids must be ints in [0, 2**32)") from None
+            buf = memoryview(arr).cast("B")
+        else:
+            buf = memoryview(_pack_u32(tokens)).cast("B")  # raises ValueError before anything changes
+        blocks = self._blocks.get(worker_id)
+        parent = ev.parent_block_hash
+        if parent is None:
+            nid = ROOT
+        else:
+            nid = blocks.get(parent) if blocks is not None else None
+            if nid is None:
+                self.unplaced_events += 1
+                return False
+        name = ev.lora_name
+        if name is None and ev.lora_id is not None:
+            name = f"lora_id:{ev.lora_id}"  # no name: a namespace no request matches
+        seed = HASH_SEED if name is None else self.seed(name)
+        h = xxhash.xxh3_64_intdigest
+        cids = []
+        append = cids.append
+        slices = self._slices.get(n)
+        for sl in slices if slices is not None else self._block_slices(n):
+            nid = hash((nid, h(buf[sl], seed)))
+            append(nid)
+        if blocks is None:
+            blocks = self._add_worker(worker_id)
+        medium = ev.medium
+        self._place(worker_id, blocks, cids, hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
+        return True
 
     def store(self, worker_id: str, parent_hash: int | None, local_hashes: Sequence[int],
               seq_hashes: Sequence[int], tier: int = GPU_TIER) -> bool:
@@ -167,17 +213,24 @@ class KvIndexer:
                 return False
         if blocks is None:
             blocks = self._add_worker(worker_id)
+        self._place(worker_id, blocks, self.path_ids(local_hashes, nid), seq_hashes, tier)  # type: ignore[arg-type]
+        return True
+
+    def _place(self, worker_id: str, blocks: dict[int, int], cids: list[int], seq_hashes: Sequence[int],
+               tier: int) -> None:
+        """The worker holds the nodes ``cids`` (a chain) under its ``seq_hashes``, in ``tier``."""
         bit = self._bit[worker_id]
+        tiers = self._tiers.get(worker_id)
+        if tiers is None:
+            if tier == GPU_TIER:
+                if self._place_new(blocks, bit, cids, seq_hashes):
+                    return
+            else:
+                tiers = self._tiers[worker_id] = {}
         mask = self._mask
         setdefault, mget = blocks.setdefault, mask.get
-        tiers = self._tiers.get(worker_id) if (tier != GPU_TIER or worker_id in self._tiers) else None
-        if tiers is None and tier != GPU_TIER:
-            tiers = self._tiers[worker_id] = {}
-        if tiers is None and self._store_new(blocks, bit, nid, local_hashes, seq_hashes):
-            return True
         size = size0 = len(blocks)
-        for lh, sh in zip(local_hashes, seq_hashes):
-            cid = hash((nid, lh))
+        for cid, sh in zip(cids, seq_hashes):
             old = setdefault(sh, cid)  # one dict operation for the common case, a new hash
             if len(blocks) != size:
                 size += 1
@@ -191,7 +244,6 @@ class KvIndexer:
                         tiers.pop(cid, None)
                     else:
                         tiers[cid] = bits
-                nid = cid
                 continue
             m = mget(cid, 0)
             if m & bit:
@@ -205,28 +257,38 @@ class KvIndexer:
                     tiers.pop(old, None)
                     if tier != GPU_TIER:
                         tiers[cid] = tier
-            nid = cid
         self._num_blocks += size - size0
-        return True
 
-    def _store_new(self, blocks: dict[int, int], bit: int, nid: int, local_hashes: Sequence[int],
-                   seq_hashes: Sequence[int]) -> bool:
-        """``store``'s loop for the common case, in bulk: GPU blocks all new to the worker (no hash
-        it knows, no node it holds, none twice). False (and nothing done) otherwise."""
-        if not blocks.keys().isdisjoint(seq_hashes):
-            return False
-        cids = []
-        append = cids.append
-        for lh in local_hashes:
-            nid = hash((nid, lh))
-            append(nid)
+    def _place_new(self, blocks: dict[int, int], bit: int, cids: list[int], seq_hashes: Sequence[int]) -> bool:
+        """``_place`` for the common case, in bulk: GPU blocks all new to the worker (no hash it
+        knows, no node it holds, none twice). False (and nothing done) otherwise.
+
+        One probe of the worker's map per hash (``setdefault`` inserts the new ones; the map's
+        size tells whether all were new), one of the tree per node; a chain of nodes nobody
+        holds yet (a new conversation) skips the per-node checks, as the tree's size tells
+        whether a node came twice. A store that turns out not to be new is undone."""
         mask = self._mask
         ms = list(map(mask.get, cids, repeat(0)))
         n = len(cids)
-        if any(map(and_, ms, repeat(bit))) or len(set(cids)) != n or (n > 1 and len(set(seq_hashes)) != n):
+        fresh = ms.count(0) == n
+        if not fresh and (any(map(and_, ms, repeat(bit))) or len(set(cids)) != n):
             return False
-        blocks.update(zip(seq_hashes, cids))
-        mask.update(zip(cids, map(or_, ms, repeat(bit))))
+        if not _SMALL_INTS.isdisjoint(cids):  # the undo below tells ints made here by identity
+            return False
+        size0 = len(blocks)
+        got = list(map(blocks.setdefault, seq_hashes, cids))
+        if len(blocks) != size0 + n:  # a hash it knew, or one twice: take out what went in
+            deque(map(blocks.pop, compress(seq_hashes, map(is_, got, cids))), maxlen=0)
+            return False
+        nodes0 = len(mask)
+        if fresh:
+            mask.update(zip(cids, repeat(bit)))  # one shared int object for all of them
+            if len(mask) != nodes0 + n:  # a path id twice in the chain: undo (they were all new)
+                deque(map(mask.pop, cids, repeat(None)), maxlen=0)
+                deque(map(blocks.pop, seq_hashes), maxlen=0)
+                return False
+        else:
+            mask.update(zip(cids, map(or_, ms, repeat(bit))))
         self._num_blocks += n
         return True
 
@@ -248,10 +310,12 @@ class KvIndexer:
             unknown = nids.count(None)
             if unknown:
                 nids = [nid for nid in nids if nid is not None]
-            left = list(map(xor, map(mask.__getitem__, nids), repeat(bit)))
-            mask.update(zip(nids, left))
-            if left.count(0):
-                deque(map(mask.__delitem__, compress(nids, map(not_, left))), maxlen=0)
+            # one dict operation per node this worker alone held (the common case: evicting a
+            # private suffix); a node others hold goes back in with this worker's bit cleared
+            ms = list(map(mask.pop, nids))
+            if ms.count(bit) != len(ms):
+                left = list(map(xor, ms, repeat(bit)))
+                mask.update(compress(zip(nids, left), left))
             self._num_blocks -= len(nids)
             self.unknown_removals += unknown
             return len(nids)
@@ -262,14 +326,7 @@ class KvIndexer:
                 unknown += 1
                 continue
             removed += 1
-            if dups and worker_id in dups:
-                self._release(worker_id, bit, nid)
-                continue
-            m = mask[nid] ^ bit
-            if m:
-                mask[nid] = m
-            else:
-                del mask[nid]
+            self._release(worker_id, bit, nid)
         self._num_blocks -= removed
         self.unknown_removals += unknown
         return removed
@@ -297,37 +354,47 @@ class KvIndexer:
     def lower_tier_blocks(self, worker_id: str, path_ids: Sequence[int], depth: int) -> tuple[int, int]:
         """Of a match's first ``depth`` blocks (``path_ids`` of the prompt), how many the worker
         holds only in host memory, and only on disk."""
-        tiers = self._tiers.get(worker_id)
-        if not tiers:
-            return 0, 0
-        host = disk = 0
-        tget = tiers.get
-        for nid in path_ids[:depth]:
-            bits = tget(nid)
-            if bits is not None and not bits & GPU_TIER:
-                if bits & 2:
-                    host += 1
-                else:
-                    disk += 1
-        return host, disk
+        with self.lock:
+            tiers = self._tiers.get(worker_id)
+            if not tiers:
+                return 0, 0
+            host = disk = 0
+            tget = tiers.get
+            for nid in path_ids[:depth]:
+                bits = tget(nid)
+                if bits is not None and not bits & GPU_TIER:
+                    if bits & 2:
+                        host += 1
+                    else:
+                        disk += 1
+            return host, disk
 
     def has_tiers(self) -> bool:
         """Some worker holds blocks outside its GPU cache (routing then weighs tiers)."""
-        return bool(self._tiers) and any(self._tiers.values())
+        with self.lock:
+            return bool(self._tiers) and any(self._tiers.values())
 
-    def clear_worker(self, worker_id: str) -> None:
-        """Drop every block of ``worker_id`` (AllBlocksCleared); the worker keeps its slot."""
+    def clear_worker(self, worker_id: str, pace: Callable[[], object] | None = None) -> None:
+        """Drop every block of ``worker_id`` (AllBlocksCleared); the worker keeps its slot.
+
+        ``pace``: called after every ``CLEAR_PIECE`` blocks (the event applier lets readers in)."""
         blocks = self._blocks.get(worker_id)
         self._tiers.pop(worker_id, None)
         if not blocks:
             return
-        self.remove(worker_id, list(blocks))
+        hashes = list(blocks)
+        if pace is None:
+            self.remove(worker_id, hashes)
+            return
+        for i in range(0, len(hashes), CLEAR_PIECE):
+            self.remove(worker_id, hashes[i : i + CLEAR_PIECE])
+            pace()
 
-    def remove_worker(self, worker_id: str) -> None:
-        """Forget ``worker_id`` entirely (it left discovery)."""
+    def remove_worker(self, worker_id: str, pace: Callable[[], object] | None = None) -> None:
+        """Forget ``worker_id`` entirely (it left discovery); ``pace`` as for ``clear_worker``."""
         if worker_id not in self._blocks:
             return
-        self.clear_worker(worker_id)
+        self.clear_worker(worker_id, pace)
         self._tiers.pop(worker_id, None)
         del self._blocks[worker_id]
         bit = self._bit.pop(worker_id)
@@ -343,29 +410,30 @@ class KvIndexer:
         The walk stops as soon as no worker (of ``workers``, when given) is left, and takes no
         more hashes from ``local_hashes`` than it walked: pass a lazy iterator to save hashing.
         """
-        alive = -1 if workers is None else self._mask_of(workers)
-        out: dict[str, int] = {}
-        if not alive:
+        with self.lock:
+            alive = -1 if workers is None else self._mask_of(workers)
+            out: dict[str, int] = {}
+            if not alive:
+                return out
+            mget = self._mask.get
+            nid = ROOT
+            depth = 0
+            for lh in local_hashes:
+                nid = hash((nid, lh))
+                m = mget(nid)
+                if m is None:
+                    break
+                new = alive & m
+                if new != alive:
+                    if depth:  # these workers held the blocks so far, not this one
+                        self._record(out, alive ^ new, depth)
+                    if not new:
+                        return out
+                    alive = new
+                depth += 1
+            if depth:
+                self._record(out, alive, depth)
             return out
-        mget = self._mask.get
-        nid = ROOT
-        depth = 0
-        for lh in local_hashes:
-            nid = hash((nid, lh))
-            m = mget(nid)
-            if m is None:
-                break
-            new = alive & m
-            if new != alive:
-                if depth:  # these workers held the blocks so far, not this one
-                    self._record(out, alive ^ new, depth)
-                if not new:
-                    return out
-                alive = new
-            depth += 1
-        if depth:
-            self._record(out, alive, depth)
-        return out
 
     def find_matches_for_tokens(self, tokens: Sequence[int], lora_name: str | None = None,
                                 workers: Iterable[str] | None = None,
@@ -378,33 +446,36 @@ class KvIndexer:
         bs = self.block_size
         step = bs * 4
         end = (len(tokens) // bs) * step
-        alive = -1 if workers is None else self._mask_of(workers)
         out: dict[str, int] = {}
-        if not end or not alive:
+        if not end:
             return out
         buf = memoryview(_pack_u32(tokens)).cast("B")
         h, seed = xxhash.xxh3_64_intdigest, self.seed(lora_name)
-        mget = self._mask.get
-        nid = ROOT
-        depth = 0
-        for off in range(0, end, step):
-            nid = hash((nid, h(buf[off : off + step], seed)))  # type: ignore[misc]
-            if paths is not None:
-                paths.append(nid)
-            m = mget(nid)
-            if m is None:
-                break
-            new = alive & m
-            if new != alive:
-                if depth:
-                    self._record(out, alive ^ new, depth)
-                if not new:
-                    return out
-                alive = new
-            depth += 1
-        if depth:
-            self._record(out, alive, depth)
-        return out
+        with self.lock:
+            alive = -1 if workers is None else self._mask_of(workers)
+            if not alive:
+                return out
+            mget = self._mask.get
+            nid = ROOT
+            depth = 0
+            for off in range(0, end, step):
+                nid = hash((nid, h(buf[off : off + step], seed)))  # type: ignore[misc]
+                if paths is not None:
+                    paths.append(nid)
+                m = mget(nid)
+                if m is None:
+                    break
+                new = alive & m
+                if new != alive:
+                    if depth:
+                        self._record(out, alive ^ new, depth)
+                    if not new:
+                        return out
+                    alive = new
+                depth += 1
+            if depth:
+                self._record(out, alive, depth)
+            return out
 
     @property
     def num_blocks(self) -> int:
@@ -425,9 +496,21 @@ class KvIndexer:
         return len(blocks) if blocks is not None else 0
 
     def block_counts(self) -> dict[str, int]:
-        return {w: len(b) for w, b in self._blocks.items()}
+        with self.lock:
+            return {w: len(b) for w, b in self._blocks.items()}
 
     # -- internals ------------------------------------------------------------------------------
+    def _block_slices(self, n: int) -> list[slice]:
+        """Slices of the first ``n`` blocks of a u32 byte buffer (made once: slicing with a ready
+        slice object is ~20% cheaper than with offsets)."""
+        sl = self._slices.get(n)
+        if sl is None:
+            step = self.block_size * 4
+            sl = [slice(off, off + step) for off in range(0, n * step, step)]
+            if n <= 256:  # the sizes events come in; a huge one is not kept
+                self._slices[n] = sl
+        return sl
+
     def _add_worker(self, worker_id: str) -> dict[int, int]:
         if self._free_slots:
             slot = self._free_slots.pop()
@@ -488,6 +571,10 @@ class KvIndexer:
     # -- checking -------------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise IndexIntegrityError unless every invariant in the module docstring holds."""
+        with self.lock:
+            self._check()
+
+    def _check(self) -> None:
 
         def fail(msg: str) -> None:
             raise IndexIntegrityError(msg)
