@@ -190,7 +190,7 @@ class ModelRegistry:
         if inst.event_address and self.subscriber is not None:
             self.kv_sync.remove_worker(inst.event_address)
             self.subscriber.disconnect(inst.event_address)
-        m.router_for(inst).worker_removed(inst.instance_id)
+        self.kv_sync.worker_removed(m.router_for(inst), inst.instance_id)  # its blocks: after its queued events
         log.info("worker %s left model %s", inst.instance_id, m.name)
 
     async def _load_tokenizer(self, m: ServedModel) -> None:

@@ -2,13 +2,19 @@
 
 Every worker numbers its event-plane messages (all topics, one counter). Per worker:
 
-    joined ──▶ syncing ──snapshot(last_seq=S)──▶ live ──gap or unplaceable event──▶ syncing
-                 │  events are buffered;             apply events in order
-                 └─ after the snapshot, buffered events with seq > S are applied on top
+    joined ──▶ syncing ──snapshot(last_seq=S)──▶ live ──gap, unplaceable event, full queue──▶ syncing
+                 │  events are buffered;             events submitted in order
+                 └─ after the snapshot, buffered events with seq > S are submitted on top
 
 A snapshot comes from the worker's ``kv_state`` endpoint. Applying an event twice is harmless
 (stores and removals are idempotent in the index), so a snapshot that already includes a
 buffered event does no damage. Load events bypass all of this: each is a complete reading.
+
+The event loop only keeps this bookkeeping: decoding and applying run on the
+``KvEventApplier``'s thread (kv_event_applier.py), whose one FIFO also carries each reset and
+each removal of a worker, so they stay in order with the worker's events. A batch the thread
+could not place comes back (``_failed``) tagged with the worker's *epoch*, which every reset
+bumps: a failure of a batch submitted before the latest reset is moot.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from turbine.protocols.kv_events import KvStateSnapshot
-from turbine.router.kv_event_decoder import decode_kv_event_batch
+from turbine.router.kv_event_applier import KvEventApplier
 from turbine.router.router import Router
 from turbine.runtime.events import ReceivedEvent
 from turbine.runtime.request_plane import RequestPlaneClient, RequestPlaneError
@@ -42,18 +48,28 @@ class _Peer:
     router: Router
     last_seq: int | None = None
     syncing: bool = True
+    epoch: int = 0  # resets submitted so far
     buffer: list[ReceivedEvent] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
 
 class KvEventSync:
-    def __init__(self, client: RequestPlaneClient, on_load: Callable[[bytes], None] | None = None):
+    def __init__(self, client: RequestPlaneClient, on_load: Callable[[bytes], None] | None = None,
+                 applier: KvEventApplier | None = None):
+        """``applier``: the thread that applies events (one is made if not given; it starts
+        with the first worker and stops in ``close``)."""
         self.client = client
         self.on_load = on_load
+        self.applier = applier if applier is not None else KvEventApplier(self._failed)
         self.peers: dict[str, _Peer] = {}  # by event-plane address
         self.resyncs = 0
+        self.overflows = 0  # batches the applier's full queue refused (each resyncs its worker)
+        self._closed = False
 
     def add_worker(self, event_address: str, worker_id: str, request_address: str, router: Router) -> None:
+        if self._closed:
+            return  # shutting down: a record that arrives now is not followed
+        self.applier.start()
         self.remove_worker(event_address)
         peer = self.peers[event_address] = _Peer(event_address, worker_id, request_address, router)
         self._start_resync(peer)
@@ -63,7 +79,17 @@ class KvEventSync:
         if peer is not None and peer.task is not None:
             peer.task.cancel()
 
+    def worker_removed(self, router: Router, worker_id: str) -> None:
+        """The worker left: ``router`` forgets it now, its index blocks after its events already
+        queued (it may have no event address: then nothing is queued for it, and order is moot)."""
+        if self.applier.running:
+            router.worker_removed(worker_id, index=False)
+            self.applier.submit_removal(router, worker_id)
+        else:
+            router.worker_removed(worker_id)
+
     async def close(self) -> None:
+        self._closed = True
         tasks = [p.task for p in self.peers.values() if p.task is not None]
         self.peers.clear()
         for t in tasks:
@@ -71,6 +97,7 @@ class KvEventSync:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+        self.applier.close()  # stops after the slice in hand: a blocking join of at most ~a slice
 
     # --- the event path ------------------------------------------------------------------
     def on_event(self, ev: ReceivedEvent) -> None:
@@ -85,11 +112,12 @@ class KvEventSync:
                 peer.last_seq = None
             peer.buffer.append(ev)
             return
-        if not self._apply(peer, ev):
+        if not self._submit(peer, ev):
             self._start_resync(peer)
 
-    def _apply(self, peer: _Peer, ev: ReceivedEvent) -> bool:
-        """Apply one event in sequence; False = the index fell out of step with the worker."""
+    def _submit(self, peer: _Peer, ev: ReceivedEvent) -> bool:
+        """Hand one event to the applier in sequence; False = the index fell out of step with
+        the worker (events lost, or the applier's queue is full)."""
         if peer.last_seq is not None:
             if ev.seq <= peer.last_seq:
                 return True  # already covered (a snapshot included it)
@@ -100,12 +128,20 @@ class KvEventSync:
         peer.last_seq = ev.seq
         if ev.topic != "kv":
             return True
-        try:
-            batch = decode_kv_event_batch(ev.payload)
-        except ValueError as e:
-            log.warning("worker %s sent an undecodable KV event batch: %s", peer.worker_id, e)
-            return False
-        return peer.router.apply_kv_events(peer.worker_id, batch.events, ts=batch.ts)
+        if self.applier.submit_events(peer.router, peer.worker_id, ev.payload, (peer, peer.epoch)):
+            return True
+        self.overflows += 1
+        log.warning("worker %s: the KV event queue is full (%d bytes); resyncing", peer.worker_id,
+                    self.applier.queued_bytes)
+        return False
+
+    def _failed(self, token: object) -> None:
+        """On the loop: the applier could not place or decode a batch of the worker ``token`` names."""
+        peer, epoch = token  # type: ignore[misc]
+        if self.peers.get(peer.event_address) is not peer or peer.epoch != epoch or peer.syncing:
+            return  # gone, or a reset submitted after that batch supersedes it
+        log.info("worker %s: a KV event batch could not be applied; resyncing", peer.worker_id)
+        self._start_resync(peer)
 
     # --- resync ----------------------------------------------------------------------------------
     def _start_resync(self, peer: _Peer) -> None:
@@ -116,6 +152,11 @@ class KvEventSync:
     async def _resync(self, peer: _Peer) -> None:
         attempt = 0
         while self.peers.get(peer.event_address) is peer:
+            if self.applier.queued_bytes > self.applier.max_queued_bytes // 2:
+                # a snapshot applied behind a long queue is stale before it lands: let it drain
+                await asyncio.sleep(RESYNC_BACKOFF_S[min(attempt, len(RESYNC_BACKOFF_S) - 1)])
+                attempt += 1
+                continue
             try:
                 snap = await self._fetch(peer)
             except (RequestPlaneError, msgspec.DecodeError) as e:
@@ -125,12 +166,13 @@ class KvEventSync:
                 await asyncio.sleep(delay)
                 continue
             self.resyncs += 1
-            peer.router.reset_worker(peer.worker_id, snap.blocks)
+            peer.epoch += 1
+            self.applier.submit_reset(peer.router, peer.worker_id, snap.blocks)
             peer.last_seq = snap.last_seq
             pending, peer.buffer = sorted(peer.buffer, key=lambda e: e.seq), []
             peer.syncing = False
             for i, ev in enumerate(pending):
-                if not self._apply(peer, ev):
+                if not self._submit(peer, ev):
                     peer.buffer.extend(pending[i + 1:])
                     break
             else:
