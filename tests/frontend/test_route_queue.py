@@ -37,7 +37,7 @@ async def test_waiters_are_admitted_in_arrival_order() -> None:
     fleet = Slots(q)
     tasks = [asyncio.create_task(q.admit(fleet.attempt(f"r{i}"), None)) for i in range(5)]
     await asyncio.sleep(0)
-    assert len(q) == 5 and q.waited == 5
+    assert len(q) == 5 and q.stats.queued == 5
     # a newcomer with a free slot in sight still queues behind them
     fleet.release()
     late = asyncio.create_task(q.admit(fleet.attempt("late"), None))
@@ -71,7 +71,7 @@ async def test_a_full_queue_answers_503_and_a_deadline_504() -> None:
     with pytest.raises(ApiError) as full:
         await q.admit(fleet.attempt("b"), None)
     assert full.value.status == 503 and ("retry-after", "1") in (full.value.headers or [])
-    assert q.rejected == 1
+    assert q.stats.queue_rejected == 1
     with pytest.raises(ApiError) as late:
         await waiting
     assert late.value.status == 504 and len(q) == 0

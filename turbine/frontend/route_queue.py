@@ -22,19 +22,20 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from turbine.frontend.errors import ApiError
+from turbine.router.metrics import RouterStats
 
 T = TypeVar("T")
 DEFAULT_QUEUE_SIZE = 1024
 
 
 class RouteQueue:
-    def __init__(self, max_waiting: int = DEFAULT_QUEUE_SIZE):
+    def __init__(self, max_waiting: int = DEFAULT_QUEUE_SIZE, stats: RouterStats | None = None):
+        """``stats``: the model's router counters, where waits and rejections are counted."""
         if max_waiting < 0:
             raise ValueError(f"the route queue size must be >= 0, got {max_waiting}")
         self.max_waiting = max_waiting
+        self.stats = stats if stats is not None else RouterStats()
         self._waiters: deque[asyncio.Event] = deque()
-        self.waited = 0  # requests that queued
-        self.rejected = 0  # turned away by a full queue
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -53,12 +54,12 @@ class RouteQueue:
             if got is not None:
                 return got
         if len(self._waiters) >= self.max_waiting:
-            self.rejected += 1
+            self.stats.queue_rejected += 1
             raise ApiError(503, "every worker is at its queue limit and the frontend's queue is full; retry shortly",
                            headers=[("retry-after", "1")])
         ev = asyncio.Event()
         self._waiters.append(ev)
-        self.waited += 1
+        self.stats.queued += 1
         try:
             while True:
                 if self._waiters[0] is ev:
