@@ -158,6 +158,30 @@ def test_path_ids_name_the_nodes_find_matches_walks() -> None:
     assert ix.store("w1", None, local, ids) and ix.num_blocks == 3  # a replay changes nothing
 
 
+def test_a_bulk_store_that_is_not_new_is_undone_and_placed_one_by_one() -> None:
+    """The bulk path (``_place_new``) learns late, from the maps' sizes, that a store repeats a
+    hash or a node; it must take back what it put in and leave the careful path a clean slate."""
+    ix = KvIndexer(BS)
+    assert ix.apply("w1", stored([10, 11, 10], None, [A, B, C]))  # a hash twice in one event
+    ix.check_integrity()  # 10 names A, then A-B-C (an engine reusing a hash): A is released
+    assert ix.block_counts() == {"w1": 2} and ix.num_nodes == 2
+    assert ix.find_matches_for_tokens(toks(A, B, C)) == {}
+    ix.apply("w2", stored([20], None, [A]))
+    assert ix.apply("w2", stored([21, 20, 22], 20, [B, C, D]))  # a known hash among new ones
+    ix.check_integrity()
+    assert ix.block_counts() == {"w1": 2, "w2": 3} and ix._blocks["w2"][20] == ix._blocks["w1"][10]
+    # a path id twice in one chain (a hash collision: forced here) on nodes nobody holds
+    ix.apply("w3", stored([30], None, [D]))
+    blocks = ix._blocks["w3"]
+    cid = 12345678901234
+    ix._place("w3", blocks, [cid, cid], [31, 32], 1)
+    ix.check_integrity()
+    assert ix._dups == {"w3": {cid: 1}} and ix._mask[cid] == ix._bit["w3"]
+    ix.apply("w3", BlockRemoved(block_hashes=[31, 32]))
+    ix.check_integrity()
+    assert cid not in ix._mask and ix.block_counts()["w3"] == 1
+
+
 # -- property test against a brute-force model -----------------------------------------------
 WORKERS = ["w0", "w1", "w2"]
 BLOCKS = [(a, b) for a in range(2) for b in range(2)]  # 4 distinct blocks: prefixes collide often

@@ -105,7 +105,7 @@ class KvIndexer:
         self._num_blocks = 0
         self._decoded: dict[int, tuple[str, ...]] = {}  # worker mask -> workers (reset on slot changes)
         self._seeds: dict[str | None, int] = {None: HASH_SEED}
-        self._slices: dict[int, list[slice]] = {}  # blocks in an event -> their byte slices
+        self._slices: dict[int, list[slice]] = {}  # n -> byte slices of n blocks (n <= 256; both threads read it)
         self.unplaced_events = 0  # BlockStored whose parent this index does not know
         self.unknown_removals = 0  # BlockRemoved hashes this index does not know
 
@@ -458,8 +458,9 @@ class KvIndexer:
             mget = self._mask.get
             nid = ROOT
             depth = 0
-            for off in range(0, end, step):
-                nid = hash((nid, h(buf[off : off + step], seed)))  # type: ignore[misc]
+            n = end // step
+            for sl in self._slices.get(n) or self._block_slices(n):
+                nid = hash((nid, h(buf[sl], seed)))  # type: ignore[misc]
                 if paths is not None:
                     paths.append(nid)
                 m = mget(nid)
@@ -507,7 +508,7 @@ class KvIndexer:
         if sl is None:
             step = self.block_size * 4
             sl = [slice(off, off + step) for off in range(0, n * step, step)]
-            if n <= 256:  # the sizes events come in; a huge one is not kept
+            if n <= 256:  # the sizes events and most prompts come in; a huge one is not kept
                 self._slices[n] = sl
         return sl
 

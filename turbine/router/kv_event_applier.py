@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("turbine.router")
 
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20  # ~300k blocks of 64 tokens: a second or more of a busy fleet's events
-DEFAULT_SLICE_S = 0.0005  # longest hold of an index lock (and of the GIL) between two yields
+DEFAULT_SLICE_S = 0.0002  # longest hold of an index lock (and of the GIL) between two yields
 PIECE_BLOCKS = 256  # a BlockStored / BlockRemoved with more blocks is applied in pieces this big
 ITEM_BYTES = 64  # what an item costs the bound beyond its payload (an empty payload still counts)
 
