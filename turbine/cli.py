@@ -72,7 +72,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--router", default="kv", choices=POLICIES,
+    p.add_argument("--router", default="predicted", choices=POLICIES,
                    help="routing policy: kv = the worker holding most of the prompt's KV blocks, weighed against "
                    "load (Dynamo's cost); predicted = the lowest predicted TTFT on each worker's own timing model "
                    "(prefix hits, queued prefill, decode batch)")

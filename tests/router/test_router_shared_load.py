@@ -106,3 +106,24 @@ def test_queue_limit_declines_when_every_worker_is_full_and_signals_capacity() -
     for policy in ("kv", "round-robin"):
         q = Router(policy, block_size=64, max_queued=2)
         assert [q.route(f"x{i}", ["w"], PROMPT) is None for i in range(3)] == [False, False, True]
+
+
+def test_a_report_that_still_counts_a_finished_own_request_adds_no_phantom_load() -> None:
+    """The worker's report was taken while our request ran; it arrives after the request ended."""
+    clock = Clock()
+    a, _ = frontends(True, 0, clock)
+    a.reported_load(report("w0", a))  # reports flow: peaks are kept from here on
+    a.route("r", ["w0"], PROMPT)
+    late = report("w0", a)  # taken now...
+    a.finished("r")
+    a.reported_load(late)  # ...received after the request finished
+    ld = a.loads.workers["w0"]
+    assert (ld.active_requests, ld.queued, ld.prefill_tokens, ld.decode_blocks) == (0, 0, 0, 0)
+    # the next report, without the request, leaves it at zero too; another frontend's request
+    # that arrives under no own peak is seen at once
+    a.reported_load(report("w0", a))
+    other = Router("predicted", block_size=64, clock=clock)
+    other.worker_added("w0", 16384)
+    other.loads.routed("o", "w0", 4000)
+    a.reported_load(report("w0", a, other))
+    assert (ld.queued, ld.prefill_tokens) == (1, 4000)

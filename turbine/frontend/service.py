@@ -28,7 +28,7 @@ log = logging.getLogger("turbine.frontend")
 class RouterConfig:
     """How every model's router decides (one router per model: block sizes differ)."""
 
-    policy: str = "kv"
+    policy: str = "predicted"
     overlap_weight: float = 1.0
     max_itl_ms: float = 0.0  # predicted policy's ITL guard (0: none)
     max_queued: int = 0  # requests a worker may have waiting for a first token (0: no limit)

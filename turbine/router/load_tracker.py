@@ -5,10 +5,15 @@ sent to the same workers only from the load the workers publish (``protocols.loa
 every 50 ms while busy, 1 s heartbeats). Each report is reconciled with the router's own
 bookkeeping at the moment it arrives:
 
-    foreign = max(0, reported - own)       per quantity (requests, queued, prompt tokens, blocks)
+    foreign = max(0, reported - own_peak)  per quantity (requests, queued, prompt tokens, blocks)
     load    = own + foreign                what the policies read
 
-``foreign`` is held until the next report replaces it or ``stale_s`` passes without one. The
+``own_peak`` is the most this router had on the worker since the previous report: a report
+was taken a little before it arrives, so it may still count an own request that has finished
+since (counting that as another frontend's would turn every finished request into phantom load
+for a report period); the cost is that another frontend's load hidden under our own peak is
+seen one report later. ``foreign`` is held until the next report replaces it or ``stale_s``
+passes without one. The
 own part changes in exactly three places: a request is routed, its first token arrives (its
 prompt no longer waits for prefill), it ends or is cancelled. Every change bumps the worker's
 ``version`` so cached predictions (``latency_model``) know to refresh.
@@ -35,6 +40,7 @@ class LoadEstimate:
     foreign_queued: int = 0
     foreign_until: float = 0.0  # the foreign part lapses then (router clock)
     version: int = 0
+    peak: tuple[int, int, int, int] = (0, 0, 0, 0)  # own()'s largest values since the last report
 
     def own(self) -> tuple[int, int, int, int]:
         """(requests, prefill tokens, blocks, queued) of this router's own requests."""
@@ -58,6 +64,7 @@ class LoadTracker:
     _requests: dict[str, _Routed] = field(default_factory=dict)
     _foreign: set[str] = field(default_factory=set)  # workers with a foreign part held
     _next_expiry: float = math.inf  # the earliest foreign_until among them
+    _foreign_seen: bool = False  # a report arrived: keep own peaks from now on
 
     def add_worker(self, worker_id: str) -> None:
         self.workers.setdefault(worker_id, LoadEstimate())
@@ -82,6 +89,8 @@ class LoadTracker:
         load.decode_blocks += blocks
         load.queued += 1
         load.version += 1
+        if self._foreign_seen:
+            load.peak = tuple(map(max, load.peak, load.own()))  # type: ignore[assignment]
 
     def first_token(self, request_id: str) -> None:
         r = self._requests.get(request_id)
@@ -115,8 +124,11 @@ class LoadTracker:
         load = self.workers.get(worker_id)
         if load is None:
             return  # not (or no longer) a worker of this router's
+        self._foreign_seen = True
         self._set_foreign(load, 0, 0, 0, 0)
-        own_req, own_prefill, own_blocks, own_queued = load.own()
+        own = load.own()
+        own_req, own_prefill, own_blocks, own_queued = map(max, load.peak, own)
+        load.peak = own
         self._set_foreign(load, max(0, requests - own_req), max(0, prefill_tokens - own_prefill),
                           max(0, blocks - own_blocks), max(0, queued - own_queued))
         load.foreign_until = now + self.stale_s

@@ -27,7 +27,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disagg-max-prefill-queue", type=int, default=32768,
                    help="disaggregated: prefill on the decode worker when every prefill worker has this many "
                    "prompt tokens queued")
-    p.add_argument("--router", default="kv", choices=ROUTERS, help="routing policy")
+    p.add_argument("--router", default="predicted", choices=ROUTERS,
+                   help="routing policy (as `turbine serve --router`; kv = Dynamo's cost, for comparisons)")
     p.add_argument("--router-approx", action="store_true",
                    help="kv routing without KV events (the router predicts caches from its own decisions)")
     p.add_argument("--router-temperature", type=float, default=0.0,

@@ -64,7 +64,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One simulated fleet. ``mocker`` is every worker's engine config (same as `turbine serve`)."""
 
     workers: int = 8
-    router: str = "kv"
+    router: str = "predicted"
     router_approx: bool = False  # kv without KV events: the router remembers its own decisions
     router_temperature: float = 0.0
     overlap_weight: float = 1.0
