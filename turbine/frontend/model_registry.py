@@ -161,7 +161,7 @@ class ModelRegistry:
         if m is None:
             assert routers is not None
             m = self.models[card.model_name] = ServedModel(card.model_name, card, *routers,
-                                                           queue=RouteQueue(self.queue_size))
+                                                           queue=RouteQueue(self.queue_size, routers[0].stats))
             m.router.on_capacity = m.queue.kick
             if self._on_model_added is not None:
                 self._on_model_added(m)
