@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM: leave discovery, refuse new requests, and give running ones this long")
     p.add_argument("--vllm-metrics-port", type=int, default=None,
                    help="--engine vllm: serve vLLM's own /metrics and /health on this port")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="serve GET /health (200 once registered, 503 while starting or draining) and GET /live "
+                   "on --host:PORT, for probes (Kubernetes)")
 
     p = sub.add_parser("make-model", help="write an HF-format model directory (tokenizer trained locally)")
     p.add_argument("dir", type=Path)
@@ -341,7 +344,7 @@ def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
 
-    planner = None
+    planner = health = None
     if args.cmd == "serve":
         disagg = args.prefill_workers or args.decode_workers
         workers = args.workers if args.workers is not None else (0 if disagg else 1)
@@ -372,9 +375,13 @@ async def _run(args: argparse.Namespace) -> None:
     else:
         if args.drain_timeout < 0:
             raise SystemExit("turbine: --drain-timeout must be >= 0")
+        if args.health_port is not None and not 0 <= args.health_port < 65536:
+            raise SystemExit("turbine: --health-port must be in [0, 65535]")
         dep = await launch.start_worker_process(_worker_options(args), discovery_dir=args.discovery_dir,
                                                 num_workers=args.num_workers, cluster_token=args.cluster_token,
                                                 drain_timeout_s=args.drain_timeout)
+        if args.health_port is not None:
+            health = await _start_health(dep, args.host, args.health_port)
         print(f"Turbine worker(s) {', '.join(w.worker_id for w in dep.workers)} ready", flush=True)
     abort = None
     try:
@@ -383,6 +390,21 @@ async def _run(args: argparse.Namespace) -> None:
         if planner is not None:
             await planner()
         await dep.stop(abort=abort)
+        if health is not None:
+            await health.close()
+
+
+async def _start_health(dep, host: str, port: int):  # type: ignore[no-untyped-def]
+    """The worker process's health endpoint (turbine/worker/health.py)."""
+    from turbine.worker.health import HealthServer
+
+    health = HealthServer(lambda: dep.workers, host=host, port=port)
+    try:
+        await health.start()
+    except OSError:
+        await dep.stop(grace_s=0)
+        raise
+    return health
 
 
 async def _start_planner(args: argparse.Namespace, dep, mode: str):  # type: ignore[no-untyped-def]
