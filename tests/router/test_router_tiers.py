@@ -61,6 +61,20 @@ def test_routing_prefers_a_gpu_hit_to_a_host_hit() -> None:
     assert r.route("c", ["host", "none"], P + [1]).worker_id == "host"
 
 
+
+def test_predicted_routing_with_tier_discounted_overlaps() -> None:
+    """Tier weights make overlaps fractional; the predicted policy prices them in whole tokens."""
+    r = Router("predicted", block_size=BS, seed=0)
+    for w in ("gpu", "host", "none"):
+        r.worker_added(w, 1000)
+    r.apply_kv_events("gpu", [stored(P, 0, 8)])
+    r.apply_kv_events("host", [stored(P, 0, 8, medium="CPU")])
+    d = r.route("a", ["gpu", "host", "none"], P + [1])
+    assert d.worker_id == "gpu" and d.overlap_blocks == 8 and d.predicted_ttft_s is not None
+    r.finished("a")
+    r.apply_kv_events("gpu", [BlockRemoved(chain(P))])
+    assert r.route("b", ["host", "none"], P + [1]).worker_id == "host"
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["store", "remove"]), st.sampled_from([None, "CPU", "DISK"]),
                           st.integers(0, 7), st.integers(1, 8)), max_size=60))

@@ -47,7 +47,7 @@ def predictions(candidates: Sequence[str], overlaps: Mapping[str, int], states: 
     out = []
     for w in candidates:
         m = models[w]
-        p = m.predict(states[w], prompt_tokens - overlaps.get(w, 0) * m.block_size)
+        p = m.predict(states[w], prompt_tokens - int(overlaps.get(w, 0) * m.block_size))
         out.append((p.ttft_s, p.itl_s))
     return out
 
@@ -67,7 +67,7 @@ def select_by_latency(candidates: Sequence[str], overlaps: Mapping[str, int], st
         st = states[w]
         bs = m.block_size
         # LatencyModel.predict, inlined (this runs for every candidate of every request)
-        new = prompt_tokens - oget(w, 0) * bs
+        new = prompt_tokens - int(oget(w, 0) * bs)  # tier-discounted overlaps are fractional
         if new < 1:
             new = 1  # an engine always computes the last token
         chunk = max(bs, m.budget - st.decoding)
@@ -108,5 +108,5 @@ def select_by_latency(candidates: Sequence[str], overlaps: Mapping[str, int], st
         ties = ties_any
     w = ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
     ov = oget(w, 0)
-    p = models[w].predict(states[w], prompt_tokens - ov * models[w].block_size)
+    p = models[w].predict(states[w], prompt_tokens - int(ov * models[w].block_size))
     return LatencySelection(w, ov, p.ttft_s, p.itl_s, guarded)
