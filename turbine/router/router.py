@@ -17,20 +17,21 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import WorkerTiming
 from turbine.router.approx import DEFAULT_TTL_S, ApproxIndexer
+from turbine.router.decision_log import Alternative, DecisionLog
 from turbine.router.indexer import KvIndexer
 from turbine.router.latency_model import LatencyModel, WorkerState, model_key
-from turbine.router.latency_selector import select_by_latency
+from turbine.router.latency_selector import predictions, select_by_latency
 from turbine.router.load_tracker import DEFAULT_STALE_S, LoadTracker
 from turbine.router.metrics import RouterStats
 from turbine.router.policies import POLICIES, LoadPolicy
-from turbine.router.selector import select_worker
+from turbine.router.selector import select_worker, worker_costs
 
 log = logging.getLogger("turbine.router")
 
@@ -105,6 +106,7 @@ class Router:
         self.approx = ApproxIndexer(block_size, approx_ttl_s, clock) if approx else None
         self.stats = RouterStats(block_size=block_size)
         self._rejected_warned: set[str] = set()
+        self.decision_log: DecisionLog | None = None  # the dashboard's; None: routing pays nothing for it
 
     # -- requests -------------------------------------------------------------------------------
     def best_overlap(self, candidates: Sequence[str], token_ids: Sequence[int], lora_name: str | None = None) -> int:
@@ -178,10 +180,36 @@ class Router:
                 self.approx.record(worker, local)
         else:
             worker = self.policy.choose(candidates, self.loads.workers)
+        if self.decision_log is not None:  # before the reservation: the loads the choice was made on
+            self._log_decision(request_id, candidates, overlaps if self.policy is None else {}, len(token_ids),
+                               remote_kv, worker, overlap, ttft)
         cached = len(token_ids) if remote_kv else overlap * self.block_size
         self.loads.routed(request_id, worker, len(token_ids), cached)
         self.stats.decided(self.policy_name)
         return RouteDecision(worker, overlap, ttft)
+
+    def _log_decision(self, request_id: str, candidates: Sequence[str], overlaps: Mapping[str, float],
+                      prompt_tokens: int, remote_kv: bool, worker: str, overlap: int, ttft: float | None) -> None:
+        log_ = self.decision_log
+        assert log_ is not None
+        alts = self._alternatives(candidates, overlaps, prompt_tokens, remote_kv) if log_.wants_detail() else None
+        log_.record(request_id, worker, self.policy_name, prompt_tokens=prompt_tokens, overlap_blocks=overlap,
+                    predicted_ttft_s=ttft, remote_kv=remote_kv, alternatives=alts)
+
+    def _alternatives(self, candidates: Sequence[str], overlaps: Mapping[str, float], prompt_tokens: int,
+                      remote_kv: bool) -> list[Alternative]:
+        """Every candidate as the policy weighed it (only for the decision log: off the fast path)."""
+        oget, lw = overlaps.get, self.loads.workers
+        if self.predicted:
+            preds = predictions(candidates, overlaps, self._fresh_states(candidates), self._models,  # type: ignore[arg-type]
+                                1 if remote_kv else prompt_tokens)
+            return [Alternative(w, oget(w, 0), None, t, i) for w, (t, i) in zip(candidates, preds, strict=True)]
+        if self.policy is None:
+            costs = worker_costs(candidates, overlaps, lw, -(-prompt_tokens // self.block_size),  # type: ignore[arg-type]
+                                 block_size=self.block_size, overlap_weight=self.overlap_weight)
+            return [Alternative(w, oget(w, 0), c, None, None) for w, c in zip(candidates, costs, strict=True)]
+        return [Alternative(w, 0, float(ld.prefill_tokens + ld.decode_blocks) if (ld := lw.get(w)) else 0.0, None, None)
+                for w in candidates]
 
     # -- the predicted policy's view of each worker ----------------------------------------------
     def worker_added(self, worker_id: str, total_blocks: int, timing: WorkerTiming | None = None) -> None:
@@ -253,6 +281,8 @@ class Router:
 
     def first_token(self, request_id: str) -> None:
         self.loads.first_token(request_id)
+        if self.decision_log is not None:
+            self.decision_log.first_token(request_id)
         self._capacity()
 
     def finished(self, request_id: str) -> None:
@@ -265,6 +295,8 @@ class Router:
         ``request_id`` names the observation (a request or a worker); only totals are kept.
         """
         self.stats.observe_actual(predicted_blocks, actual_cached_tokens)
+        if self.decision_log is not None:
+            self.decision_log.observe(request_id, actual_cached_tokens // self.block_size)
 
     # -- fleet ----------------------------------------------------------------------------------
     def worker_removed(self, worker_id: str, *, index: bool = True) -> None:
