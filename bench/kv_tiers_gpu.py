@@ -121,7 +121,8 @@ def tier_metrics(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("turbine_worker_kv_tier_"):
             name, _, value = line.rpartition(" ")
-            key = name.split("{")[0].removeprefix("turbine_worker_kv_tier_") + ":" + name.split('tier="')[1][:4]
+            family = name.split("{")[0].removeprefix("turbine_worker_kv_tier_").removesuffix("_total")
+            key = family + ":" + name.split('tier="')[1][:4]
             out[key] = out.get(key, 0.0) + float(value)
     return out
 

@@ -36,7 +36,7 @@ def test_disconnect_mid_stream_frees_request_and_kv_blocks(model_dir, server_fac
             time.sleep(0.05)
         assert sum(metric_values(m, "turbine_frontend_inflight_requests")) == 1
         assert sum(metric_values(m, "turbine_worker_kv_active_blocks")) > 0
-        assert sum(metric_values(m, "turbine_worker_kv_total_blocks")) > 0
+        assert sum(metric_values(m, "turbine_worker_kv_capacity_blocks")) > 0
         sock.close()
         t0 = time.monotonic()
         while True:

@@ -29,9 +29,9 @@ def test_host_tier_serves_evicted_prefixes(model_dir, server_factory) -> None:  
 
             with urllib.request.urlopen(s.url + "/metrics", timeout=5) as resp:
                 text = resp.read().decode()
-            if sum(metric_values(text, "turbine_worker_kv_tier_onboarded_bytes")) or time.monotonic() > deadline:
+            if sum(metric_values(text, "turbine_worker_kv_tier_onboarded_bytes_total")) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert metric_values(text, "turbine_worker_kv_tier_onboarded_bytes")[0] > 0
+        assert metric_values(text, "turbine_worker_kv_tier_onboarded_bytes_total")[0] > 0
         assert metric_values(text, "turbine_worker_kv_tier_capacity_blocks")[0] == 256
         assert s.call(lambda: s.dep.frontend.registry.models["tiny"].router.index.has_tiers())

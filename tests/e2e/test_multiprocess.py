@@ -60,10 +60,10 @@ def test_one_mocker_process_simulates_many_workers(tmp_path: Path, model_dir: Pa
     while True:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
-        if metrics.count("turbine_worker_kv_total_blocks{") == 16 or time.monotonic() > deadline:
+        if metrics.count("turbine_worker_kv_capacity_blocks{") == 16 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert metrics.count("turbine_worker_kv_total_blocks{") == 16
+    assert metrics.count("turbine_worker_kv_capacity_blocks{") == 16
 
 
 def test_worker_killed_mid_stream_request_migrates(tmp_path: Path, model_dir: Path, procs) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from turbine.protocols.load import WorkerLoad
+from turbine.protocols.load import TierLoad, WorkerLoad
 
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -52,25 +52,15 @@ class FrontendMetrics:
                                      ["model"], registry=r)
         self.kv_active = Gauge("turbine_worker_kv_active_blocks", "KV blocks referenced by running requests",
                                ["model", "worker"], registry=r)
-        self.kv_total = Gauge("turbine_worker_kv_total_blocks", "KV blocks of the worker", ["model", "worker"], registry=r)
+        self.kv_total = Gauge("turbine_worker_kv_capacity_blocks", "KV blocks of the worker's GPU cache",
+                              ["model", "worker"], registry=r)
         self.running = Gauge("turbine_worker_requests_running", "Requests running on the worker",
                              ["model", "worker"], registry=r)
         self.waiting = Gauge("turbine_worker_requests_waiting", "Requests queued on the worker",
                              ["model", "worker"], registry=r)
         self.workers = Gauge("turbine_frontend_workers", "Workers serving the model", ["model"], registry=r)
-        tl = ["model", "worker", "tier"]
-        self.tier_blocks = Gauge("turbine_worker_kv_tier_blocks", "KV blocks held in a tier below the GPU cache",
-                                 tl, registry=r)
-        self.tier_capacity = Gauge("turbine_worker_kv_tier_capacity_blocks", "KV blocks a lower tier can hold",
-                                   tl, registry=r)
-        self.tier_hits = Gauge("turbine_worker_kv_tier_hit_blocks", "Prefix blocks found in a lower tier (cumulative)",
-                               tl, registry=r)
-        self.tier_onboard = Gauge("turbine_worker_kv_tier_onboarded_bytes",
-                                  "Bytes copied back to the GPU from a lower tier (cumulative)", tl, registry=r)
-        self.tier_offload = Gauge("turbine_worker_kv_tier_offloaded_bytes",
-                                  "Bytes copied down into a lower tier (cumulative)", tl, registry=r)
-        self.tier_onboard_s = Gauge("turbine_worker_kv_tier_onboard_seconds",
-                                    "Time onboardings from a lower tier took (cumulative)", tl, registry=r)
+        self.tiers: dict[tuple[str, str, str], TierLoad] = {}  # (model, worker, tier) -> its last report
+        r.register(_TierCollector(self.tiers))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self._models: dict[str, ModelMetrics] = {}
 
@@ -94,13 +84,7 @@ class FrontendMetrics:
         self.running.labels(*key).set(load.num_running)
         self.waiting.labels(*key).set(load.num_waiting)
         for t in load.tiers:
-            tk = (*key, t.tier)
-            self.tier_blocks.labels(*tk).set(t.blocks)
-            self.tier_capacity.labels(*tk).set(t.capacity_blocks)
-            self.tier_hits.labels(*tk).set(t.hit_blocks)
-            self.tier_onboard.labels(*tk).set(t.onboarded_bytes)
-            self.tier_offload.labels(*tk).set(t.offloaded_bytes)
-            self.tier_onboard_s.labels(*tk).set(t.onboard_seconds)
+            self.tiers[(*key, t.tier)] = t
 
     def worker_gone(self, model: str, worker_id: str) -> None:
         for g in (self.kv_active, self.kv_total, self.running, self.waiting):
@@ -108,16 +92,44 @@ class FrontendMetrics:
                 g.remove(model, worker_id)
             except KeyError:
                 pass
-        for g in (self.tier_blocks, self.tier_capacity, self.tier_hits, self.tier_onboard, self.tier_offload,
-                  self.tier_onboard_s):
-            for tier in ("host", "disk"):
-                try:
-                    g.remove(model, worker_id, tier)
-                except KeyError:
-                    pass
+        for key in [k for k in self.tiers if k[0] == model and k[1] == worker_id]:
+            del self.tiers[key]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TierCollector:
+    """The KV tiers below each worker's GPU cache, from the workers' last load reports; the
+    cumulative counts the workers report are counters (they restart at zero with the worker)."""
+
+    _LABELS = ["model", "worker", "tier"]
+
+    def __init__(self, tiers: dict[tuple[str, str, str], TierLoad]) -> None:
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[Metric]:
+        families = [
+            (GaugeMetricFamily("turbine_worker_kv_tier_blocks", "KV blocks held in a tier below the GPU cache",
+                               labels=self._LABELS), "blocks"),
+            (GaugeMetricFamily("turbine_worker_kv_tier_capacity_blocks", "KV blocks a lower tier can hold",
+                               labels=self._LABELS), "capacity_blocks"),
+            (CounterMetricFamily("turbine_worker_kv_tier_hit_blocks", "Prefix blocks found in a lower tier",
+                                 labels=self._LABELS), "hit_blocks"),
+            (CounterMetricFamily("turbine_worker_kv_tier_onboarded_bytes",
+                                 "Bytes copied back to the GPU from a lower tier", labels=self._LABELS),
+             "onboarded_bytes"),
+            (CounterMetricFamily("turbine_worker_kv_tier_offloaded_bytes", "Bytes copied down into a lower tier",
+                                 labels=self._LABELS), "offloaded_bytes"),
+            (CounterMetricFamily("turbine_worker_kv_tier_onboard_seconds",
+                                 "Time onboardings from a lower tier took", labels=self._LABELS),
+             "onboard_seconds"),
+        ]
+        tiers = list(self.tiers.items())  # a load report may land while a scrape runs elsewhere
+        for fam, field in families:
+            for key, t in tiers:
+                fam.add_metric(list(key), getattr(t, field))
+            yield fam
 
 
 class _ServingCollector:

@@ -3,10 +3,15 @@
 Each decision is one log line (``planner decision {json}``: the observation, predictions,
 corrections, per-worker capacity, replicas needed, current and target) and a set of gauges:
 
-    turbine_planner_observed{quantity}    rate, isl, osl, ttft_ms, itl_ms, concurrency of the last interval
-    turbine_planner_predicted{quantity}   rate, isl, osl for the next
-    turbine_planner_correction{kind}      ttft, itl: observed / expected latency (smoothed)
-    turbine_planner_workers{pool,kind}    current, needed, target
+    turbine_planner_observed_requests_per_second      arrival rate of the last interval
+    turbine_planner_observed_{isl,osl}_tokens         mean prompt and output length
+    turbine_planner_observed_{ttft,itl}_seconds       mean TTFT and ITL
+    turbine_planner_observed_concurrent_requests      requests in flight (Little's law)
+    turbine_planner_observed_prefix_hit_ratio         cached / prompt tokens
+    turbine_planner_predicted_requests_per_second     rate, ISL and OSL for the next interval
+    turbine_planner_predicted_{isl,osl}_tokens
+    turbine_planner_latency_correction_ratio{kind}    ttft, itl: observed / expected latency (smoothed)
+    turbine_planner_workers{pool,kind}                current, needed, target
     turbine_planner_decisions_total{pool,action}   up, down, hold
     turbine_planner_scale_errors_total{pool}
 """
@@ -33,12 +38,30 @@ class ObservationSource(Protocol):
 
 class PlannerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.observed = Gauge("turbine_planner_observed", "What the planner observed over its last interval",
-                              ["quantity"], registry=registry)
-        self.predicted = Gauge("turbine_planner_predicted", "The planner's prediction for the next interval",
-                               ["quantity"], registry=registry)
-        self.correction = Gauge("turbine_planner_correction", "Observed over expected latency (smoothed)", ["kind"],
-                                registry=registry)
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=registry)
+
+        # Observation / prediction field -> its gauge, in base units (the planner thinks in ms)
+        self.observed: dict[str, tuple[Gauge, float]] = {
+            "rate": (gauge("turbine_planner_observed_requests_per_second",
+                           "Requests that started per second over the planner's last interval"), 1.0),
+            "isl": (gauge("turbine_planner_observed_isl_tokens", "Mean prompt length over the last interval"), 1.0),
+            "osl": (gauge("turbine_planner_observed_osl_tokens", "Mean output length over the last interval"), 1.0),
+            "ttft_ms": (gauge("turbine_planner_observed_ttft_seconds", "Mean TTFT over the last interval"), 1e-3),
+            "itl_ms": (gauge("turbine_planner_observed_itl_seconds", "Mean ITL over the last interval"), 1e-3),
+            "concurrency": (gauge("turbine_planner_observed_concurrent_requests",
+                                  "Requests in flight over the last interval (Little's law)"), 1.0),
+            "prefix_hit": (gauge("turbine_planner_observed_prefix_hit_ratio",
+                                 "Cached over prompt tokens over the last interval"), 1.0),
+        }
+        self.predicted: dict[str, tuple[Gauge, float]] = {
+            "rate": (gauge("turbine_planner_predicted_requests_per_second",
+                           "The request rate the planner plans the next interval for"), 1.0),
+            "isl": (gauge("turbine_planner_predicted_isl_tokens", "The prompt length planned for"), 1.0),
+            "osl": (gauge("turbine_planner_predicted_osl_tokens", "The output length planned for"), 1.0),
+        }
+        self.correction = Gauge("turbine_planner_latency_correction_ratio",
+                                "Observed over expected latency (smoothed)", ["kind"], registry=registry)
         self.workers = Gauge("turbine_planner_workers", "Workers per pool: current, needed by the replica math, "
                              "target after bounds and cooldowns", ["pool", "kind"], registry=registry)
         self.decisions = Counter("turbine_planner_decisions", "Planner decisions per pool", ["pool", "action"],
@@ -46,12 +69,11 @@ class PlannerMetrics:
         self.errors = Counter("turbine_planner_scale_errors", "Scaling calls that failed", ["pool"], registry=registry)
 
     def record(self, d: Decision) -> None:
-        for k, v in d.observed.items():
-            if v is not None and k != "interval_s":
-                self.observed.labels(k).set(v)
-        for k, v in d.predicted.items():
-            if v is not None:
-                self.predicted.labels(k).set(v)
+        for values, gauges in ((d.observed, self.observed), (d.predicted, self.predicted)):
+            for k, v in values.items():
+                if v is not None and k in gauges:
+                    g, scale = gauges[k]
+                    g.set(v * scale)
         for k, v in d.correction.items():
             self.correction.labels(k).set(v)
         for pool, target in d.target.items():
