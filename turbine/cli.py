@@ -123,6 +123,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="when every prefill worker has this many prompt tokens queued, prefill on the decode worker")
     g.add_argument("--disagg-hold", type=float, default=30.0,
                    help="seconds a prefill worker keeps a prompt's KV for the decode worker's pull, at most")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="do not serve the live fleet page at /dashboard/ (it answers 404; the routers keep no decision log)")
 
 
 def _add_fleet_args(p: argparse.ArgumentParser) -> None:
@@ -303,6 +305,7 @@ def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The frontend's whole configuration, built and validated once."""
     import os
 
+    from turbine.dashboard import DashboardConfig
     from turbine.disagg import DisaggConfig
     from turbine.frontend.http_server import HttpLimits
     from turbine.frontend.service import FrontendConfig
@@ -316,7 +319,8 @@ def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         return FrontendConfig(host=args.host, port=args.port, router=_router_config(args), http=limits, disagg=disagg,
                               max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
                               api_keys=tuple(keys), tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
-                              reuse_port=getattr(args, "reuse_port", False), drain_timeout_s=args.drain_timeout)
+                              reuse_port=getattr(args, "reuse_port", False), drain_timeout_s=args.drain_timeout,
+                              dashboard=DashboardConfig(enabled=not args.no_dashboard))
     except ValueError as e:
         raise SystemExit(f"turbine: {e}") from None
 
@@ -365,6 +369,8 @@ async def _run(args: argparse.Namespace) -> None:
             planner = await _start_planner(args, dep, "disagg" if disagg else "agg")
         names = ", ".join(m.name for m in dep.frontend.registry.served())
         print(f"Turbine is serving {names} at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
+        if dep.frontend.dashboard is not None:
+            print(f"Dashboard at {dep.frontend.url}/dashboard/", flush=True)
     elif args.cmd == "frontend":
         if args.stall_timeout <= 1.0:
             raise SystemExit("turbine: --stall-timeout must exceed the workers' 1 s heartbeat")
@@ -372,6 +378,8 @@ async def _run(args: argparse.Namespace) -> None:
                                           cluster_token=args.cluster_token, stall_timeout_s=args.stall_timeout)
         assert dep.frontend is not None
         print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
+        if dep.frontend.dashboard is not None:
+            print(f"Dashboard at {dep.frontend.url}/dashboard/", flush=True)
     else:
         if args.drain_timeout < 0:
             raise SystemExit("turbine: --drain-timeout must be >= 0")
@@ -416,6 +424,8 @@ async def _start_planner(args: argparse.Namespace, dep, mode: str):  # type: ign
     except ValueError as e:
         await dep.stop(grace_s=0)
         raise SystemExit(f"turbine: {e}") from None
+    if dep.frontend.dashboard is not None:
+        dep.frontend.dashboard.attach_planner(runner)  # its actions and reasons on the page
     stop = asyncio.Event()
     task = runner.start(stop)
 

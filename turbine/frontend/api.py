@@ -62,6 +62,9 @@ class OpenAIApi:
         self.inflight = 0
         # path -> method -> (handler, metrics label, needs the API key)
         self.routes: dict[str, dict[str, tuple[Route, str, bool]]] = {}
+        # prefix -> method -> (handler, label, False): a subtree its handler routes and
+        # authenticates itself (the dashboard); not part of the OpenAPI document
+        self.mounts: dict[str, dict[str, tuple[Route, str, bool]]] = {}
         self.add_route("POST", "/v1/chat/completions", self.chat_completions, "chat")
         self.add_route("POST", "/v1/completions", self.completions, "completions")
         self.add_route("GET", "/v1/models", self.list_models, "models")
@@ -74,6 +77,11 @@ class OpenAIApi:
         """``path`` may end in one ``{name}`` segment: the handler reads it as ``req.path_arg``."""
         self.routes.setdefault(path, {})[method] = (handler, label, auth)
 
+    def mount(self, prefix: str, handlers: dict[str, Route], label: str) -> None:
+        """Hand ``prefix`` and every path under it to ``handlers`` (by method); the handler reads
+        the rest of the path (after ``prefix/``) as ``req.path_arg`` and checks keys itself."""
+        self.mounts[prefix] = {m: (h, label, False) for m, h in handlers.items()}
+
     def _match(self, path: str) -> tuple[dict[str, tuple[Route, str, bool]] | None, str]:
         methods = self.routes.get(path)
         if methods is not None:
@@ -83,6 +91,9 @@ class OpenAIApi:
             methods = self.routes.get(head + "/{" + "model}")
             if methods is not None:
                 return methods, urllib.parse.unquote(tail)
+        for prefix, methods in self.mounts.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return methods, path[len(prefix) + 1:]
         return None, ""
 
     # --- dispatch ------------------------------------------------------------------------------
@@ -119,6 +130,11 @@ class OpenAIApi:
             if label not in ("health", "metrics"):  # a label only for models that exist: bounded
                 known = req.model if req.model in self.registry.models else ""
                 self.metrics.count(known, label, resp.status or 499)
+
+    def authenticate(self, req: HttpRequest) -> None:
+        """Raise the API's 401 unless the request carries one of its keys (none configured: pass)."""
+        if self.api_keys:
+            self._authenticate(req)
 
     def _authenticate(self, req: HttpRequest) -> None:
         header = req.headers.get("authorization", "")

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 
@@ -54,6 +55,11 @@ def check_record(inst: Instance) -> Instance:
     return inst  # the event address is the subscriber's to judge (connect raises ValueError)
 
 
+class ReportedLoad(NamedTuple):
+    load: WorkerLoad
+    at: float  # time.monotonic() when it arrived
+
+
 @dataclass
 class ServedModel:
     """One model and its workers. ``router`` picks among the workers that generate (aggregated
@@ -66,6 +72,7 @@ class ServedModel:
     tokenizer: TurbineTokenizer | None = None
     workers: dict[str, Instance] = field(default_factory=dict)
     queue: RouteQueue = field(default_factory=RouteQueue)  # requests no worker admits yet (router.max_queued)
+    reports: dict[str, ReportedLoad] = field(default_factory=dict)  # each worker's last load report (dashboard)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def role(self, worker_id: str) -> str:
@@ -187,6 +194,7 @@ class ModelRegistry:
             return
         self.metrics.workers.labels(m.name).set(len(m.workers))
         self.metrics.worker_gone(m.name, inst.instance_id)
+        m.reports.pop(inst.instance_id, None)
         if inst.event_address and self.subscriber is not None:
             self.kv_sync.remove_worker(inst.event_address)
             self.subscriber.disconnect(inst.event_address)
@@ -218,6 +226,7 @@ class ModelRegistry:
         m = self.models.get(load.model_name)
         if m is not None and load.worker_id in m.workers:
             self.metrics.worker_load(load)
+            m.reports[load.worker_id] = ReportedLoad(load, time.monotonic())
             m.router_for(m.workers[load.worker_id]).reported_load(load)
 
     # --- lookups -----------------------------------------------------------------------------
@@ -256,6 +265,11 @@ class ModelRegistry:
         backoff = min(SUSPECT_MAX_S, last * 2) if last else SUSPECT_S
         self._suspect[worker_id] = (time.monotonic() + backoff, backoff)
         log.info("worker %s set aside for %.1f s after a failed request", worker_id, backoff)
+
+    def suspect_s(self, worker_id: str, now: float | None = None) -> float:
+        """Seconds the worker is still set aside after failures (0: it takes requests)."""
+        until = self._suspect.get(worker_id, (0.0, 0.0))[0]
+        return max(0.0, until - (time.monotonic() if now is None else now))
 
     def mark_healthy(self, worker_id: str) -> None:
         if self._suspect:

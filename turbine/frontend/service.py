@@ -7,6 +7,7 @@ import math
 import ssl
 from dataclasses import dataclass, field
 
+from turbine.dashboard.service import Dashboard, DashboardConfig
 from turbine.disagg import DisaggConfig
 from turbine.frontend.api import OpenAIApi
 from turbine.frontend.generation import DEFAULT_REQUEST_TIMEOUT_S, Generation
@@ -66,6 +67,7 @@ class FrontendConfig:
     reuse_port: bool = False
     drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     disagg: DisaggConfig = field(default_factory=DisaggConfig)  # when a prompt goes to a prefill worker
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)  # /dashboard/ (enabled=False: 404)
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0:
@@ -108,9 +110,12 @@ class Frontend:
         self.http = HttpServer(self.api.handle, host=config.host, port=config.port, limits=config.http,
                                reuse_port=config.reuse_port, ssl_context=config.ssl_context())
         self.metrics.watch_serving(self.http, self.registry, self.generation, client)
+        self.dashboard = Dashboard(self, config.dashboard) if config.dashboard.enabled else None
 
     def _model_added(self, m: ServedModel) -> None:
         register_prometheus(self.metrics.registry, m.router, m.name, {"prefill": m.prefill_router})
+        if self.dashboard is not None:
+            self.dashboard.watch_model(m)
 
     @property
     def url(self) -> str:
@@ -121,18 +126,24 @@ class Frontend:
         await self.registry.start()
         await self.registry.settle(timeout=30.0)
         await self.http.start()
+        if self.dashboard is not None:
+            self.dashboard.start()
         log.info("frontend listening on %s", self.url)
         return self.url
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting connections and let running requests finish (SIGTERM)."""
         grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        if self.dashboard is not None:
+            self.dashboard.close_streams()  # pages' event streams never end by themselves
         log.info("frontend draining: %d connections, up to %.0f s", len(self.http.connections), grace)
         cut = await self.http.drain(grace)
         if cut:
             log.warning("frontend drain: %d requests still running after %.0f s were cut off", cut, grace)
 
     async def stop(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.http.stop()
         await self.generation.prefill.close()
         await self.registry.close()
