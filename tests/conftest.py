@@ -53,3 +53,32 @@ def procs():  # type: ignore[no-untyped-def]
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+# --- a real etcd (Debian's etcd-server, installed on demand: tests/etcdkit.py) ----------------
+@pytest.fixture(scope="session")
+def etcd_bin() -> str:
+    from etcdkit import etcd_binary
+
+    path, why = etcd_binary()
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture(scope="session")
+def etcd(etcd_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One etcd for the session; tests keep apart by key prefix (etcd://host:port/<prefix>)."""
+    from etcdkit import EtcdServer
+
+    with EtcdServer(etcd_bin, tmp_path_factory.mktemp("etcd") / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_private(etcd_bin: str, tmp_path: Path) -> Iterator:
+    """An etcd of this test's own, for tests that kill or restart it."""
+    from etcdkit import EtcdServer
+
+    with EtcdServer(etcd_bin, tmp_path / "etcd-data") as server:
+        yield server

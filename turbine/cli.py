@@ -127,11 +127,26 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
                    help="do not serve the live fleet page at /dashboard/ (it answers 404; the routers keep no decision log)")
 
 
-def _add_fleet_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--discovery-dir", type=Path, required=True, help="file-discovery directory shared by the fleet")
-    p.add_argument("--cluster-token", default=None,
-                   help="the fleet's shared secret for the request plane (default: $TURBINE_CLUSTER_TOKEN, else a "
-                   "token file the first process creates in the discovery directory, readable by its user only)")
+def _add_fleet_args(p: argparse.ArgumentParser, *, required: bool = True, planes: bool = False) -> None:
+    g = p.add_argument_group("fleet (discovery, the planes' address and token)")
+    d = g.add_mutually_exclusive_group(required=required)
+    d.add_argument("--discovery", default=None, metavar="URL",
+                   help="how the fleet finds itself: file:///DIR (processes of one machine), "
+                   "etcd://HOST:2379[,HOST:PORT...][/PREFIX] (machines; leases), mem:// (this process only)"
+                   + ("" if required else "; default mem://"))
+    d.add_argument("--discovery-dir", type=Path, default=None, help="the same as --discovery file://DIR")
+    g.add_argument("--discovery-ttl", type=float, default=None, metavar="S",
+                   help="seconds a dead process stays in discovery (file: 3, etcd: 5, the lease's TTL)")
+    g.add_argument("--cluster-token", default=None,
+                   help="the fleet's shared secret, required by the request and event planes (default: "
+                   "$TURBINE_CLUSTER_TOKEN, else with file discovery a token file the first process creates in "
+                   "its directory, readable by its user only); a fleet across machines must set it")
+    if planes:
+        g.add_argument("--advertise-host", default=None, metavar="HOST",
+                       help="the address other machines reach this process's request and event planes at, "
+                       "published in discovery (default 127.0.0.1: this machine only); the planes bind it too "
+                       "unless --host says otherwise")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from turbine.planner.planner_command import add_planner_args, add_policy_args
 
     add_policy_args(p)
+    _add_fleet_args(p, required=False, planes=True)
 
     p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
     _add_frontend_args(p)
@@ -171,12 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="serve a model as worker(s) registered in discovery")
     _add_model_args(p, required=True)
-    _add_fleet_args(p)
+    _add_fleet_args(p, planes=True)
     p.add_argument("--num-workers", type=int, default=1, help="simulated workers in this process (mock engine)")
     p.add_argument("--role", default="agg", choices=["agg", "prefill", "decode"],
                    help="agg: serve requests whole; prefill/decode: one half of a disaggregated model (a model "
                    "with both is served disaggregated; with no prefill worker, decode workers serve whole)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address of the request and event planes")
+    p.add_argument("--host", default=None,
+                   help="bind address of the request and event planes (default: --advertise-host, else 127.0.0.1)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM: leave discovery, refuse new requests, and give running ones this long")
     p.add_argument("--vllm-metrics-port", type=int, default=None,
@@ -301,6 +318,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _runtime_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """How this process joins its fleet (turbine/runtime/config.py), built and checked once. A
+    worker's --host is where its planes bind; serve's and a frontend's --host is HTTP's."""
+    from turbine.runtime.config import RuntimeConfig
+
+    url = args.discovery or (f"file://{args.discovery_dir}" if args.discovery_dir is not None else "mem://")
+    try:
+        cfg = RuntimeConfig.build(url, discovery_ttl_s=args.discovery_ttl,
+                                  host=args.host if args.cmd == "worker" else None,
+                                  advertise_host=getattr(args, "advertise_host", None), cluster_token=args.cluster_token,
+                                  stall_timeout_s=getattr(args, "stall_timeout", 10.0))
+    except ValueError as e:
+        raise SystemExit(f"turbine {args.cmd}: {e}") from None
+    if cfg.inproc and args.cmd != "serve":
+        raise SystemExit(f"turbine {args.cmd}: mem:// is one process's discovery; a fleet of processes needs "
+                         "file:///DIR or etcd://HOST:PORT")
+    if args.cmd == "worker":
+        args.host = cfg.bind_host  # the health endpoint and vLLM's metrics bind there too
+    return cfg
+
+
 def _frontend_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The frontend's whole configuration, built and validated once."""
     import os
@@ -354,6 +392,7 @@ async def _run(args: argparse.Namespace) -> None:
         workers = args.workers if args.workers is not None else (0 if disagg else 1)
         if min(workers, args.prefill_workers, args.decode_workers) < 0 or not (workers or args.decode_workers):
             raise SystemExit("turbine: serve needs at least one --workers or --decode-workers worker")
+        runtime = _runtime_config(args)
         opts, frontend = _worker_options(args), _frontend_config(args)
         if args.planner:
             from turbine.planner.planner_command import planner_config
@@ -362,7 +401,7 @@ async def _run(args: argparse.Namespace) -> None:
                 planner_config(args, "disagg" if disagg else "agg")
             except ValueError as e:
                 raise SystemExit(f"turbine: {e}") from None
-        dep = await launch.start_all_in_one(opts, workers=workers, frontend=frontend,
+        dep = await launch.start_all_in_one(opts, workers=workers, frontend=frontend, runtime=runtime,
                                             prefill_workers=args.prefill_workers, decode_workers=args.decode_workers)
         assert dep.frontend is not None
         if args.planner:
@@ -374,8 +413,7 @@ async def _run(args: argparse.Namespace) -> None:
     elif args.cmd == "frontend":
         if args.stall_timeout <= 1.0:
             raise SystemExit("turbine: --stall-timeout must exceed the workers' 1 s heartbeat")
-        dep = await launch.start_frontend(discovery_dir=args.discovery_dir, frontend=_frontend_config(args),
-                                          cluster_token=args.cluster_token, stall_timeout_s=args.stall_timeout)
+        dep = await launch.start_frontend(runtime=_runtime_config(args), frontend=_frontend_config(args))
         assert dep.frontend is not None
         print(f"Turbine frontend at {dep.frontend.url}/v1  (Ctrl-C to stop)", flush=True)
         if dep.frontend.dashboard is not None:
@@ -385,8 +423,8 @@ async def _run(args: argparse.Namespace) -> None:
             raise SystemExit("turbine: --drain-timeout must be >= 0")
         if args.health_port is not None and not 0 <= args.health_port < 65536:
             raise SystemExit("turbine: --health-port must be in [0, 65535]")
-        dep = await launch.start_worker_process(_worker_options(args), discovery_dir=args.discovery_dir,
-                                                num_workers=args.num_workers, cluster_token=args.cluster_token,
+        runtime = _runtime_config(args)
+        dep = await launch.start_worker_process(_worker_options(args), runtime=runtime, num_workers=args.num_workers,
                                                 drain_timeout_s=args.drain_timeout)
         if args.health_port is not None:
             health = await _start_health(dep, args.host, args.health_port)

@@ -25,20 +25,13 @@ from turbine.frontend.tokenizer import TurbineTokenizer
 from turbine.mocker.engine import MockEngine, MockerConfig
 from turbine.mocker.timing import ProfileTiming
 from turbine.protocols.model_card import ModelCard, WorkerTiming
-from turbine.runtime.discovery import Discovery, MemoryDiscovery, MemoryStore, make_discovery
+from turbine.runtime.config import Runtime, RuntimeConfig
+from turbine.runtime.discovery import Discovery
+from turbine.runtime.events import EventPublisher, EventSubscriber
 from turbine.runtime.fleet_token import fleet_token
-from turbine.runtime.events import (
-    EventPublisher,
-    EventSubscriber,
-    InProcEventBus,
-    ZmqEventPublisher,
-    ZmqEventSubscriber,
-)
-from turbine.runtime.inproc import InProcClient, InProcServer
 from turbine.runtime.request_plane import RequestPlaneClient
 from turbine.transfer.manager import KvTransferManager
 from turbine.transfer.mock import MockTransfer
-from turbine.runtime.tcp import DEFAULT_STALL_TIMEOUT_S, TcpClient, TcpServer
 from turbine.worker.worker import Worker
 
 log = logging.getLogger("turbine")
@@ -186,24 +179,19 @@ def make_transfer(opts: WorkerOptions, engine: Engine, client: RequestPlaneClien
     return KvTransferManager(backend, client, block_bytes=engine.kv_layout.block_bytes)  # type: ignore[attr-defined]
 
 
-async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, *, inproc: bool,
-                        bus: InProcEventBus | None = None, token: str | None = None,
+async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, runtime: Runtime, *,
                         client: RequestPlaneClient | None = None) -> list[Worker]:
-    """``client``: the request-plane client workers use to reach each other (KV transfers)."""
+    """``n`` workers with planes from ``runtime``, registered in ``discovery``. ``client``: the
+    request-plane client workers use to reach each other (KV transfers)."""
     tokenizer = await asyncio.to_thread(TurbineTokenizer.from_dir, opts.model_dir)
     if client is None:
-        client = InProcClient() if inproc else TcpClient(token=token)
+        client = runtime.client()
     workers = []
     for _ in range(n):
         engine, card = await asyncio.to_thread(build_engine, opts, tokenizer)
         card = msgspec.structs.replace(card, role=ROLES[opts.role])
-        if inproc:
-            assert bus is not None
-            server, publisher = InProcServer(), bus.publisher()
-        else:
-            server, publisher = TcpServer(host=opts.host, token=token), ZmqEventPublisher(host=opts.host)
-        w = Worker(engine, card, discovery=discovery, server=server, publisher=publisher,
-                   transfer=make_transfer(opts, engine, client, inproc=inproc))
+        w = Worker(engine, card, discovery=discovery, server=runtime.server(), publisher=runtime.publisher(),
+                   transfer=make_transfer(opts, engine, client, inproc=runtime.inproc))
         await w.start()
         workers.append(w)
     return workers
@@ -233,6 +221,7 @@ class Deployment:
     frontend: Frontend | None = None
     workers: list[Worker] = field(default_factory=list)
     discovery: Discovery | None = None
+    runtime: Runtime | None = None  # what built its planes and discovery
     drain_timeout_s: float = 30.0
     clients: list[RequestPlaneClient] = field(default_factory=list)  # the workers' own (KV transfers)
     # Starts n more workers of a role ("aggregated", "prefill", "decode") like the first ones
@@ -290,20 +279,27 @@ class Deployment:
 
 
 async def start_all_in_one(opts: WorkerOptions, *, workers: int, frontend: FrontendConfig | None = None,
-                           prefill_workers: int = 0, decode_workers: int = 0) -> Deployment:
-    """Frontend, router and workers in this process, on embedded discovery: ``workers``
-    aggregated ones, plus ``prefill_workers`` and ``decode_workers`` (a disaggregated model)."""
+                           prefill_workers: int = 0, decode_workers: int = 0,
+                           runtime: RuntimeConfig | None = None) -> Deployment:
+    """Frontend, router and workers in this process: ``workers`` aggregated ones, plus
+    ``prefill_workers`` and ``decode_workers`` (a disaggregated model). ``runtime``: embedded
+    (mem://, in-process planes) by default; with file:// or etcd:// the workers are registered
+    there on TCP and ZMQ planes, and other frontends and workers may join the fleet."""
     frontend = frontend or FrontendConfig()
-    store = MemoryStore()
-    bus = InProcEventBus()
-    client = InProcClient()
-    dep = Deployment(discovery=MemoryDiscovery(store), drain_timeout_s=frontend.drain_timeout_s, clients=[client])
-    dep.frontend = Frontend(frontend, discovery=MemoryDiscovery(store), client=InProcClient(),
-                            subscriber=bus.subscriber())
-    await dep.frontend.start()
+    rt = Runtime(runtime)
+    discovery = await rt.discovery()
+    client = rt.client()
+    dep = Deployment(discovery=discovery, runtime=rt, drain_timeout_s=frontend.drain_timeout_s, clients=[client])
+    dep.frontend = Frontend(frontend, discovery=discovery, client=rt.client(), subscriber=rt.subscriber())
+    try:
+        await dep.frontend.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await dep.stop(grace_s=0)
+        raise
+
     async def grow(role: str, n: int) -> list[Worker]:
-        return await start_workers(dataclasses.replace(opts, role=role), n, dep.discovery,  # type: ignore[arg-type]
-                                   inproc=True, bus=bus, client=client)
+        return await start_workers(dataclasses.replace(opts, role=role), n, discovery, rt, client=client)
 
     dep.grow = grow
     for role, n in (("aggregated", workers), ("prefill", prefill_workers), ("decode", decode_workers)):
@@ -319,27 +315,62 @@ async def start_all_in_one(opts: WorkerOptions, *, workers: int, frontend: Front
     return dep
 
 
-async def start_frontend(*, discovery_dir: Path, frontend: FrontendConfig | None = None,
-                         cluster_token: str | None = None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Deployment:
+def _fleet_runtime(runtime: RuntimeConfig | None, discovery_dir: Path | None, cluster_token: str | None,
+                   host: str | None = None) -> Runtime:
+    """A process of a fleet: ``runtime``, or (the older keywords) file discovery in ``discovery_dir``."""
+    if runtime is None:
+        if discovery_dir is None:
+            raise TypeError("give runtime= (or discovery_dir=)")
+        runtime = RuntimeConfig.build(f"file://{discovery_dir}", cluster_token=cluster_token, host=host)
+    if runtime.inproc:
+        raise ValueError("mem:// discovery is one process's: a fleet of processes needs file:// or etcd://")
+    return Runtime(runtime)
+
+
+async def start_frontend(*, runtime: RuntimeConfig | None = None, frontend: FrontendConfig | None = None,
+                         discovery_dir: Path | None = None, cluster_token: str | None = None,
+                         stall_timeout_s: float | None = None) -> Deployment:
+    """A frontend finding workers through ``runtime``'s discovery (``stall_timeout_s`` overrides
+    its request-plane stall timeout)."""
     frontend = frontend or FrontendConfig()
-    discovery = make_discovery("file", discovery_dir)
-    token = fleet_token(discovery_dir, cluster_token)
-    client = TcpClient(token=token, stall_timeout_s=stall_timeout_s)
-    fe = Frontend(frontend, discovery=discovery, client=client, subscriber=ZmqEventSubscriber())
-    await fe.start()
-    return Deployment(frontend=fe, discovery=discovery, drain_timeout_s=frontend.drain_timeout_s)
+    rt = _fleet_runtime(runtime, discovery_dir, cluster_token)
+    discovery = await rt.discovery()
+    fe = Frontend(frontend, discovery=discovery, client=rt.client(stall_timeout_s=stall_timeout_s),
+                  subscriber=rt.subscriber())
+    dep = Deployment(frontend=fe, discovery=discovery, runtime=rt, drain_timeout_s=frontend.drain_timeout_s)
+    try:
+        await fe.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await dep.stop(grace_s=0)
+        raise
+    return dep
 
 
-async def start_worker_process(opts: WorkerOptions, *, discovery_dir: Path, num_workers: int = 1,
-                               cluster_token: str | None = None, drain_timeout_s: float = 30.0) -> Deployment:
-    discovery = make_discovery("file", discovery_dir)
-    token = fleet_token(discovery_dir, cluster_token)
-    client = TcpClient(token=token)
-    workers = await start_workers(opts, num_workers, discovery, inproc=False, token=token, client=client)
-    return Deployment(workers=workers, discovery=discovery, drain_timeout_s=drain_timeout_s, clients=[client])
+async def start_worker_process(opts: WorkerOptions, *, runtime: RuntimeConfig | None = None, num_workers: int = 1,
+                               discovery_dir: Path | None = None, cluster_token: str | None = None,
+                               drain_timeout_s: float = 30.0) -> Deployment:
+    """``num_workers`` workers registered in ``runtime``'s discovery."""
+    rt = _fleet_runtime(runtime, discovery_dir, cluster_token, host=opts.host)
+    discovery = await rt.discovery()
+    client = rt.client()
+    dep = Deployment(discovery=discovery, runtime=rt, drain_timeout_s=drain_timeout_s, clients=[client])
+
+    async def grow(role: str, n: int) -> list[Worker]:
+        return await start_workers(dataclasses.replace(opts, role=role), n, discovery, rt, client=client)
+
+    dep.grow = grow
+    try:
+        dep.workers += await grow(opts.role, num_workers)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await dep.stop(grace_s=0)
+        raise
+    return dep
 
 
 __all__ = [
-    "Deployment", "EventPublisher", "EventSubscriber", "WorkerOptions", "default_model_dir", "start_all_in_one",
-    "fleet_token", "start_frontend", "start_worker_process", "wait_for_signal",
+    "Deployment", "EventPublisher", "EventSubscriber", "Runtime", "RuntimeConfig", "WorkerOptions",
+    "default_model_dir", "fleet_token", "start_all_in_one", "start_frontend", "start_worker_process",
+    "wait_for_signal",
 ]

@@ -220,7 +220,10 @@ def test_mixed_fleet_routes_repeats_to_the_holder_and_predicts_vllms_hit(fleet: 
         prompts.append(prompt(20 + i, 300 + 7 * i))
         first.append(c.completions.create(model="tiny", prompt=prompts[-1], max_tokens=4, temperature=0))
         time.sleep(0.05)  # its KV events reach the router
-    time.sleep(0.2)  # the last KV events reach the router
+    deadline = time.monotonic() + 15  # every prompt's KV events have reached the router (an applier thread)
+    while time.monotonic() < deadline and not fleet.call(
+            lambda: all(fleet.router.index.find_matches_for_tokens(p) for p in prompts)):
+        time.sleep(0.05)
     stats0 = fleet.call(fleet.router.stats.snapshot)
     again = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0) for p in prompts]
     for p, a, b in zip(prompts, first, again):

@@ -7,7 +7,7 @@ from turbine.cli import _parse, build_parser
 
 
 @pytest.mark.parametrize("argv", [
-    ["frontend", "--discovery-dir", "d", "--discovery", "etcd://h:2379"],  # not a second --discovery-dir
+    ["frontend", "--discovery", "etcd://h:2379", "--discovery-t", "3"],  # --discovery-ttl
     ["worker", "--model", "m", "--discovery-dir", "d", "--num", "2"],  # --num-workers
     ["serve", "--work", "2"],  # --workers
     ["--log", "DEBUG", "serve"],  # --log-level
@@ -46,3 +46,58 @@ def test_bad_frontend_settings_are_a_clear_message(argv: list[str], message: str
 
     with pytest.raises(SystemExit, match=message):
         _frontend_config(_parse(argv))
+
+
+# --- the fleet's runtime configuration (turbine/runtime/config.py) ------------------------------
+@pytest.fixture
+def no_env_token(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("TURBINE_CLUSTER_TOKEN", raising=False)
+
+
+def test_discovery_and_discovery_dir_exclude_each_other_and_one_is_required(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit):
+        _parse(["frontend", "--discovery-dir", "d", "--discovery", "etcd://h:2379"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["worker", "--model", "m"])
+    assert "one of the arguments --discovery --discovery-dir is required" in capsys.readouterr().err
+
+
+def test_discovery_dir_is_file_discovery(tmp_path, no_env_token) -> None:  # type: ignore[no-untyped-def]
+    from turbine.cli import _runtime_config
+
+    a = _runtime_config(_parse(["frontend", "--discovery-dir", str(tmp_path)]))
+    b = _runtime_config(_parse(["frontend", "--discovery", f"file://{tmp_path}"]))
+    assert a == b and a.discovery.scheme == "file" and a.cluster_token  # the directory's token file
+    serve = _runtime_config(_parse(["serve"]))
+    assert serve.inproc and serve.cluster_token is None
+
+
+def test_worker_advertise_host_binds_there_and_needs_the_token(no_env_token) -> None:  # type: ignore[no-untyped-def]
+    from turbine.cli import _runtime_config
+
+    with pytest.raises(SystemExit, match=r"turbine worker: the planes listen on 10\.9\.0\.2.*--cluster-token"):
+        _runtime_config(_parse(["worker", "--model", "m", "--discovery", "etcd://10.9.0.1:2379",
+                                "--advertise-host", "10.9.0.2"]))
+    args = _parse(["worker", "--model", "m", "--discovery", "etcd://10.9.0.1:2379", "--advertise-host", "10.9.0.2",
+                   "--cluster-token", "t0k", "--discovery-ttl", "4"])
+    cfg = _runtime_config(args)
+    assert (cfg.bind_host, cfg.advertise_host, cfg.cluster_token, cfg.discovery_ttl_s) == ("10.9.0.2", "10.9.0.2",
+                                                                                          "t0k", 4)
+    assert args.host == "10.9.0.2"  # the health endpoint binds there too
+    cfg = _runtime_config(_parse(["worker", "--model", "m", "--discovery", "etcd://127.0.0.1"]))
+    assert cfg.bind_host == "127.0.0.1" and cfg.cluster_token is None  # one machine: no token needed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["frontend", "--discovery", "mem://"], "mem:// is one process"),
+    (["frontend", "--discovery", "etcd://10.9.0.1"], "needs its shared token"),
+    (["frontend", "--discovery", "etcd:10.9.0.1"], "want mem://"),
+    (["worker", "--model", "m", "--discovery", "etcd://h:99999"], "port"),
+    (["serve", "--discovery", "etcd://127.0.0.1", "--discovery-ttl", "0"], "--discovery-ttl"),
+])
+def test_bad_fleet_settings_are_a_clear_message(argv: list[str], message: str, no_env_token) -> None:  # type: ignore[no-untyped-def]
+    from turbine.cli import _runtime_config
+
+    with pytest.raises(SystemExit, match=message):
+        _runtime_config(_parse(argv))

@@ -15,6 +15,16 @@ def prompts(n: int) -> list[list[int]]:
     return [[(7 * i + j) % 3000 + 10 for j in range(40 * BLOCK + 5)] for i in range(n)]
 
 
+def index_blocks(url: str) -> float:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^turbine_router_index_blocks\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def cached_fractions(client: openai.OpenAI, rounds: int, n: int, pause: float = 0.0) -> list[float]:
     out = []
     for r in range(rounds):
@@ -56,7 +66,9 @@ def test_kv_routing_over_zmq_and_resync_for_a_late_frontend(tmp_path: Path, mode
     url2 = f"http://127.0.0.1:{port2}"
     spawn(procs, "frontend", "--discovery-dir", str(disc), "--port", str(port2), "--router", "kv")
     wait_workers(url2, 2, timeout=60)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 15  # the snapshots are fetched and applied in the background
+    while time.monotonic() < deadline and index_blocks(url2) < 4 * 40:
+        time.sleep(0.1)
     c2 = openai.OpenAI(base_url=url2 + "/v1", api_key="x", max_retries=0, timeout=10)
     for p in prompts(4):
         res = c2.completions.create(model="tiny", prompt=p, max_tokens=2)

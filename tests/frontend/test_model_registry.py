@@ -14,6 +14,7 @@ from turbine.frontend.service import Frontend, FrontendConfig, RouterConfig
 from turbine.launch import WorkerOptions, start_workers
 from turbine.mocker.engine import MockerConfig
 from turbine.protocols.model_card import ModelCard
+from turbine.runtime.config import DiscoveryUrl, Runtime, RuntimeConfig
 from turbine.runtime.discovery import Instance, MemoryDiscovery, MemoryStore, make_discovery
 from turbine.runtime.events import InProcEventBus, ZmqEventSubscriber
 from turbine.runtime.inproc import InProcClient
@@ -72,7 +73,8 @@ async def test_malformed_file_records_are_skipped_and_discovery_goes_on(tmp_path
     workers = []
     try:
         opts = WorkerOptions(model_dir=model_dir, model_name="tiny", mocker=MockerConfig(speedup_ratio=100))
-        workers = await start_workers(opts, 1, make_discovery("file", disc_dir), inproc=False)
+        runtime = Runtime(RuntimeConfig(discovery=DiscoveryUrl(scheme="file", path=str(disc_dir))))  # no token
+        workers = await start_workers(opts, 1, make_discovery("file", disc_dir), runtime)
         await _wait(lambda: _workers(fe) == [workers[0].worker_id])
         assert await _generate(fe) == "length"
         text = fe.metrics.render().decode()
@@ -116,13 +118,14 @@ async def test_failing_worker_is_set_aside_with_backoff(model_dir: Path) -> None
     each failure in a row doubling the time it is skipped."""
     from turbine.frontend import model_registry
 
-    store = MemoryStore()
-    bus = InProcEventBus()
+    runtime = Runtime()  # mem://: one store, one bus
+    store, bus = runtime.store, runtime.bus
+    assert store is not None and bus is not None
     fe = Frontend(FrontendConfig(port=0, router=RouterConfig(policy="round-robin")), discovery=MemoryDiscovery(store),
                   client=InProcClient(), subscriber=bus.subscriber())
     await fe.start()
     opts = WorkerOptions(model_dir=model_dir, model_name="tiny", mocker=MockerConfig(speedup_ratio=100, block_size=16))
-    workers = await start_workers(opts, 1, MemoryDiscovery(store), inproc=True, bus=bus)
+    workers = await start_workers(opts, 1, MemoryDiscovery(store), runtime)
     try:
         await MemoryDiscovery(store).register(Instance(
             instance_id="dead", component="worker", endpoint="generate", address="inproc://nobody-here",

@@ -195,4 +195,4 @@ async def test_make_discovery(tmp_path: Path) -> None:
     d = make_discovery("file", tmp_path, poll_s=0.1)
     assert isinstance(d, FileDiscovery) and d.directory == str(tmp_path) and d.poll_s == 0.1
     with pytest.raises(ValueError):
-        make_discovery("etcd")  # type: ignore[arg-type]
+        make_discovery("zookeeper")  # type: ignore[arg-type]

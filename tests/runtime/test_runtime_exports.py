@@ -7,10 +7,11 @@ EXPECTED = {
     "DeadlineExceeded", "FrameTooLarge", "Handler", "InProcClient", "InProcServer", "RemoteError",
     "RequestContext", "RequestPlaneClient", "RequestPlaneError", "RequestPlaneServer", "StreamBroken",
     "TcpClient", "TcpServer", "UnknownEndpoint", "WorkerUnavailable", "make_client", "make_server",
-    "Discovery", "DiscoveryEvent", "FileDiscovery", "Instance", "MemoryDiscovery", "MemoryStore",
-    "make_discovery",
+    "Discovery", "DiscoveryEvent", "DiscoveryUnavailable", "FileDiscovery", "Instance", "MemoryDiscovery",
+    "MemoryStore", "make_discovery",
     "EventPublisher", "EventSubscriber", "InProcEventBus", "InProcEventPublisher", "InProcEventSubscriber",
     "ReceivedEvent", "ZmqEventPublisher", "ZmqEventSubscriber", "make_event_publisher", "make_event_subscriber",
+    "DiscoveryUrl", "Runtime", "RuntimeConfig",
 }
 
 
@@ -26,6 +27,7 @@ def test_error_hierarchy() -> None:
     assert issubclass(runtime.WorkerUnavailable, ConnectionError)
     assert issubclass(runtime.DeadlineExceeded, TimeoutError)
     assert issubclass(runtime.FrameTooLarge, ValueError)
+    assert issubclass(runtime.DiscoveryUnavailable, ConnectionError)  # the CLI reports OSErrors as one line
     for cls in (runtime.RemoteError, runtime.UnknownEndpoint, runtime.DeadlineExceeded, runtime.FrameTooLarge,
                 runtime.WorkerUnavailable, runtime.StreamBroken):
         assert issubclass(cls, runtime.RequestPlaneError)

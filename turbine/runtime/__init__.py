@@ -2,14 +2,16 @@
 
 Request plane: ``TcpServer``/``TcpClient`` (``tcp://host:port``) and ``InProcServer``/``InProcClient``
 (``inproc://name``), or ``make_client()`` for any scheme. Discovery: ``MemoryDiscovery`` (one
-process), ``FileDiscovery`` (processes of one machine). Event plane: ``ZmqEventPublisher`` /
-``ZmqEventSubscriber`` and ``InProcEventBus``.
+process), ``FileDiscovery`` (processes of one machine), etcd (machines; ``discovery_etcd``, the
+etcd extra). Event plane: ``ZmqEventPublisher`` / ``ZmqEventSubscriber`` and ``InProcEventBus``.
+A deployment builds all of them from one ``RuntimeConfig`` through ``Runtime``.
 """
 from __future__ import annotations
 
 from turbine.runtime.discovery import (
     Discovery,
     DiscoveryEvent,
+    DiscoveryUnavailable,
     Instance,
     MemoryDiscovery,
     MemoryStore,
@@ -44,6 +46,7 @@ from turbine.runtime.request_plane import (
     make_server,
 )
 from turbine.runtime.tcp import TcpClient, TcpServer
+from turbine.runtime.config import DiscoveryUrl, Runtime, RuntimeConfig  # noqa: E402  (builds on the above)
 
 __all__ = [
     # request plane
@@ -51,9 +54,11 @@ __all__ = [
     "RequestContext", "RequestPlaneClient", "RequestPlaneError", "RequestPlaneServer", "StreamBroken",
     "TcpClient", "TcpServer", "UnknownEndpoint", "WorkerUnavailable", "make_client", "make_server",
     # discovery
-    "Discovery", "DiscoveryEvent", "FileDiscovery", "Instance", "MemoryDiscovery", "MemoryStore",
-    "make_discovery",
+    "Discovery", "DiscoveryEvent", "DiscoveryUnavailable", "FileDiscovery", "Instance", "MemoryDiscovery",
+    "MemoryStore", "make_discovery",
     # event plane
     "EventPublisher", "EventSubscriber", "InProcEventBus", "InProcEventPublisher", "InProcEventSubscriber",
     "ReceivedEvent", "ZmqEventPublisher", "ZmqEventSubscriber", "make_event_publisher", "make_event_subscriber",
+    # one configuration builds them all
+    "DiscoveryUrl", "Runtime", "RuntimeConfig",
 ]

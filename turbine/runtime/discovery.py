@@ -3,7 +3,7 @@
 A watcher sees the current instances as ``added`` events first, then changes as they happen.
 ``added`` means added *or updated* (re-registering an id replaces its record); ``removed``
 carries the last record seen. ``memory`` serves one process; ``file`` (discovery_file.py) serves
-several processes on one machine.
+several processes on one machine; ``etcd`` (discovery_etcd.py) serves machines.
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     event_address: str | None = None  # event-plane PUB address
     model_card: ModelCard | None = None
     metadata: dict[str, str] = {}
+
+
+class DiscoveryUnavailable(ConnectionError):
+    """The discovery service could not be reached in time (a registration, a first listing)."""
 
 
 class DiscoveryEvent(NamedTuple):
@@ -177,14 +181,19 @@ def default_directory() -> str:
         tempfile.gettempdir(), f"turbine-discovery-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
 
 
-def make_discovery(kind: Literal["memory", "file"], directory: str | os.PathLike[str] | None = None,
+def make_discovery(kind: Literal["memory", "file", "etcd"], directory: str | os.PathLike[str] | None = None,
                    **options: Any) -> Discovery:
     """``memory``: ``options`` may hold ``store`` (a MemoryStore to share; new one otherwise).
     ``file``: ``directory`` defaults to $TURBINE_DISCOVERY_DIR or a per-user temp folder;
-    ``options`` are FileDiscovery's (ttl_s, heartbeat_s, poll_s)."""
+    ``options`` are FileDiscovery's (ttl_s, heartbeat_s, poll_s). ``etcd``: ``options`` are
+    EtcdDiscovery's (endpoints, prefix, ttl_s, timeout_s). Deployments build theirs from a
+    RuntimeConfig (config.py) instead."""
     if kind == "memory":
         return MemoryDiscovery(options.pop("store", None), **options)
     if kind == "file":
         from turbine.runtime.discovery_file import FileDiscovery
         return FileDiscovery(directory if directory is not None else default_directory(), **options)
-    raise ValueError(f"unknown discovery kind {kind!r} (want 'memory' or 'file')")
+    if kind == "etcd":
+        from turbine.runtime.discovery_etcd import EtcdDiscovery
+        return EtcdDiscovery(**options)
+    raise ValueError(f"unknown discovery kind {kind!r} (want 'memory', 'file' or 'etcd')")

@@ -9,7 +9,7 @@ The subscriber keeps one libzmq SUB socket per publisher, because SUB does not s
 a message came from and ``ReceivedEvent.address`` must.
 
 The publisher is not a libzmq PUB socket: it speaks the PUB side of ZMTP 3.0/3.1 (ZeroMQ's wire
-protocol, NULL security) itself on an asyncio server, so any SUB or XSUB socket connects to it as
+protocol; NULL security, or PLAIN with the fleet's token) itself on an asyncio server, so any SUB or XSUB socket connects to it as
 to a PUB and nothing changes on the wire. Why: a libzmq PUB, and an XPUB even in manual mode (it
 keeps its own trie of every peer's subscriptions), stores whatever prefixes a peer sends, with no
 limit on their size or number, and cannot say which connection sent one, so it cannot cut just the
@@ -29,6 +29,13 @@ bounds, checked before the work, and a connection past one is closed alone (logg
   ``max_buffer_bytes`` (4 MiB) waiting in its transport; past that its messages are dropped (it
   sees a seq gap) and counted in ``dropped``.
 
+With a cluster ``token`` the publisher announces ZMTP's PLAIN mechanism (RFC 24) and accepts a
+subscriber only after its HELLO carries the token as password (compared in constant time; the
+user name is ignored): ``HELLO -> WELCOME, INITIATE -> READY``. A peer offering NULL security, or
+the wrong token, gets an ERROR command and is closed before it can subscribe (``refused_auth``).
+Any libzmq SUB with ``plain_username``/``plain_password`` set connects as to a PUB socket whose
+ZAP handler checks that password; ``ZmqEventSubscriber(token=...)`` does so.
+
 So a connection costs the worker at most ~16 KiB of prefixes, one partial inbound frame and its
 output buffer (64 connections: ~1 MiB of prefixes, 256 MiB of output if none of them reads), and
 bounded loop time per inbound frame. ``publish()`` never blocks and does no I/O: it queues the
@@ -38,6 +45,7 @@ iteration. Call it on the loop that ran ``start()`` (from another thread it is h
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import socket
 import struct
@@ -57,8 +65,12 @@ _SHORT = [bytes((0, n)) for n in range(256)]  # ZMTP short frame header of a las
 
 # ZMTP 3.1 greeting: signature, version 3.1, mechanism NULL, as-server 0, filler.
 _GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0") + bytes(32)
+# PLAIN (RFC 24): the same, mechanism PLAIN, as-server 1.
+_GREETING_PLAIN = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"PLAIN".ljust(20, b"\0") + b"\x01" + bytes(31)
 _READY_BODY = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB"
 _READY = bytes((0x04, len(_READY_BODY))) + _READY_BODY
+_WELCOME = bytes((0x04, 8)) + b"\x07WELCOME"
+PLAIN_USER = b"turbine"
 _PEER_TYPES = (b"SUB", b"XSUB")
 _MORE, _LONG_FLAG, _COMMAND = 0x01, 0x02, 0x04
 
@@ -99,7 +111,8 @@ class _Peer(asyncio.Protocol):
         self.peer: object = None
         self.buf = bytearray()
         self.greeted = False  # the peer's greeting arrived and was valid
-        self.ready = False  # ... and its READY: subscriptions may follow
+        self.welcomed = False  # PLAIN: its HELLO carried the token
+        self.ready = False  # ... and its READY (PLAIN: INITIATE): subscriptions may follow
         self.subs: set[bytes] = set()
         self.prefixes: tuple[bytes, ...] = ()
         self.out: list[bytes] = []  # messages waiting for the publisher's next flush
@@ -124,7 +137,7 @@ class _Peer(asyncio.Protocol):
         assert loop is not None
         self.stamp = loop.time()
         transport.set_write_buffer_limits(high=pub.max_buffer_bytes)
-        transport.write(_GREETING)
+        transport.write(_GREETING if pub._token is None else _GREETING_PLAIN)
         self.timer = loop.call_later(pub.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -146,12 +159,23 @@ class _Peer(asyncio.Protocol):
                 return
             if n < 64:
                 return
-            if not (buf[9] & 1) or buf[10] < 3 or bytes(buf[12:32]).rstrip(b"\0") != b"NULL":
-                self.pub._refuse(self, "not a ZMTP 3 peer with NULL security")
-                return
-            self.greeted, pos = True, 64
-            assert self.transport is not None
-            self.transport.write(_READY)
+            mechanism = bytes(buf[12:32]).rstrip(b"\0")
+            if self.pub._token is not None:
+                if not (buf[9] & 1) or buf[10] < 3:
+                    self.pub._refuse(self, "not a ZMTP 3 peer")
+                    return
+                if mechanism != b"PLAIN":
+                    self.pub._refuse(self, f"a peer without the cluster token ({mechanism!r} security)",
+                                     auth=True, reason=b"the cluster token is required (PLAIN)")
+                    return
+                self.greeted, pos = True, 64
+            else:
+                if not (buf[9] & 1) or buf[10] < 3 or mechanism != b"NULL":
+                    self.pub._refuse(self, "not a ZMTP 3 peer with NULL security")
+                    return
+                self.greeted, pos = True, 64
+                assert self.transport is not None
+                self.transport.write(_READY)
         limit = self.pub._max_frame
         while n - pos >= 2:
             flags = buf[pos]
@@ -194,6 +218,8 @@ class _Peer(asyncio.Protocol):
         if flags & _COMMAND:
             k = body[0] if body else 0
             name, data = body[1:1 + k], body[1 + k:]
+            if not self.ready and pub._token is not None:
+                return self._plain(name, data)
             if not self.ready:
                 if name != b"READY":
                     pub._refuse(self, "no READY command")
@@ -225,6 +251,42 @@ class _Peer(asyncio.Protocol):
         if body and body[0] <= 1:  # ZMTP 3.0 form: \x01 prefix subscribes, \x00 prefix cancels
             return self._subscription(body[1:], body[0] == 1)
         return True  # anything else a subscriber sends upstream is ignored, as PUB does
+
+    def _plain(self, name: bytes, data: bytes) -> bool:
+        """The PLAIN handshake (server side): HELLO with the token, then INITIATE."""
+        pub = self.pub
+        assert self.transport is not None and pub._token is not None
+        if not self.welcomed:
+            if name != b"HELLO":
+                pub._refuse(self, "no HELLO command", auth=True)
+                return False
+            password = b""
+            if data:
+                n = data[0]
+                if 1 + n < len(data):
+                    m = data[1 + n]
+                    if len(data) == 2 + n + m:
+                        password = data[2 + n:]
+            if not hmac.compare_digest(password, pub._token):
+                pub._refuse(self, "a subscriber did not present the cluster token", auth=True,
+                            reason=b"wrong cluster token")
+                return False
+            self.welcomed = True
+            self.transport.write(_WELCOME)
+            return True
+        if name != b"INITIATE":
+            pub._refuse(self, "no INITIATE command")
+            return False
+        kind = _socket_type(data)
+        if kind not in _PEER_TYPES:
+            pub._refuse(self, f"socket type {kind!r} cannot subscribe")
+            return False
+        self.ready = True
+        self.transport.write(_READY)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return True
 
     def _subscription(self, prefix: bytes, subscribe: bool) -> bool:
         subs, pub = self.subs, self.pub
@@ -258,7 +320,8 @@ class ZmqEventPublisher:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, sndhwm: int = 100_000,
                  max_buffer_bytes: int = 4 << 20, max_subscribers: int = 64,
                  max_subscriptions: int = 64, max_prefix: int = 256,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, token: str | None = None,
+                 advertise_host: str | None = None) -> None:
         for name, value in (("sndhwm", sndhwm), ("max_buffer_bytes", max_buffer_bytes),
                             ("max_subscribers", max_subscribers), ("max_subscriptions", max_subscriptions),
                             ("handshake_timeout", handshake_timeout)):
@@ -266,7 +329,11 @@ class ZmqEventPublisher:
                 raise ValueError(f"{name} must be positive, got {value}")
         if max_prefix < 0:
             raise ValueError(f"max_prefix must be >= 0, got {max_prefix}")
+        if token is not None and not 0 < len(token.encode()) <= 255:
+            raise ValueError("the cluster token must be 1-255 bytes (ZMTP PLAIN)")
         self.host = host
+        self.advertise_host = advertise_host
+        self._token = token.encode() if token else None
         self.port = port
         self.sndhwm = sndhwm
         self.max_buffer_bytes = max_buffer_bytes
@@ -277,6 +344,7 @@ class ZmqEventPublisher:
         self.address: str | None = None
         self.dropped = 0  # messages not sent to a subscriber that was too far behind
         self.refused = 0  # connections closed for breaking a bound (or the protocol)
+        self.refused_auth = 0  # ... of which: no or a wrong cluster token
         self._max_frame = max(512, max_prefix + 16)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
@@ -305,7 +373,10 @@ class ZmqEventPublisher:
         self._server = server  # before the first connection is accepted
         await server.start_serving()
         addr, port = sock.getsockname()[:2]
-        if self.host in ("0.0.0.0", "::", "*"):
+        if self.advertise_host:
+            h = self.advertise_host
+            address = f"tcp://[{h}]:{port}" if ":" in h else f"tcp://{h}:{port}"
+        elif self.host in ("0.0.0.0", "::", "*"):
             address = f"tcp://{socket.gethostname()}:{port}"
         else:
             address = f"tcp://[{addr}]:{port}" if sock.family == socket.AF_INET6 else f"tcp://{addr}:{port}"
@@ -416,11 +487,17 @@ class ZmqEventPublisher:
             self._subscriptions_changed(peer)
         self._peers.discard(peer)
 
-    def _refuse(self, peer: _Peer, why: str) -> None:
-        """Close a connection that broke a bound or the protocol; log it (rate-limited)."""
+    def _refuse(self, peer: _Peer, why: str, *, auth: bool = False, reason: bytes | None = None) -> None:
+        """Close a connection that broke a bound or the protocol; log it (rate-limited). With a
+        ``reason``, a ZMTP ERROR command goes first (the transport flushes it, then closes)."""
         self.refused += 1
+        self.refused_auth += auth
         if peer.transport is not None:
-            peer.transport.abort()
+            if reason is not None and not peer.transport.is_closing():
+                peer.transport.write(_frame(_COMMAND, b"\x05ERROR" + bytes((len(reason),)) + reason))
+                peer.transport.close()
+            else:
+                peer.transport.abort()
         self._forget(peer)
         now = self._loop.time() if self._loop is not None else 0.0
         if now - self._warned_at >= _WARN_EVERY_S:
@@ -453,9 +530,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 class ZmqEventSubscriber(EventSubscriber):
     def __init__(self, topics: Iterable[str] = ("",), *, rcvhwm: int = 100_000,
-                 max_queue: int = DEFAULT_MAX_QUEUE, context: zmq.asyncio.Context | None = None) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, context: zmq.asyncio.Context | None = None,
+                 token: str | None = None) -> None:
         super().__init__(topics, max_queue=max_queue)
         self.rcvhwm = rcvhwm
+        self._token = token.encode() if token else None  # presented to publishers (ZMTP PLAIN)
         self._own_ctx = context is None
         self._ctx = context
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -471,6 +550,9 @@ class ZmqEventSubscriber(EventSubscriber):
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        if self._token is not None:
+            sock.setsockopt(zmq.PLAIN_USERNAME, PLAIN_USER)
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self._token)
         for p in self._prefixes:
             sock.setsockopt(zmq.SUBSCRIBE, p.encode())
         sock.connect(address)
