@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("planner", help="a live SLA planner beside a frontend: sizes the worker pools to the load "
                        "(local processes or Kubernetes)")
     add_planner_args(p)
+    from turbine.runtime.tracing import add_tracing_args
+
+    for name in ("serve", "frontend", "worker"):
+        add_tracing_args(sub.choices[name])
     return parser
 
 
@@ -385,7 +389,13 @@ def _router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 async def _run(args: argparse.Namespace) -> None:
     from turbine import launch
+    from turbine.runtime import tracing
 
+    try:  # request traces (OpenTelemetry), when --otlp-endpoint or the OTEL_* environment asks for them
+        tracing.configure(service_name="turbine" if args.cmd == "serve" else f"turbine-{args.cmd}",
+                          endpoint=args.otlp_endpoint)
+    except tracing.TracingUnavailable as e:
+        raise SystemExit(f"turbine: {e}") from None
     planner = health = None
     if args.cmd == "serve":
         disagg = args.prefill_workers or args.decode_workers

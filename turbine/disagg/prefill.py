@@ -23,8 +23,9 @@ from turbine.disagg.decision import DECISIONS, Decision, DisaggConfig, decide
 from turbine.frontend.errors import ApiError
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, StopConditions
 from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
-from turbine.runtime.tasks import cancel_and_wait
+from turbine.runtime import tracing
 from turbine.runtime.request_plane import RequestPlaneClient, RequestPlaneError
+from turbine.runtime.tasks import cancel_and_wait
 from turbine.transfer.base import send_release
 
 log = logging.getLogger("turbine.disagg")
@@ -78,23 +79,30 @@ class PrefillLeg:
         self.stats.decisions[decision] += 1
         return decision
 
-    async def run(self, m: Any, request_id: str, spec: Any, deadline: float | None) -> PrefillResult | None:
+    async def run(self, m: Any, request_id: str, spec: Any, deadline: float | None,
+                  span: tracing.Span = tracing.NOOP_SPAN) -> PrefillResult | None:
+        """``span``: the request's trace span (the prefill worker's spans become its children)."""
         router = m.prefill_router
         prompt = spec.prompt_ids
+        t_route = time.time_ns() if span.traceparent is not None else 0
         try:
             decision = router.route(request_id, self.registry.candidates(m, "prefill"), prompt)
         except ApiError:
             decision = None
         if decision is None:  # no prefill worker, or all at their queue limit: the decode worker prefills
             self.stats.prefill_failures += 1
+            span.event("prefill_failed", error="no prefill worker could take it")
             return None
+        if span.traceparent is not None:
+            tracing.record_route(span, t_route, router, decision, 1, pool="prefill")
         worker = decision.worker_id
         inst = m.workers[worker]
         stop = spec.stop
         req = GenerateRequest(request_id=request_id, token_ids=prompt, sampling=spec.sampling,
                               stop=StopConditions(max_tokens=1, min_tokens=min(1, stop.min_tokens),
                                                   ignore_eos=stop.ignore_eos, stop_token_ids=stop.stop_token_ids),
-                              kv_transfer=KvTransferRequest(hold_s=self.config.hold_s))
+                              kv_transfer=KvTransferRequest(hold_s=self.config.hold_s),
+                              traceparent=span.traceparent)
         timeout = self.config.prefill_timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -120,6 +128,7 @@ class PrefillLeg:
             raise RuntimeError("the prefill worker closed the stream without finishing")
         except (RequestPlaneError, RuntimeError, TimeoutError, ValueError) as e:
             self.stats.prefill_failures += 1
+            span.event("prefill_failed", worker=worker, error=str(e))
             self.registry.mark_suspect(worker)
             log.warning("prefill of %s on %s failed (%s): the decode worker prefills it", request_id, worker, e)
             return None

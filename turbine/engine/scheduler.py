@@ -269,6 +269,7 @@ class Scheduler:
             return True
         seq.kv_source = None
         seq.status = _WAITING
+        seq.pulled_time = self.clock()
         if ok:
             seq.num_computed_tokens = seq.num_pulled_tokens
             bm.register_full_blocks(seq)
@@ -331,6 +332,8 @@ class Scheduler:
         self.tiers.admitted(source)
         self.waiting.popleft()
         seq.status = _PULLING
+        if seq.scheduled_time is None:
+            seq.scheduled_time = self.clock()
         seq.num_computed_tokens = cached
         if not seq.num_preemptions:
             seq.num_cached_tokens = tokens  # onboarded tokens are cached tokens too (usage)
@@ -364,6 +367,7 @@ class Scheduler:
             return False
         self.waiting.popleft()
         seq.status = _PULLING
+        seq.scheduled_time = self.clock()
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
         seq.num_pulled_blocks = limit - first
@@ -440,6 +444,8 @@ class Scheduler:
                 break
             waiting.popleft()
             seq.status = _RUNNING
+            if seq.scheduled_time is None:
+                seq.scheduled_time = self.clock()
             if not resumed:
                 seq.num_computed_tokens = cached
                 if not seq.num_preemptions:  # first admission; a preempted one recomputes

@@ -68,6 +68,8 @@ class Sequence:
         "stop",
         "lora_name",
         "arrival_time",
+        "scheduled_time",
+        "pulled_time",
         "status",
         "finish_reason",
         "num_computed_tokens",
@@ -106,6 +108,9 @@ class Sequence:
         self.stop = stop
         self.lora_name = lora_name
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # on the scheduler's clock: first admitted (left the queue), and a pull's KV landed (tracing)
+        self.scheduled_time: float | None = None
+        self.pulled_time: float | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0  # tokens whose KV is in block_table

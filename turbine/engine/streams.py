@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from turbine.engine.base import KVEventSink
+from turbine.engine.request_trace import RequestTrace
 from turbine.engine.step import StepOutput
 from turbine.kvbm.tiered import TierSource
 from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
 from turbine.protocols.kv_events import KVEvent
+from turbine.runtime import tracing
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +113,22 @@ class StreamHub:
             raise ValueError(f"request id {rid!r} is already streaming")
         loop = asyncio.get_running_loop()
         self.core.add_request(request, loop.time())  # ValueError: this engine can never serve it
+        trace = None  # engine spans (queue, KV transfer, prefill, decode) of a traced request
+        if request.traceparent is not None and tracing.tracer().enabled:
+            trace = RequestTrace(request, self.core.get(rid))
         stream = self.streams[rid] = _Stream()  # before any delivery: those run as later loop callbacks
         self.wake()
         finished = False
+        reason = None
         try:
             while True:
                 deltas = stream.deltas
                 while deltas:
                     delta = deltas.popleft()
-                    finished = delta.finish_reason is not None
+                    reason = delta.finish_reason
+                    finished = reason is not None
+                    if trace is not None and delta.token_ids:
+                        trace.saw_tokens()
                     yield delta
                     if finished:
                         return
@@ -130,6 +139,8 @@ class StreamHub:
                 del self.streams[rid]
             if not finished and self.core.abort(rid):
                 self.wake()  # freed blocks may let a stuck queue move
+            if trace is not None and trace.seq is not None:
+                trace.emit(tracing.tracer(), reason if finished else "abort")
 
     def deliver(self, result: StepResultLike) -> None:
         """KV events to the sink first (a router sees blocks before their tokens), then deltas."""

@@ -305,6 +305,9 @@ class OpenAIApi:
                      prompts: list[list[int]], max_tokens: int | None, echo: list[str]) -> None:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         specs = self._specs(body, m, prompts, max_tokens, rid)
+        parent = req.headers.get("traceparent")
+        if parent is not None:  # the client's trace context: the request's spans join its trace
+            specs = [s._replace(traceparent=parent) for s in specs]
         mm = self.metrics.model(m.name)
         t0 = time.perf_counter()
         self.inflight += 1

@@ -6,6 +6,7 @@ continues from the prompt plus the tokens generated so far, so the client sees o
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -22,6 +23,7 @@ from turbine.frontend.model_registry import ModelRegistry, ServedModel
 from turbine.frontend.stop_strings import StopStringMatcher
 from turbine.protocols.generate import GenerateDelta, GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import KvTransferParams, KvTransferRequest
+from turbine.runtime import tracing
 from turbine.runtime.request_plane import (
     DeadlineExceeded,
     RemoteError,
@@ -51,6 +53,7 @@ class ChoiceSpec(NamedTuple):
     sampling: SamplingOptions
     stop: StopConditions
     stop_strings: list[str]
+    traceparent: str | None = None  # the caller's trace context (an HTTP traceparent header), when tracing
 
 
 class _Text:
@@ -103,14 +106,26 @@ class Generation:
         self.migrations = 0  # streams that had started, continued on another worker
         self.retries = 0  # requests a worker refused before starting them, sent to another
 
-    async def stream_choice(self, m: ServedModel, spec: ChoiceSpec,
-                            mm: ModelMetrics | None) -> AsyncIterator[str | ChoiceEnd]:
+    def stream_choice(self, m: ServedModel, spec: ChoiceSpec,
+                      mm: ModelMetrics | None) -> AsyncIterator[str | ChoiceEnd]:
         """Yield text pieces as they become final, then one ChoiceEnd.
 
         ``mm`` (given for one choice per request) receives TTFT and inter-token latencies.
         A disaggregated model's prompt may first go to a prefill worker (turbine/disagg); the
-        rest streams from a decode worker that pulls the prompt's KV.
+        rest streams from a decode worker that pulls the prompt's KV. With tracing on, the choice
+        is a ``turbine.request`` span; workers' spans are its children (runtime/tracing.py).
         """
+        tracer = tracing.tracer()
+        if not tracer.enabled:
+            return self._stream_choice(m, spec, mm, tracing.NOOP_SPAN)
+        span = tracer.start("turbine.request", spec.traceparent, attributes={
+            "turbine.request_id": spec.request_id, "turbine.model": m.name,
+            "turbine.prompt_tokens": len(spec.prompt_ids), "turbine.max_tokens": spec.stop.max_tokens})
+        return _traced(self._stream_choice(m, spec, mm, span), span)
+
+    async def _stream_choice(self, m: ServedModel, spec: ChoiceSpec, mm: ModelMetrics | None,
+                             span: tracing.Span) -> AsyncIterator[str | ChoiceEnd]:
+        traced = span.traceparent is not None
         text = _Text(m, spec, mm)
         generated = text.generated
         cached = 0
@@ -118,7 +133,7 @@ class Generation:
         deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
         source: KvTransferParams | None = None  # a prefill worker holds the prompt's KV for the decode leg
         if self.prefill.plan(m, spec.prompt_ids) == "remote":
-            pre = await self.prefill.run(m, spec.request_id + ".p", spec, deadline)
+            pre = await self.prefill.run(m, spec.request_id + ".p", spec, deadline, span)
             if pre is not None:
                 cached = pre.cached_tokens
                 piece = text.push(pre.token_ids)
@@ -140,12 +155,16 @@ class Generation:
                 sub_id = f"{spec.request_id}.{attempt}" if attempt else spec.request_id
                 attempt += 1
                 remote = source is not None
+                t_route = time.time_ns() if traced else 0
                 decision = router.route(sub_id, self.registry.candidates(m), tokens, remote_kv=remote)
-                if decision is None:  # every worker is at its queue limit: wait in line
+                queued = decision is None
+                if queued:  # every worker is at its queue limit: wait in line
                     decision = await m.queue.admit(
                         lambda: router.route(sub_id, self.registry.candidates(m), tokens, remote_kv=remote), deadline)
                 worker_id = decision.worker_id
                 inst = m.workers[worker_id]
+                if traced:
+                    tracing.record_route(span, t_route, router, decision, attempt, queued=queued)
                 req = GenerateRequest(
                     request_id=sub_id, token_ids=tokens, sampling=spec.sampling,
                     stop=StopConditions(
@@ -153,6 +172,7 @@ class Generation:
                         min_tokens=max(0, spec.stop.min_tokens - len(generated)),
                         ignore_eos=spec.stop.ignore_eos, stop_token_ids=spec.stop.stop_token_ids),
                     kv_transfer=None if source is None else KvTransferRequest(source=source),
+                    traceparent=span.traceparent,
                 )
                 routed_first = observed = False
                 stream = None
@@ -167,6 +187,8 @@ class Generation:
                         raise WorkerUnavailable(str(e)) from None
                     async for raw in stream:
                         d = _delta_decoder.decode(raw)
+                        if traced and not routed_first:
+                            span.event("first_token" if attempt == 1 else "first_frame", worker=worker_id)
                         if d.error:
                             if source is not None and not routed_first:  # it refused the transfer
                                 raise _TransferRefused(d.error)
@@ -202,12 +224,13 @@ class Generation:
                     source = None
                     self.retries += 1
                     continue
-                except (StreamBroken, WorkerUnavailable):
+                except (StreamBroken, WorkerUnavailable) as e:
                     self.registry.mark_suspect(worker_id)
                     if routed_first:  # the stream had started: it continues elsewhere
                         self.migrations += 1
                     else:  # nothing came back yet (refused, or the connection went as it was sent)
                         self.retries += 1
+                    span.event("migration" if routed_first else "retry", worker=worker_id, error=str(e))
                     continue
                 except DeadlineExceeded:
                     raise ApiError(504, "the request timed out") from None
@@ -221,6 +244,7 @@ class Generation:
                 if finish == "abort":  # the worker shut down under us: continue elsewhere
                     self.registry.mark_suspect(worker_id)
                     self.migrations += 1
+                    span.event("migration", worker=worker_id, error="the worker aborted the request")
                     finish = None
                     continue
                 if finish is None:
@@ -237,6 +261,30 @@ class Generation:
             if tail:
                 yield tail
         yield ChoiceEnd(finish, len(generated), cached)
+
+
+async def _traced(inner: AsyncIterator[str | ChoiceEnd], span: tracing.Span) -> AsyncIterator[str | ChoiceEnd]:
+    """``inner``'s items, with the request span closed (and its outcome set) when it ends."""
+    try:
+        async for item in inner:
+            if isinstance(item, ChoiceEnd):
+                span.set("turbine.finish_reason", item.finish_reason)
+                span.set("turbine.completion_tokens", item.completion_tokens)
+                span.set("turbine.cached_tokens", item.cached_tokens)
+            yield item
+    except ApiError as e:
+        span.set("http.response.status_code", e.status)
+        span.error(e.message)
+        raise
+    except (GeneratorExit, asyncio.CancelledError):
+        span.set("turbine.cancelled", True)  # the client left
+        raise
+    except Exception as e:
+        span.error(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        await inner.aclose()  # type: ignore[attr-defined]
+        span.end()
 
 
 class _TransferRefused(Exception):

@@ -37,6 +37,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     # Router's predicted prefix overlap in blocks (for metrics: predicted vs actual).
     predicted_overlap_blocks: int | None = None
     kv_transfer: KvTransferRequest | None = None  # disaggregated serving (protocols/kv_transfer.py)
+    # W3C trace context of the caller's span (runtime/tracing.py); None unless tracing is on
+    traceparent: str | None = None
 
 
 class GenerateDelta(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

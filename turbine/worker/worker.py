@@ -23,6 +23,7 @@ from turbine.protocols.kv_events import enc_hook as kv_enc_hook  # engines' even
 from turbine.protocols.kv_transfer import KvRelease
 from turbine.protocols.load import WorkerLoad
 from turbine.protocols.model_card import ModelCard
+from turbine.runtime import tracing
 from turbine.runtime.discovery import Discovery, Instance
 from turbine.runtime.events import EventPublisher
 from turbine.runtime.request_plane import RequestContext, RequestPlaneServer
@@ -36,6 +37,14 @@ LOAD_HEARTBEAT_S = 1.0
 _req_decoder = msgspec.msgpack.Decoder(GenerateRequest)
 _release_decoder = msgspec.msgpack.Decoder(KvRelease)
 _encoder = msgspec.msgpack.Encoder(enc_hook=kv_enc_hook)
+
+
+def _trace_end(span: tracing.Span, last: GenerateDelta) -> None:
+    span.set("turbine.finish_reason", last.finish_reason)
+    span.set("turbine.cached_tokens", last.cached_tokens)
+    span.set("turbine.completion_tokens", last.completion_tokens)
+    if last.error:
+        span.error(last.error)
 
 
 class Worker:
@@ -116,16 +125,29 @@ class Worker:
         except msgspec.DecodeError as e:
             yield _encoder.encode(GenerateDelta(finish_reason="error", error=f"bad generate request: {e}"))
             return
+        span = tracing.NOOP_SPAN
+        if req.traceparent is not None:  # the frontend traces this request: so does this worker, if it traces
+            pull = req.kv_transfer is not None and req.kv_transfer.source is not None
+            span = tracing.tracer().start("turbine.worker.generate", req.traceparent, attributes={
+                "turbine.worker_id": self.worker_id, "turbine.role": self.card.role,
+                "turbine.model": self.card.model_name, "turbine.request_id": req.request_id,
+                "turbine.prompt_tokens": len(req.token_ids), "turbine.max_tokens": req.stop.max_tokens,
+                "turbine.kv_pull": pull})
+            req = msgspec.structs.replace(req, traceparent=span.traceparent)  # the engine's spans are its children
         self._load_dirty.set()
         stream = self.engine.generate(req)
         try:
             async for delta in stream:
+                if span is not tracing.NOOP_SPAN and delta.finish_reason is not None:
+                    _trace_end(span, delta)
                 yield _encoder.encode(delta)
         except ValueError as e:  # the engine refused the request (e.g. it can never fit)
+            span.error(str(e))
             yield _encoder.encode(GenerateDelta(finish_reason="error", error=str(e)))
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
             self._load_dirty.set()
+            span.end()
 
     async def _kv_release(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         """A decode worker has pulled a held prefill's KV (or gave up): free its blocks."""
