@@ -103,7 +103,7 @@ class _TierCollector:
     """The KV tiers below each worker's GPU cache, from the workers' last load reports; the
     cumulative counts the workers report are counters (they restart at zero with the worker)."""
 
-    _LABELS = ["model", "worker", "tier"]
+    _LABELS = ("model", "worker", "tier")
 
     def __init__(self, tiers: dict[tuple[str, str, str], TierLoad]) -> None:
         self.tiers = tiers
