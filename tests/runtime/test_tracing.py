@@ -182,3 +182,37 @@ def test_serving_without_tracing_never_imports_opentelemetry(model_dir: Path) ->
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_otlp_endpoint_receives_the_spans() -> None:
+    """--otlp-endpoint http://host:port: spans arrive at its /v1/traces as OTLP/HTTP protobuf."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    got: list[tuple[str, str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append((self.path, self.headers["Content-Type"], self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert tracing.configure(service_name="turbine-otlp-test", endpoint=f"http://127.0.0.1:{server.server_port}")
+        tracing.tracer().start("exported").end()
+        tracing.shutdown()  # flushes the batch
+    finally:
+        server.shutdown()
+    (path, ctype, body), = got
+    assert path == "/v1/traces" and ctype == "application/x-protobuf"
+    msg = ExportTraceServiceRequest.FromString(body)
+    rs = msg.resource_spans[0]
+    assert {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"] == "turbine-otlp-test"
+    assert [s.name for ss in rs.scope_spans for s in ss.spans] == ["exported"]
