@@ -226,3 +226,54 @@ async def test_a_drain_ends_the_pages_streams_at_once(model_dir: Path) -> None:
                 assert time.monotonic() - t0 < 3.0  # not the 20 s grace: the stream ended by itself
                 rest = await asyncio.wait_for(resp.content.read(), 5)
                 assert b"data:" not in rest or rest.endswith(b"\n\n")
+
+
+def test_worker_states_from_the_registry(keyed: ServerThread) -> None:
+    import time as _time
+
+    from turbine.frontend.model_registry import ReportedLoad
+
+    fe = keyed.dep.frontend
+    m = fe.registry.models["tiny"]
+
+    def probe() -> dict[str, str]:
+        a, b = sorted(m.workers)
+        fe.registry.mark_suspect(a)
+        rep = m.reports[b]
+        m.reports[b] = ReportedLoad(rep.load, _time.monotonic() - 10)  # no report for 10 s
+        states = {w.id: (w.state, w.suspect_s, w.report_age_s) for w in fe.dashboard.snapshots.workers()}
+        fe.registry.mark_healthy(a)
+        m.reports[b] = rep
+        return {"a": states[a], "b": states[b]}
+
+    deadline = _time.monotonic() + 5
+    while keyed.call(lambda: len(m.reports)) < 2:  # each worker's first load report (1 s heartbeats)
+        assert _time.monotonic() < deadline
+        _time.sleep(0.05)
+    got = keyed.call(probe)
+    assert got["a"][0] == "suspect" and 0 < got["a"][1] <= 1.0
+    assert got["b"][0] == "silent" and got["b"][2] >= 10
+
+
+def test_planner_actions_from_the_runners_decisions() -> None:
+    from turbine.dashboard.snapshot import Snapshots
+    from turbine.planner.sla_planner import Decision
+
+    def decision(t: float, current: int, target: int, reason: str = "") -> Decision:
+        return Decision(time=t, observed={"rate": 5.0, "ttft_ms": 120.0, "itl_ms": 9.0}, predicted={"rate": 6.0},
+                        correction={"ttft": 1.2, "itl": 0.9}, per_worker_rps={"agg": 2.0}, needed={"agg": 3},
+                        current={"agg": current}, target={"agg": target},
+                        reasons={"agg": reason} if reason else {})
+
+    runner = SimpleNamespace(decisions=[decision(10.0, 1, 3)], clock=lambda: 20.0)
+    snap = Snapshots(SimpleNamespace(), wall_clock=lambda: 1000.0)  # type: ignore[arg-type]
+    assert snap.planner_actions(delta=True) == []  # no planner attached
+    snap.planner = runner
+    (a,) = snap.planner_actions(delta=True)
+    assert (a.pool, a.action, a.current, a.target, a.needed, a.at) == ("agg", "up", 1, 3, 3, 990.0)
+    assert (a.rate, a.predicted_rate, a.ttft_ms, a.correction_itl) == (5.0, 6.0, 120.0, 0.9)
+    assert snap.planner_actions(delta=True) == []  # nothing new
+    runner.decisions.append(decision(12.0, 3, 3, "scale-down cooldown"))
+    (b,) = snap.planner_actions(delta=True)
+    assert b.action == "hold" and b.reason == "scale-down cooldown" and b.key != a.key
+    assert len(snap.planner_actions(delta=False)) == 2  # a page's snapshot: all of them

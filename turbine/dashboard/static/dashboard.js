@@ -14,14 +14,18 @@ const S = {
   meta: { interval_s: 1, history_s: 600, planner: false }, models: [], workers: [], history: [],
   decisions: new Map(), planner: new Map(), disagg: {}, gone: [], updates: 0, lastAt: 0, seen: new Set(),
 };
-window.turbineDashboard = S; // for debugging from the console
+window.turbineDashboard = S; // for debugging from the console, and the browser test
+S.errors = []; // script errors and refused content (CSP): the browser test insists there are none
+window.addEventListener("error", (e) => S.errors.push(String(e.message)));
+document.addEventListener("securitypolicyviolation", (e) => S.errors.push(`CSP ${e.violatedDirective}: ${e.sample || e.blockedURI}`));
 
 // --- helpers ------------------------------------------------------------------------------------
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
-    if (k === "class") e.className = v; else if (k === "style") e.setAttribute("style", v); else e.setAttribute(k, v);
+    // styles through the CSSOM: the page's CSP refuses style attributes
+    if (k === "class") e.className = v; else if (k === "style") Object.assign(e.style, v); else e.setAttribute(k, v);
   }
   for (const c of children) if (c !== null && c !== undefined) e.append(c instanceof Node ? c : String(c));
   return e;
@@ -164,7 +168,9 @@ function chart(id, lines, opts) {
   node.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const padL = 38, padR = 6, padT = 6, padB = 16;
   const end = S.history.length ? S.history[S.history.length - 1].t : Date.now() / 1000;
-  const span = S.meta.history_s, start = end - span;
+  // the window the data covers, in whole minutes (a fresh fleet's first minute is not squeezed into ten)
+  const covered = S.history.length ? end - S.history[0].t : 0;
+  const span = Math.min(S.meta.history_s, Math.max(60, Math.ceil(covered / 60) * 60)), start = end - span;
   let ymax = (opts && opts.max) || 0;
   if (!(opts && opts.max)) for (const l of lines) for (const [, v] of l.data) if (v !== null && v > ymax) ymax = v;
   ymax = (opts && opts.max) || niceMax(ymax);
@@ -176,41 +182,45 @@ function chart(id, lines, opts) {
     kids.push(svg("line", { class: "grid-line", x1: padL, x2: W - padR, y1: yy, y2: yy }));
     const t = svg("text", { x: padL - 4, y: yy + 3, "text-anchor": "end" }); t.textContent = fmt(v); kids.push(t);
   }
-  const ticks = span >= 300 ? [span, span * 0.75, span / 2, span / 4, 0] : [span, span / 2, 0];
+  const ticks = span >= 240 ? [span, span * 0.75, span / 2, span / 4, 0] : [span, span / 2, 0];
   for (const ago of ticks) {
     const t = svg("text", { x: x(end - ago), y: H - 3, "text-anchor": ago === span ? "start" : ago === 0 ? "end" : "middle" });
     t.textContent = ago === 0 ? "now" : ago >= 60 ? `-${Math.round(ago / 60)}m` : `-${Math.round(ago)}s`;
     kids.push(t);
   }
   for (const l of lines) {
-    let d = "", pen = false, area = "", runStart = null, lastX = null;
+    let d = "", pen = false, area = "", runStart = null, lastX = null, lastY = null, run = 0;
+    const dots = [];
+    const endRun = () => {
+      if (pen && l.area) area += `L${lastX},${y(0)}L${runStart},${y(0)}Z`;
+      if (pen && run === 1) dots.push([lastX, lastY]); // a lone point draws no line
+      pen = false; run = 0;
+    };
     for (const [t, v] of l.data) {
       if (t < start) continue;
-      if (v === null) {
-        if (pen && l.area) area += `L${lastX},${y(0)}L${runStart},${y(0)}Z`;
-        pen = false; continue;
-      }
+      if (v === null) { endRun(); continue; }
       const px = x(t).toFixed(1), py = y(v).toFixed(1);
       d += (pen ? "L" : "M") + px + "," + py;
       if (l.area) area += (pen ? "L" : "M") + px + "," + py;
       if (!pen) runStart = px;
-      pen = true; lastX = px;
+      pen = true; lastX = px; lastY = py; run += 1;
     }
-    if (pen && l.area) area += `L${lastX},${y(0)}L${runStart},${y(0)}Z`;
+    endRun();
+    for (const [cx, cy] of dots) kids.push(svg("circle", { cx, cy, r: 2, fill: l.color }));
     if (l.area && area) kids.push(svg("path", { class: "area", d: area, fill: l.color }));
     if (d) kids.push(svg("path", Object.assign({ class: "series", d, stroke: l.color }, l.dash ? { "stroke-dasharray": "4 3" } : {})));
   }
   node.replaceChildren(...kids);
   const legend = document.querySelector(`.legend[data-for="${id}"]`);
   if (legend && !legend.childElementCount) {
-    legend.replaceChildren(...lines.map((l) => el("span", {}, el("i", { style: `background:${l.color}` }), l.name)));
+    legend.replaceChildren(...lines.map((l) => el("span", {}, el("i", { style: { background: l.color } }), l.name)));
   }
 }
 
 function bar(used, total, cls) {
   const pct = total ? Math.min(100, 100 * used / total) : 0;
   return el("span", {}, el("span", { class: "bar " + (cls || ""), title: `${used} of ${total} blocks` },
-    el("b", { style: `width:${pct.toFixed(1)}%` })), el("span", { class: "bar-label" }, total ? pct.toFixed(0) + "%" : "–"));
+    el("b", { style: { width: pct.toFixed(1) + "%" } })), el("span", { class: "bar-label" }, total ? pct.toFixed(0) + "%" : "–"));
 }
 
 function renderFleet() {
@@ -269,7 +279,7 @@ function renderDecisions() {
     return el("tr", { "data-key": d.key, "data-worker": d.worker, class: fresh && S.updates > 1 ? "fresh" : null },
       el("td", { class: "dim" }, clock(d.at)),
       el("td", { title: d.request_id }, el("span", { class: "ellipsis" }, d.request_id)),
-      el("td", { class: "role" }, d.pool === "prefill" ? "prefill" : d.remote_kv ? "decode (remote KV)" : d.model),
+      el("td", { class: "role" }, d.model + (d.pool === "prefill" ? " · prefill" : d.remote_kv ? " · decode, remote KV" : "")),
       el("td", { title: d.worker }, d.worker),
       el("td", { class: "num" }, `${d.overlap_blocks} → `, el("span", { class: ovCls }, actual === null ? "…" : String(actual))),
       el("td", { class: "num" }, `${fmt(d.predicted_ttft_ms)} → ${fmt(d.actual_ttft_ms)}`),
