@@ -408,8 +408,9 @@ class _Phase:
             self.bar.close()
 
 
-async def run_load(cfg: LoadConfig) -> LoadReport:
-    """Warm up (unmeasured), then run one measured phase and summarise it.
+async def run_load(cfg: LoadConfig, results_out: list[RequestResult] | None = None) -> LoadReport:
+    """Warm up (unmeasured), then run one measured phase and summarise it; ``results_out``
+    receives the measured requests' results (for plots).
 
     Raises `AllFailed` when either phase's first requests all fail.
     """
@@ -444,6 +445,8 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
             results = await phase.run(closed_loop(phase.send, measured, cfg.concurrency or 1))
         duration = perf_counter() - t0
         cpu = meter.stop()
+    if results_out is not None:
+        results_out.extend(results)
     return summarize(results, duration, cpu, label=cfg.label, concurrency=cfg.concurrency,
                      rate=cfg.rate, stream=cfg.stream, fresh_conn=cfg.fresh_conn)
 
@@ -455,8 +458,10 @@ def add_loadgen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     p.add_argument("-n", "--num-requests", type=int, default=200)
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("-c", "--concurrency", type=int, default=None, help="closed loop (default 16)")
-    shape.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals, req/s")
+    shape.add_argument("-c", "--concurrency", type=_levels(int), default=None, metavar="C[,C...]",
+                       help="closed loop (default 16); several levels (1,4,16) run one after another: a sweep")
+    shape.add_argument("--rate", type=_levels(float), default=None, metavar="R[,R...]",
+                       help="open loop: Poisson arrivals, req/s; several levels: a sweep")
     p.add_argument("--prompt-tokens", type=int, default=500)
     p.add_argument("--shared-prefix-tokens", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=50)
@@ -471,13 +476,42 @@ def add_loadgen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s")
     p.add_argument("--label", default="")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the report as JSON (a sweep: {\"sweep\": ..., \"runs\": [one report per level]})")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNGs into DIR: TTFT and ITL CDFs, and latency vs load for a sweep (or a --trace "
+                   "replay); needs matplotlib")
 
 
-def config_from_args(a: argparse.Namespace) -> LoadConfig:
-    conc = a.concurrency if a.concurrency is not None or a.rate is not None else 16
+def _levels(kind: type) -> Any:
+    """An argparse type: one value or a comma-separated list of them (a sweep), each positive."""
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__} or a comma-separated list of them: {text!r}")
+        if not values or any(not v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"levels must be positive, got {text!r}")
+        return values
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def configs_from_args(a: argparse.Namespace) -> list[LoadConfig]:
+    """One phase per load level (one, unless -c or --rate lists several)."""
+    if a.rate is not None:
+        return [config_from_args(a, rate=r) for r in a.rate]
+    return [config_from_args(a, concurrency=c) for c in (a.concurrency or [16])]
+
+
+def config_from_args(a: argparse.Namespace, *, concurrency: int | None = None, rate: float | None = None) -> LoadConfig:
+    """The phase at one load level (the first listed unless given)."""
+    if concurrency is None and rate is None:
+        rate = a.rate[0] if a.rate else None
+        concurrency = None if rate is not None else (a.concurrency or [16])[0]
     return LoadConfig(
-        url=a.url, model=a.model, num_requests=a.num_requests, concurrency=conc, rate=a.rate,
+        url=a.url, model=a.model, num_requests=a.num_requests, concurrency=concurrency, rate=rate,
         prompt_tokens=a.prompt_tokens, shared_prefix_tokens=a.shared_prefix_tokens,
         max_tokens=a.max_tokens, ignore_eos=not a.no_ignore_eos, stream=not a.no_stream,
         fresh_conn=a.fresh_conn, completions=a.completions, warmup=a.warmup, seed=a.seed,
@@ -496,14 +530,29 @@ def _run(coro: Awaitable[LoadReport]) -> LoadReport:
 
 
 def main_from_args(a: argparse.Namespace) -> int:
-    """Run one phase from parsed args, print its table (and JSON file); 1 if nothing succeeded
-    (or the run stopped early), 2 on bad input or when the model list cannot be fetched."""
+    """Run one phase per load level from parsed args, print their table (and JSON file, PNGs);
+    1 if a level had no success (or stopped early), 2 on bad input, missing matplotlib for
+    --plots, or when the model list cannot be fetched."""
     import aiohttp
 
+    from turbine.bench.plots import PlotUnavailable, require_plots
+
+    plots = getattr(a, "plots", None)
     try:
-        cfg = config_from_args(a)
-        cfg.validate()
-        report = _run(run_load(cfg))
+        cfgs = configs_from_args(a)
+        for cfg in cfgs:
+            cfg.validate()
+        if plots:
+            require_plots(plots)  # before the run: a missing matplotlib fails now, not after it
+    except (ValueError, PlotUnavailable, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reports: list[LoadReport] = []
+    results: list[list[RequestResult]] = []
+    try:
+        for cfg in cfgs:
+            results.append([])
+            reports.append(_run(run_load(cfg, results[-1])))
     except AllFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -513,13 +562,36 @@ def main_from_args(a: argparse.Namespace) -> int:
     except aiohttp.ClientError as e:  # only GET /v1/models raises: send_request turns these into results
         print(f"error: cannot list models at {models_url(a.url)}: {e}", file=sys.stderr)
         return 2
-    print(format_table([report]))
-    for err in report.first_errors:
-        print(f"  error: {err}", file=sys.stderr)
+    print(format_table(reports))
+    for report in reports:
+        for err in report.first_errors:
+            print(f"  error: {err}", file=sys.stderr)
     if a.json:
+        doc: Any = reports[0].to_dict() if len(reports) == 1 else {
+            "sweep": "rate" if a.rate is not None else "concurrency", "runs": [r.to_dict() for r in reports]}
         with open(a.json, "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(report.to_dict()), indent=2) + b"\n")
-    return 0 if report.ok else 1
+            f.write(msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n")
+    if plots:
+        _write_plots(plots, cfgs, reports, results)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _write_plots(plots: str, cfgs: list[LoadConfig], reports: list[LoadReport],
+                 results: list[list[RequestResult]]) -> None:
+    from turbine.bench.plots import sweep_load_point, write_run_plots
+
+    by_rate = cfgs[0].rate is not None
+    levels = [c.rate if by_rate else c.concurrency for c in cfgs]
+    name = "req/s" if by_rate else "concurrent"
+    runs = {f"{lv:g} {name}": res for lv, res in zip(levels, results, strict=True)}
+    load = [sweep_load_point(float(lv), res) for lv, res in zip(levels, results, strict=True)]  # type: ignore[arg-type]
+    try:
+        written = write_run_plots(plots, runs, load=load, title=cfgs[0].label or "turbine bench",
+                                  load_label="request rate (req/s)" if by_rate else "concurrency (closed loop)")
+    except OSError as e:
+        print(f"error: could not write the plots: {e}", file=sys.stderr)
+        return
+    print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from turbine.bench.loadgen import endpoint_url, first_model, send_request
 from turbine.bench.report import (
     DEFAULT_SLO_ITL_MS,
     DEFAULT_SLO_TTFT_MS,
+    PlotUnavailable,
     TraceReport,
     format_trace_table,
     plot_ttft_over_time,
@@ -160,8 +161,9 @@ def add_trace_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, trac
 
 
 def write_outputs(report: TraceReport, label: str, json_path: str | None, plot_path: str | None,
-                  results: Sequence[RequestResult], sent_at_s: Sequence[float]) -> None:
-    """Print the table, write the JSON summary and the TTFT plot (a plot failure only warns)."""
+                  results: Sequence[RequestResult], sent_at_s: Sequence[float], plots_dir: str | None = None) -> None:
+    """Print the table, write the JSON summary, the TTFT plot (a plot failure only warns) and the
+    PNGs of ``plots_dir`` (CDFs, latency vs load over the run's windows, TTFT over time)."""
     print(format_trace_table([(label, report)]))
     for err in report.first_errors:
         print(f"  error: {err}", file=sys.stderr)
@@ -172,6 +174,25 @@ def write_outputs(report: TraceReport, label: str, json_path: str | None, plot_p
         problem = try_plot(plot_ttft_over_time, results, sent_at_s, plot_path, title=f"TTFT over time: {label}")
         if problem:
             print(f"warning: no plot: {problem}", file=sys.stderr)
+    if plots_dir:
+        from turbine.bench.plots import trace_load_points, write_run_plots
+
+        try:
+            written = write_run_plots(plots_dir, {label: results}, load=trace_load_points(results, sent_at_s),
+                                      load_label="arrival rate in the window (req/s)", connect=False,
+                                      trace=(results, sent_at_s), title=label)
+        except (OSError, ValueError) as e:
+            print(f"error: could not write the plots: {e}", file=sys.stderr)
+        else:
+            print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+
+def check_plots(plots_dir: str | None) -> None:
+    """Before a run: PlotUnavailable without matplotlib, OSError when the directory cannot be made."""
+    if plots_dir:
+        from turbine.bench.plots import require_plots
+
+        require_plots(plots_dir)
 
 
 def main_from_args(a: argparse.Namespace) -> int:
@@ -185,16 +206,17 @@ def main_from_args(a: argparse.Namespace) -> int:
                            progress=not a.no_progress, meta={"trace": str(a.trace)})
         cfg.validate()
         TokenSynth(cfg.vocab_size)  # checks the vocabulary size before any request is sent
+        check_plots(getattr(a, "plots", None))
         out = asyncio.run(replay(requests, cfg))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, PlotUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except aiohttp.ClientError as e:
         print(f"error: cannot reach {a.url}: {e}", file=sys.stderr)
         return 2
-    write_outputs(out.report, a.label or "live", a.json, a.plot, out.results, out.sent_at_s)
+    write_outputs(out.report, a.label or "live", a.json, a.plot, out.results, out.sent_at_s, getattr(a, "plots", None))
     return 0 if out.report.errors == 0 else 1
 
 
-__all__ = ["ReplayConfig", "ReplayResult", "add_trace_args", "main_from_args", "replay", "request_body",
-           "write_outputs"]
+__all__ = ["ReplayConfig", "ReplayResult", "add_trace_args", "check_plots", "main_from_args", "replay",
+           "request_body", "write_outputs"]

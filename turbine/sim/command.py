@@ -8,8 +8,8 @@ import argparse
 import gc
 import sys
 
-from turbine.bench.replay import add_trace_args, write_outputs
-from turbine.bench.report import summarize_trace
+from turbine.bench.replay import add_trace_args, check_plots, write_outputs
+from turbine.bench.report import PlotUnavailable, summarize_trace
 from turbine.bench.trace import TokenSynth, ideal_hit_rate, load_trace
 from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
 from turbine.sim.simulator import ROUTERS, SimConfig, simulate
@@ -40,6 +40,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="requests a worker may have waiting for their first token; beyond it a request waits in "
                    "the frontend's queue, in arrival order (0 = no limit)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary as JSON")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNGs into DIR: TTFT and ITL CDFs, latency vs load over the trace's windows, TTFT "
+                   "over time; needs matplotlib")
     p.add_argument("--seed", type=int, default=0, help="seeds routing ties, sampling and prompt tokens")
     p.add_argument("--label", default="", help="row label in the printed table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +68,8 @@ def main_from_args(a: argparse.Namespace) -> int:
                         decode_workers=a.decode_workers, min_remote_prefill_tokens=a.disagg_min_prefill_tokens,
                         max_prefill_queue_tokens=a.disagg_max_prefill_queue)
         TokenSynth(cfg.vocab_size)
-    except (ValueError, OSError) as e:
+        check_plots(a.plots)  # before the run: a missing matplotlib fails now, not after it
+    except (ValueError, OSError, PlotUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
@@ -90,7 +94,7 @@ def main_from_args(a: argparse.Namespace) -> int:
     report = summarize_trace(res.results, res.duration_s, slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl,
                              ideal_hit_rate=ideal_hit_rate(requests), meta=meta)
     label = a.label or f"sim {cfg.label()} x{cfg.num_workers} @{cfg.speed:g}x"
-    write_outputs(report, label, a.json, a.plot, res.results, res.arrivals_s)
+    write_outputs(report, label, a.json, a.plot, res.results, res.arrivals_s, a.plots)
     print(f"simulated {report.duration_s:.1f} s of fleet time in {res.stats.wall_s:.2f} s "
           f"({res.stats.steps} engine steps)", file=sys.stderr)
     if res.stats.onboarded_blocks:
