@@ -1,4 +1,4 @@
-"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate, profile, plan, planner."""
+"""The ``turbine`` command: serve, frontend, worker, make-model, bench, simulate, profile, plan, planner, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("serve", "frontend", "worker"):
         add_tracing_args(sub.choices[name])
+
+    p = sub.add_parser("deploy", help="render a fleet for a cluster: `deploy k8s` prints Kubernetes manifests")
+    from turbine.deploy.k8s_command import add_deploy_args
+
+    add_deploy_args(p)
     return parser
 
 
@@ -523,6 +528,10 @@ def main(argv: list[str] | None = None) -> None:
         from turbine.planner.planner_command import main_from_args as planner_main
 
         sys.exit(planner_main(args))
+    if args.cmd == "deploy":
+        from turbine.deploy.k8s_command import main_from_args as deploy_main
+
+        sys.exit(deploy_main(args))
     try:
         import uvloop
 

@@ -76,6 +76,9 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--namespace", default="default", help="kubernetes: the Deployments' namespace")
     g.add_argument("--deployment", action="append", default=[], metavar="POOL=NAME",
                    help="kubernetes: the Deployment of a pool (agg=..., prefill=..., decode=...)")
+    g.add_argument("--fleet", default=None, metavar="NAME",
+                   help="kubernetes: the fleet `turbine deploy k8s --name NAME` rendered: scale its pools' "
+                   "Deployments (NAME-agg, NAME-prefill, NAME-decode) without naming them")
     g.add_argument("--kubeconfig", default=None, help="kubernetes: kubeconfig file (default: in-cluster, then ~/.kube/config)")
     g.add_argument("--metrics-port", type=int, default=None, help="serve the planner's own /metrics on 127.0.0.1:PORT")
     add_policy_args(p)
@@ -114,6 +117,10 @@ def _connector(a: argparse.Namespace, cfg: PlannerConfig) -> Any:
     from turbine.planner.connectors.kubernetes import KubernetesConnector
 
     names = {}
+    if getattr(a, "fleet", None):
+        from turbine.deploy.k8s import worker_deployment
+
+        names = {pool: worker_deployment(a.fleet, pool) for pool in cfg.pools}
     for item in a.deployment:
         pool, _, name = item.partition("=")
         if pool not in cfg.pools or not name:
