@@ -101,3 +101,16 @@ def test_bad_fleet_settings_are_a_clear_message(argv: list[str], message: str, n
 
     with pytest.raises(SystemExit, match=message):
         _runtime_config(_parse(argv))
+
+
+def test_planner_local_workers_join_the_planners_discovery() -> None:
+    from turbine.planner.connectors.local import worker_command
+
+    args = _parse(["planner", "--discovery", "etcd://10.9.0.1:2379/fleet"])
+    cmd = worker_command("decode", ["--engine", "mock"], discovery_dir=args.discovery_dir)
+    assert cmd[cmd.index("worker") + 1:] == ["--discovery", "etcd://10.9.0.1:2379/fleet", "--role", "decode",
+                                            "--engine", "mock"]
+    cmd = worker_command("agg", [], discovery_dir=_parse(["planner", "--discovery-dir", "/tmp/d"]).discovery_dir)
+    assert cmd[cmd.index("worker") + 1:] == ["--discovery-dir", "/tmp/d", "--role", "agg"]
+    cmd = _parse(["worker", "--model", "m", *cmd[cmd.index("worker") + 1:]])  # what the worker parses
+    assert str(cmd.discovery_dir) == "/tmp/d"

@@ -70,6 +70,8 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--connector", default="local", choices=["local", "kubernetes"],
                    help="local: start and drain `turbine worker` processes here; kubernetes: scale Deployments")
     g.add_argument("--discovery-dir", default=None, help="local: the fleet's discovery directory")
+    g.add_argument("--discovery", dest="discovery_dir", default=None, metavar="URL",
+                   help="local: the fleet's discovery as a URL (etcd://HOST:2379, file:///DIR), for its workers")
     g.add_argument("--worker-args", default="",
                    help="local: options of each `turbine worker` (engine, model, ...), as one quoted string")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="local: seconds a drained worker may take")

@@ -39,9 +39,11 @@ class _Proc:
 
 
 def worker_command(pool: str, args: Sequence[str], *, discovery_dir: str | Path) -> list[str]:
-    """argv of one `turbine worker` of ``pool`` (``args``: its model/engine options)."""
+    """argv of one `turbine worker` of ``pool`` (``args``: its model/engine options);
+    ``discovery_dir``: a directory, or a discovery URL (``etcd://...``, ``file:///...``)."""
     role = {"agg": "agg", "prefill": "prefill", "decode": "decode"}[pool]
-    return [sys.executable, "-m", "turbine", "worker", "--discovery-dir", str(discovery_dir), "--role", role, *args]
+    where = ["--discovery", str(discovery_dir)] if "://" in str(discovery_dir) else ["--discovery-dir", str(discovery_dir)]
+    return [sys.executable, "-m", "turbine", "worker", *where, "--role", role, *args]
 
 
 class LocalProcessConnector:
