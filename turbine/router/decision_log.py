@@ -76,8 +76,10 @@ class DecisionLog:
         self.without_detail = 0  # of which over the detail budget
         self._ring: deque[LoggedDecision] = deque()
         self._by_id: dict[str, LoggedDecision] = {}
-        self._tokens = float(detail_burst)
-        self._refilled = clock()
+        # the detail budget as a virtual schedule (GCRA): one comparison a decision
+        self._interval = 1.0 / detail_per_s if detail_per_s > 0 else 0.0
+        self._slack = (detail_burst - 1) * self._interval + 1e-9
+        self._tat = clock()  # when the budget is next fully spent
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -87,13 +89,14 @@ class DecisionLog:
 
     def wants_detail(self) -> bool:
         """Whether the next decision may carry its alternatives (takes one from the budget)."""
+        if not self._interval:
+            return False
         now = self.clock()
-        self._tokens = min(float(self.detail_burst), self._tokens + (now - self._refilled) * self.detail_per_s)
-        self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+        tat = self._tat
+        if tat - now > self._slack:
+            return False
+        self._tat = (tat if tat > now else now) + self._interval
+        return True
 
     def record(self, request_id: str, worker_id: str, policy: str, *, prompt_tokens: int, overlap_blocks: int,
                predicted_ttft_s: float | None = None, remote_kv: bool = False,
