@@ -194,3 +194,31 @@ async def test_dashboard_shows_the_planners_actions(tmp_path: Path, model_dir: P
             await page.screenshot(tmp_path / "screenshots" / "dashboard-planner.png")
         finally:
             await page.close()
+
+
+async def test_dashboard_shows_disaggregation(tmp_path: Path, model_dir: Path, procs,  # type: ignore[no-untyped-def]
+                                              chromium_binary: str) -> None:
+    from testkit import Load
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spawn(procs, "serve", "--engine", "mock", "--model", str(model_dir), "--model-name", "tiny", "--port", str(port),
+          "--prefill-workers", "1", "--decode-workers", "2", "--speedup-ratio", "20",
+          "--disagg-min-prefill-tokens", "16")
+    wait_workers(url, 3, timeout=60)
+    with Load(url, concurrency=4, prompt_words=80), Chromium(chromium_binary, tmp_path / "chromium-profile") as browser:
+        page = await Page.open(browser)
+        try:
+            await page.navigate(url + "/dashboard/")
+            await page.wait_for("!document.getElementById('disagg-panel').hidden", timeout=20)
+            remote = "[...document.querySelectorAll('#disagg-counts .chip')].find(c => c.textContent.endsWith('remote'))"
+            await page.wait_for(f"parseInt({remote}.querySelector('b').textContent) > 0", timeout=20)
+            await page.wait_for("document.querySelectorAll('#c-disagg path.series').length > 0", timeout=20)
+            prefill_rows = "[...document.querySelectorAll('#decisions tr[data-key*=\"/prefill/\"]')]"
+            await page.wait_for(f"{prefill_rows}.some(r => !r.cells[4].textContent.includes('…'))", timeout=20)
+            roles = await page.eval("[...document.querySelectorAll('#fleet td.role')].map(td => td.textContent).sort()")
+            assert roles == ["decode", "decode", "prefill"]
+            assert await page.eval("window.turbineDashboard.errors") == []
+            await page.screenshot(tmp_path / "screenshots" / "dashboard-disagg.png")
+        finally:
+            await page.close()

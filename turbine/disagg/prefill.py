@@ -123,6 +123,7 @@ class PrefillLeg:
                         if d.finish_reason not in ("length", "stop") or not tokens:
                             raise RuntimeError(f"the prefill ended with {d.finish_reason!r}")
                         router.first_token(request_id)
+                        router.observe_actual(request_id, decision.overlap_blocks, cached)  # predicted vs actual hit
                         self.registry.mark_healthy(worker)
                         return PrefillResult(tokens, d.finish_reason, cached, d.kv_transfer)
             raise RuntimeError("the prefill worker closed the stream without finishing")
