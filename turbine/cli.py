@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_args(p)
     _add_fleet_args(p, required=False, planes=True)
+    from turbine.deploy.ray_command import add_serve_ray_args
+
+    add_serve_ray_args(p)
 
     p = sub.add_parser("frontend", help="the HTTP frontend and router, finding workers by discovery")
     _add_frontend_args(p)
@@ -416,6 +419,11 @@ async def _run(args: argparse.Namespace) -> None:
                 planner_config(args, "disagg" if disagg else "agg")
             except ValueError as e:
                 raise SystemExit(f"turbine: {e}") from None
+        if args.ray is not None:
+            from turbine.deploy.ray_command import run_serve
+
+            await run_serve(args, workers=workers)
+            return
         dep = await launch.start_all_in_one(opts, workers=workers, frontend=frontend, runtime=runtime,
                                             prefill_workers=args.prefill_workers, decode_workers=args.decode_workers)
         assert dep.frontend is not None

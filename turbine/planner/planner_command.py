@@ -67,13 +67,14 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frontend-model", default=None, help="plan for this served model only (default: all)")
     g.add_argument("--api-key", default=None, help="the frontend's API key, if it requires one")
     g.add_argument("--mode", default="agg", choices=["agg", "disagg"], help="pools: agg, or prefill + decode")
-    g.add_argument("--connector", default="local", choices=["local", "kubernetes"],
-                   help="local: start and drain `turbine worker` processes here; kubernetes: scale Deployments")
-    g.add_argument("--discovery-dir", default=None, help="local: the fleet's discovery directory")
+    g.add_argument("--connector", default="local", choices=["local", "kubernetes", "ray"],
+                   help="local: start and drain `turbine worker` processes here; kubernetes: scale Deployments; "
+                   "ray: start and drain worker actors on a Ray cluster")
+    g.add_argument("--discovery-dir", default=None, help="local, ray: the fleet's discovery directory")
     g.add_argument("--discovery", dest="discovery_dir", default=None, metavar="URL",
                    help="local: the fleet's discovery as a URL (etcd://HOST:2379, file:///DIR), for its workers")
     g.add_argument("--worker-args", default="",
-                   help="local: options of each `turbine worker` (engine, model, ...), as one quoted string")
+                   help="local, ray: options of each `turbine worker` (engine, model, ...), as one quoted string")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="local: seconds a drained worker may take")
     g.add_argument("--namespace", default="default", help="kubernetes: the Deployments' namespace")
     g.add_argument("--deployment", action="append", default=[], metavar="POOL=NAME",
@@ -83,6 +84,10 @@ def add_planner_args(p: argparse.ArgumentParser) -> None:
                    "Deployments (NAME-agg, NAME-prefill, NAME-decode) without naming them")
     g.add_argument("--kubeconfig", default=None, help="kubernetes: kubeconfig file (default: in-cluster, then ~/.kube/config)")
     g.add_argument("--metrics-port", type=int, default=None, help="serve the planner's own /metrics on 127.0.0.1:PORT")
+    g.add_argument("--ray-address", default=None, help="ray: the cluster (default: $RAY_ADDRESS or this machine's)")
+    from turbine.deploy.ray_command import add_ray_placement_args
+
+    add_ray_placement_args(g)
     add_policy_args(p)
 
 
@@ -106,14 +111,18 @@ def planner_config(a: argparse.Namespace, mode: str) -> PlannerConfig:
 
 
 def _connector(a: argparse.Namespace, cfg: PlannerConfig) -> Any:
-    if a.connector == "local":
+    if a.connector in ("local", "ray"):
         from turbine.planner.connectors.local import LocalProcessConnector, worker_command
 
         if not a.discovery_dir:
-            raise ValueError("the local connector needs --discovery-dir (the fleet's)")
+            raise ValueError(f"the {a.connector} connector needs --discovery-dir (the fleet's)")
         args = shlex.split(a.worker_args)
         if any(x in ("--role", "--discovery-dir") for x in args):
             raise ValueError("--worker-args must not set --role or --discovery-dir: the planner does")
+        if a.connector == "ray":
+            from turbine.deploy.ray_command import planner_fleet
+
+            return planner_fleet(a, cfg.pools, args)
         return LocalProcessConnector({pool: worker_command(pool, args, discovery_dir=a.discovery_dir)
                                       for pool in cfg.pools}, drain_timeout_s=a.drain_timeout)
     from turbine.planner.connectors.kubernetes import KubernetesConnector
@@ -182,8 +191,10 @@ def main_from_args(a: argparse.Namespace) -> int:
     return 0
 
 
-def serve_planner(a: argparse.Namespace, dep: Any, mode: str) -> tuple[Any, Any]:
-    """`serve --planner`: a planner over the process's own workers, reading its own frontend.
+def serve_planner(a: argparse.Namespace, dep: Any, mode: str, *, url: str | None = None,
+                  connector: Any = None) -> tuple[Any, Any]:
+    """`serve --planner`: a planner over the process's own workers, reading its own frontend
+    (`serve --ray --planner`: ``url`` and ``connector`` instead of ``dep``'s).
     Returns (runner, connector); the caller starts the runner and closes the connector."""
     from turbine.planner.connectors.inproc import InProcConnector
     from turbine.planner.model_shape import get_shape
@@ -200,9 +211,10 @@ def serve_planner(a: argparse.Namespace, dep: Any, mode: str) -> tuple[Any, Any]
     model = PerfModel(get_shape(str(meta["model"])), str(meta["device"]), profile=profile)
     cfg = planner_config(a, mode)
     keys = a.api_key or []
-    scraper = FrontendScraper(dep.frontend.url, api_key=keys[0] if keys else None)
-    connector = InProcConnector(dep)
-    runner = PlannerRunner(SlaPlanner(model, cfg), scraper, connector, registry=dep.frontend.metrics.registry)
+    scraper = FrontendScraper(url or dep.frontend.url, api_key=keys[0] if keys else None)
+    connector = connector or InProcConnector(dep)
+    registry = dep.frontend.metrics.registry if dep is not None else None
+    runner = PlannerRunner(SlaPlanner(model, cfg), scraper, connector, registry=registry)
     return runner, connector
 
 
