@@ -456,6 +456,8 @@ async def _run(args: argparse.Namespace) -> None:
     try:
         abort = await launch.wait_for_signal()
     finally:
+        if health is not None:
+            health.draining = True  # not ready from the signal on
         if planner is not None:
             await planner()
         await dep.stop(abort=abort)

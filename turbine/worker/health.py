@@ -30,9 +30,9 @@ MAX_REQUEST_BYTES = 4096
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def worker_status(workers: Sequence[Worker]) -> str:
+def worker_status(workers: Sequence[Worker], draining: bool = False) -> str:
     """``ok`` (every worker registered and serving), ``starting`` or ``draining``."""
-    if any(getattr(w.server, "draining", False) for w in workers):
+    if draining or any(getattr(w.server, "draining", False) for w in workers):
         return "draining"
     if not workers or any(w.instance is None for w in workers):
         return "starting"
@@ -43,6 +43,7 @@ class HealthServer:
     def __init__(self, workers: Callable[[], Sequence[Worker]], *, host: str = "127.0.0.1", port: int = 0) -> None:
         """``workers``: the process's workers, read at each request (the list may change)."""
         self.workers = workers
+        self.draining = False  # set when the process begins its drain (SIGTERM), before the workers do
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -67,7 +68,7 @@ class HealthServer:
         if method not in ("GET", "HEAD"):
             return 405, {"error": "GET or HEAD only"}
         workers = list(self.workers())
-        status = worker_status(workers)
+        status = worker_status(workers, self.draining)
         body: dict[str, object] = {"status": status, "workers": [w.worker_id for w in workers]}
         if path == "/live":
             return 200, body
