@@ -26,7 +26,9 @@ What the planner's ServiceAccount needs (a Role in the Deployments' namespace, b
       verbs: ["get", "patch"]
 
 Do not also point a HorizontalPodAutoscaler at these Deployments: the two would fight over
-``spec.replicas``.
+``spec.replicas``. `turbine deploy k8s` renders Deployments that meet all of the above (exec
+form, the grace period above the drain timeout, this Role, no ``replicas`` with ``--planner``);
+``turbine planner --fleet NAME`` names its pools' Deployments.
 
 Needs the ``kubernetes`` package (``pip install 'turbine[planner]'``). Its client is synchronous:
 each call runs in a thread (``asyncio.to_thread``) with an HTTP timeout, so the event loop never
