@@ -4,8 +4,8 @@ nodes on this machine, in a private network namespace: tests/deploy/raykit.py).
 - serving through `serve --ray`: worker actors spread over both nodes with their GPU requests;
 - a worker actor's process SIGKILLed under load: Ray restarts the actor, the replacement worker
   registers, and no request fails (streams on the dead worker migrate);
-- disaggregated: prefill and decode worker actors, prompts prefilled remotely, a planner deciding
-  over the Ray connector (`serve --ray --planner`);
+- disaggregated on etcd discovery: prefill and decode worker actors, prompts prefilled remotely, a
+  planner deciding over the Ray connector (`serve --ray --planner`);
 - the planner's Ray connector (built as `turbine planner --connector ray` builds it) adds a worker
   and drains one away under load: nothing fails, nothing migrates.
 
@@ -165,10 +165,17 @@ def test_serve_on_ray_and_a_killed_worker_actor_is_replaced(cluster: RayCluster,
 
 
 def test_serve_on_ray_disaggregated_with_a_planner(cluster: RayCluster, model_dir: Path, tmp_path: Path) -> None:
+    """On etcd discovery (what actors on several machines use), started inside the namespace."""
+    from etcdkit import EtcdServer, etcd_binary
+
+    etcd_path, why = etcd_binary()
+    if etcd_path is None:
+        pytest.skip(why)
+    etcd = EtcdServer(etcd_path, tmp_path / "etcd-data").start()
     log = tmp_path / "serve.log"
     p, url = _serve(cluster, model_dir, log, "--prefill-workers", "1", "--decode-workers", "1",
-                    "--disagg-min-prefill-tokens", "1", "--planner", "--profile", str(PROFILE),
-                    "--sla-ttft-ms", "5000", "--sla-itl-ms", "1000", "--planner-interval", "1",
+                    "--discovery", etcd.url, "--disagg-min-prefill-tokens", "1", "--planner", "--profile",
+                    str(PROFILE), "--sla-ttft-ms", "5000", "--sla-itl-ms", "1000", "--planner-interval", "1",
                     "--planner-max-workers", "1")
     try:
         m = _wait(p, log, r"on Ray \((\d+) worker actors on (\d+) node\(s\), (\S+) GPU each\)")
@@ -185,6 +192,7 @@ def test_serve_on_ray_disaggregated_with_a_planner(cluster: RayCluster, model_di
         assert {"prefill", "decode"} <= set(json.dumps(decision).replace('"', " ").split()), decision
     finally:
         _stop(p, log)
+        etcd.kill()
 
 
 class Driver:
