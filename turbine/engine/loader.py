@@ -11,6 +11,11 @@ bad checkpoint fails fast with the offending names.
 Tied embeddings: with ``tie_word_embeddings`` the model has no lm_head and a stray
 ``lm_head.weight`` in the checkpoint is ignored; an untied config whose checkpoint lacks
 ``lm_head.weight`` gets a copy of ``embed_tokens`` (logged).
+
+Tensor parallelism (``tp``): the model is rank r's shard (models/parallel.py) and the layout
+names the rows or columns of each tensor the rank holds; they are read with safetensors'
+``get_slice``, so a rank reads its slice's bytes only (names and whole shapes are checked as at
+TP=1). Rows no tensor fills (the last vocabulary shard's padding) are zeros.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from turbine.engine.models import ModelConfig, model_class
 
 if TYPE_CHECKING:
     from turbine.engine.models.llama import ParamSlice
+    from turbine.engine.models.parallel import Collectives
 
 __all__ = ["DTYPES", "LoadedModel", "checkpoint_files", "load_model", "resolve_dtype"]
 
@@ -93,10 +99,12 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    tp: Collectives | None = None,
 ) -> LoadedModel:
     """Build the model for ``model_dir``'s architecture and load its weights onto ``device``.
 
     ``dtype`` None keeps the checkpoint's dtype; otherwise every tensor is cast while copying.
+    ``tp``: load tensor-parallel rank ``tp.rank``'s shard only (a group, or a ``Shard``).
     Raises ValueError for an unsupported architecture or config, and for missing, unexpected or
     wrongly shaped tensors; FileNotFoundError when there is no config or no safetensors.
     """
@@ -107,7 +115,7 @@ def load_model(
     files = checkpoint_files(model_dir)
 
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config) if tp is None else cls(config, tp=tp)
     model.to(target_dtype)
     plan = _plan(model.checkpoint_layout(), files, config)
     _check_shapes(model.checkpoint_layout(), plan, Path(model_dir))
@@ -116,17 +124,32 @@ def load_model(
     model.rotary.to(device)
     layout = model.checkpoint_layout()  # to_empty made new parameters
     with torch.no_grad():
+        _zero_uncovered(layout)
         for shard in sorted(set(plan.values())):
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for name in (n for n, s in plan.items() if s == shard):
                     dst = layout[name]
-                    dst.param.narrow(0, dst.offset, dst.rows).copy_(f.get_tensor(name))
+                    if dst.rows:
+                        dst.param.narrow(0, dst.offset, dst.rows).copy_(dst.read(f, name))
         if _LM_HEAD in layout and _LM_HEAD not in plan:
             log.warning("%s: no %s in the checkpoint; using a copy of %s", model_dir, _LM_HEAD, _EMBED)
             layout[_LM_HEAD].param.copy_(layout[_EMBED].param)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, config)
+
+
+def _zero_uncovered(layout: dict[str, ParamSlice]) -> None:
+    """Zero the parameters whose rows no checkpoint tensor fills completely (to_empty leaves
+    garbage; a tensor-parallel vocabulary shard is padded)."""
+    rows: dict[int, int] = {}
+    params = {}
+    for s in layout.values():
+        rows[id(s.param)] = rows.get(id(s.param), 0) + s.rows
+        params[id(s.param)] = s.param
+    for key, param in params.items():
+        if rows[key] < param.shape[0]:
+            param.zero_()
 
 
 def _plan(layout: dict[str, ParamSlice], files: dict[str, Path], config: ModelConfig) -> dict[str, Path]:

@@ -17,10 +17,15 @@ loader copies name for name into those rows:
 
 Attention itself is the backend's job: a layer hands rotated q/k/v for the step's packed tokens
 to ``attn.forward(layer_idx, q, k, v)`` and never sees a cache.
+
+Tensor parallelism (``tp``, see parallel.py): each rank builds the same decoder over its share
+(its heads, KV heads, MLP rows and vocabulary rows); o_proj and down_proj all-reduce, the
+embedding all-reduces and the logits are all-gathered. ``checkpoint_layout()`` then names the
+slice of each HF tensor the rank reads (rows or columns), so a rank never reads the others'.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,30 +41,55 @@ from turbine.engine.models.layers import (
     apply_rotary_qk,
     linear,
 )
+from turbine.engine.models.parallel import (
+    Collectives,
+    RowParallelLinear,
+    TPShape,
+    VocabParallelEmbedding,
+    gather_logits,
+)
 
 __all__ = ["LlamaForCausalLM", "ParamSlice"]
 
 
 class ParamSlice(NamedTuple):
-    """Rows ``[offset, offset + rows)`` of ``param`` hold one checkpoint tensor."""
+    """Rows ``[offset, offset + rows)`` of ``param`` hold one checkpoint tensor, or this rank's
+    slice of it: indices ``[start, start + n)`` along the tensor's dimension ``dim`` (n: ``rows``
+    along dim 0, the parameter's columns along dim 1). ``full`` is the checkpoint tensor's shape
+    when the rank holds a slice (None: the whole tensor)."""
 
     param: nn.Parameter
     offset: int
     rows: int
+    dim: int = 0
+    start: int = 0
+    full: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.rows, *self.param.shape[1:])
+        """The checkpoint tensor's shape."""
+        return self.full if self.full is not None else (self.rows, *self.param.shape[1:])
+
+    def read(self, f: Any, name: str) -> torch.Tensor:
+        """This slice's part of tensor ``name`` from an open safetensors file (``get_slice``
+        reads only those bytes)."""
+        if self.full is None:
+            return f.get_tensor(name)
+        part = f.get_slice(name)
+        if self.dim == 0:
+            return part[self.start:self.start + self.rows]
+        return part[:, self.start:self.start + self.param.shape[1]]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: TPShape, tp: Collectives | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-        self.qkv_proj = Linear(cfg.hidden_size, sum(self.split), bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        q, kv = shard.num_heads * cfg.head_dim, shard.num_kv_heads * cfg.head_dim
+        self.split = (q, kv, kv)
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.split), bias=cfg.qkv_bias)  # column-parallel
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, bias=cfg.o_bias, tp=tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -77,10 +107,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShape, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inter = shard.intermediate
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)  # column-parallel
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +119,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: TPShape, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_idx, shard, tp)
+        self.mlp = MLP(cfg, shard, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -110,22 +141,25 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShape, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shard, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """The ``CausalLM`` of attention_api for every supported architecture."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: Collectives | None = None) -> None:
+        """``tp``: this rank's tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.shard = TPShape.of(config, 0, 1) if self.tp is None else TPShape.of(config, tp.rank, tp.size)
+        self.model = DecoderModel(config, self.shard, self.tp)
         # Tied: no lm_head module at all, so nothing can untie it (meta build, .to(), to_empty).
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, self.shard.vocab_per_rank,
                                                                          bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)
@@ -144,30 +178,49 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab]; the matmul runs in the model dtype, as HF."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        return gather_logits(linear(hidden, weight), self.tp, self.config.vocab_size).float()
 
     def checkpoint_layout(self) -> dict[str, ParamSlice]:
-        """HF tensor name -> where it goes; together the slices cover every parameter exactly once."""
-        cfg = self.config
-        layout = {"model.embed_tokens.weight": _whole(self.model.embed_tokens.weight),
+        """HF tensor name -> where it goes (and, under tensor parallelism, which slice of it this
+        rank reads); at TP=1 the slices cover every parameter exactly once, under TP every
+        parameter but the vocabulary padding of the last shard."""
+        cfg, sh = self.config, self.shard
+        d = cfg.head_dim
+        tp = self.tp is not None
+        vocab = (cfg.vocab_size, cfg.hidden_size)
+
+        def part(param: nn.Parameter, offset: int, rows: int, start: int, full: tuple[int, ...]) -> ParamSlice:
+            return ParamSlice(param, offset, rows, 0, start, full) if tp else ParamSlice(param, offset, rows)
+
+        def cols(param: nn.Parameter, start: int, full: tuple[int, ...]) -> ParamSlice:
+            return ParamSlice(param, 0, param.shape[0], 1, start, full) if tp else _whole(param)
+
+        layout = {"model.embed_tokens.weight": part(self.model.embed_tokens.weight, 0, sh.vocab_rows,
+                                                    sh.vocab_start, vocab),
                   "model.norm.weight": _whole(self.model.norm.weight)}
         if self.lm_head is not None:
-            layout["lm_head.weight"] = _whole(self.lm_head.weight)
-        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+            layout["lm_head.weight"] = part(self.lm_head.weight, 0, sh.vocab_rows, sh.vocab_start, vocab)
+        q, kv, inter = sh.num_heads * d, sh.num_kv_heads * d, sh.intermediate
+        q0, kv0, i0 = sh.head_start * d, sh.kv_head_start * d, sh.rank * inter
+        h = cfg.hidden_size
         for n, layer in enumerate(self.model.layers):
             p = f"model.layers.{n}."
             a, m = layer.self_attn, layer.mlp
             for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
                 fused = getattr(a.qkv_proj, kind)
-                layout[f"{p}self_attn.q_proj.{kind}"] = ParamSlice(fused, 0, q)
-                layout[f"{p}self_attn.k_proj.{kind}"] = ParamSlice(fused, q, kv)
-                layout[f"{p}self_attn.v_proj.{kind}"] = ParamSlice(fused, q + kv, kv)
+                tail = (h,) if kind == "weight" else ()
+                layout[f"{p}self_attn.q_proj.{kind}"] = part(fused, 0, q, q0, (cfg.q_size, *tail))
+                layout[f"{p}self_attn.k_proj.{kind}"] = part(fused, q, kv, kv0, (cfg.kv_size, *tail))
+                layout[f"{p}self_attn.v_proj.{kind}"] = part(fused, q + kv, kv, kv0, (cfg.kv_size, *tail))
             for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
                 fused = getattr(m.gate_up_proj, kind)
-                layout[f"{p}mlp.gate_proj.{kind}"] = ParamSlice(fused, 0, inter)
-                layout[f"{p}mlp.up_proj.{kind}"] = ParamSlice(fused, inter, inter)
-                layout[f"{p}mlp.down_proj.{kind}"] = _whole(getattr(m.down_proj, kind))
-            layout[f"{p}self_attn.o_proj.weight"] = _whole(a.o_proj.weight)
+                tail = (h,) if kind == "weight" else ()
+                layout[f"{p}mlp.gate_proj.{kind}"] = part(fused, 0, inter, i0, (cfg.intermediate_size, *tail))
+                layout[f"{p}mlp.up_proj.{kind}"] = part(fused, inter, inter, i0, (cfg.intermediate_size, *tail))
+            layout[f"{p}mlp.down_proj.weight"] = cols(m.down_proj.weight, i0, (h, cfg.intermediate_size))
+            if cfg.mlp_bias:
+                layout[f"{p}mlp.down_proj.bias"] = _whole(m.down_proj.bias)
+            layout[f"{p}self_attn.o_proj.weight"] = cols(a.o_proj.weight, q0, (h, cfg.q_size))
             if cfg.o_bias:
                 layout[f"{p}self_attn.o_proj.bias"] = _whole(a.o_proj.bias)
             if a.q_norm is not None:
