@@ -21,6 +21,14 @@ Batch sizes up to ``SMALL_M_ROWS`` are captured twice, with cuBLAS and with the 
 Triton kernel for the linear layers (models/gemv.py); both replays are timed and the faster graph
 is kept (``small_m``: which way each bucket went). The choice is measured on the device at hand,
 so a GPU or library where cuBLAS wins keeps cuBLAS.
+
+Tensor parallelism: every rank captures the same buckets in the same order, and each graph holds
+its rank's collectives (the all-reduces after o_proj and down_proj, the logits' all-gather:
+NCCL kernels captured like any other), so replays on all ranks meet. The warm-up forward before
+each capture runs those collectives eagerly, in lockstep too. The small-M second capture is
+skipped there: its per-rank timing could pick different graphs, and a capture failing on one
+rank only would leave the others waiting in a collective (the choice needs a cross-rank vote
+that multi-GPU runs must first measure).
 """
 from __future__ import annotations
 
@@ -51,13 +59,14 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, attn: PagedAttention, *, buckets: Sequence[int], max_blocks: int,
-                 pad_block: int) -> None:
+                 pad_block: int, tensor_parallel: bool = False) -> None:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
         if not attn.use_triton:
             raise ValueError("CUDA graphs need the Triton decode kernel (the torch path branches on host lengths)")
         self.model = model
         self.attn = attn
+        self.tensor_parallel = tensor_parallel
         self.device = attn.kv_cache.device
         self.buckets = sorted({int(b) for b in buckets})
         self.max_batch = self.buckets[-1]
@@ -104,6 +113,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         try_small_m = layers.small_m_linear_available() and self.attn.kv_cache.spec.dtype in (torch.bfloat16,
                                                                                           torch.float16)
+        try_small_m = try_small_m and not self.tensor_parallel  # see the module docstring
         for b in reversed(self.buckets):
             graph, logits = self._capture(b, small_m=False)
             if try_small_m and b <= layers.SMALL_M_ROWS:

@@ -25,8 +25,10 @@ starts at its first uncached token. Either way the runner trusts ``num_computed_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
 from turbine.engine.decode_kernel import decode_block_n, decode_split_tokens
 from turbine.engine.host_copy import HostStaging, PendingHost
 from turbine.engine.kv_cache import KVCache
+from turbine.engine.packed_step import PackedStep, Span, StepLayout, pack_ints
 from turbine.engine.paged_attention import (
     AttentionMetadata,
     CausalAttention,
@@ -47,6 +50,9 @@ from turbine.engine.sampler import Sampler, SamplingBatch
 from turbine.engine.scheduler import SchedulerOutput
 from turbine.engine.sequence import PLACEHOLDER
 from turbine.protocols.generate import SamplingOptions
+
+if TYPE_CHECKING:
+    from turbine.engine.parallel.group import TPGroup
 
 __all__ = ["LaunchedStep", "ModelRunner", "StepBatch", "profile_activation_bytes"]
 
@@ -65,6 +71,9 @@ class StepBatch:
     piecewise: bool = False  # the forward replays the piecewise graphs (a step with prompt tokens)
     # (rows of input_ids, rows of the in-flight step's tokens): inputs still on the device
     fix: tuple[torch.Tensor, torch.Tensor] | None = None
+    num_sampled: int = 0  # rows whose logits are computed (sampling is None on ranks other than 0)
+    share_tokens: bool = False  # tensor parallelism: rank 0 broadcasts the sampled tokens
+    packed: tuple[PackedStep, np.ndarray] | None = None  # the host data it was uploaded from
 
     @property
     def num_tokens(self) -> int:
@@ -109,10 +118,18 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: KVCache, *, num_heads: int, vocab_size: int,
                  eos_token_ids: Seq[int] = (), sampler_seed: int | None = 0, decode_kernel: str = "auto",
-                 max_model_len: int | None = None, pad_block: int | None = None) -> None:
+                 max_model_len: int | None = None, pad_block: int | None = None,
+                 tp: TPGroup | None = None) -> None:
         """``pad_block``: a KV block no sequence owns (the decode graphs' padding writes there);
-        ``max_model_len``: the longest context, which sizes the RoPE tables and graph block tables."""
+        ``max_model_len``: the longest context, which sizes the RoPE tables and graph block tables;
+        ``num_heads``: this rank's query heads; ``tp``: its tensor-parallel group (None: alone)."""
         self.model = model
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        # Tensor parallelism: rank 0 hands each step's host data to the other ranks as it launches
+        # it (set by the executor), and broadcasts sampled tokens when later steps read them on
+        # the device (async scheduling: ``share_tokens``, set by the core).
+        self.publish: Callable[[PackedStep, np.ndarray], None] | None = None
+        self.share_tokens = False
         self.kv_cache = kv_cache
         self.device = kv_cache.device
         self.block_size = kv_cache.block_size
@@ -141,7 +158,8 @@ class ModelRunner:
         if self.pad_block is None or self.max_model_len is None:
             raise ValueError("CUDA graphs need pad_block and max_model_len")
         graphs = DecodeGraphs(self.model, self.attn, buckets=buckets or default_buckets(max_num_seqs),
-                              max_blocks=-(-self.max_model_len // self.block_size), pad_block=self.pad_block)
+                              max_blocks=-(-self.max_model_len // self.block_size), pad_block=self.pad_block,
+                              tensor_parallel=self.tp is not None)
         if self.device.index is not None:
             torch.cuda.set_device(self.device)
         graphs.capture()
@@ -166,16 +184,30 @@ class ModelRunner:
 
     # -- host side ----------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> StepBatch:
-        """Pack the step's tokens; one-token sequences first (the batched decode group).
+        """Pack the step's tokens (one-token sequences first: the batched decode group), upload
+        them and build the sampling rows. ``prev``: the step still in flight, whose sampled
+        tokens some decodes take as input."""
+        step, ints, samplers = self.pack(out, prev)
+        batch = self.upload(step, ints)
+        if not samplers:
+            return batch
+        seqs = [e.seq for e in samplers]
+        sampling = SamplingBatch.build(
+            [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
+            vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
+            stage=self.staging.to_device,
+        )
+        return replace(batch, request_ids=tuple(s.request_id for s in seqs), sampling=sampling)
 
-        ``prev``: the step still in flight, whose sampled tokens some decodes take as input."""
+    def pack(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> tuple[PackedStep, np.ndarray, list]:  # type: ignore[type-arg]
+        """The step as host data (no device work): its ``PackedStep``, the int64 buffer, and
+        the scheduled entries that sample, in logits order."""
         bs = self.block_size
         entries = [e for e in out.scheduled if e.num_new_tokens == 1]
         num_decodes = len(entries)
         entries += [e for e in out.scheduled if e.num_new_tokens > 1]
         if not entries:
             raise ValueError("an empty step has nothing to run")
-        self.staging.begin_step()
         n_seqs = len(entries)
         seqs = [e.seq for e in entries]
         starts = np.fromiter((sq.num_computed_tokens for sq in seqs), np.int64, n_seqs)
@@ -211,56 +243,70 @@ class ModelRunner:
         logits_idx = qstart[1:][samplers] - 1
         ids_arr = np.asarray(ids, dtype=np.int64)
         fix_dst = np.flatnonzero(ids_arr[:num_decodes] == PLACEHOLDER)
+        fix_src = None
         if len(fix_dst):
             if prev is None:
                 raise ValueError("a decode's input token is still on the device, but no step is in flight")
             fix_src = np.fromiter((prev.row(seqs[i].request_id) for i in fix_dst.tolist()), np.int64, len(fix_dst))
         split = self._decode_split(clens[:num_decodes], gb or num_decodes)
+        ctx = clens
         if gb:  # pad rows: token 0 at position 0, KV to the pad block, context 1
             pad = gb - n_seqs
             tables[n_seqs:] = graphs.pad_block  # type: ignore[union-attr]
             ids_arr = np.concatenate((ids_arr, np.zeros(pad, dtype=np.int64)))
             positions = np.concatenate((positions, np.zeros(pad, dtype=np.int64)))
             slots = np.concatenate((slots, np.full(pad, graphs.pad_slot, dtype=np.int64)))  # type: ignore[union-attr]
-            clens_up = np.concatenate((clens, np.ones(pad, dtype=np.int64)))
-            parts = [ids_arr, positions, slots, clens_up, np.full(gb, split, dtype=np.int64), logits_idx,
-                     tables.ravel(), qstart]
-        else:
-            parts = [ids_arr, positions, slots, clens, np.full(1, split, dtype=np.int64), logits_idx,
-                     tables.ravel(), qstart]
-        prefill_host = self._prefill_layout(entries[num_decodes:], qlens[num_decodes:], clens[num_decodes:],
-                                            tables[num_decodes:n_seqs]) if not gb else None
-        if prefill_host is not None:
-            parts.extend(prefill_host[:3])
-        if len(fix_dst):
-            parts.extend((fix_dst, fix_src))
+            ctx = np.concatenate((clens, np.ones(pad, dtype=np.int64)))
+        prefill = self._prefill_layout(entries[num_decodes:], qlens[num_decodes:], clens[num_decodes:],
+                                       tables[num_decodes:n_seqs]) if not gb else None
+        cu_q, cu_k, gather, max_q, max_k = prefill if prefill is not None else (None, None, None, 0, 0)
         # One host->device copy for every integer the step needs, sliced into views there.
-        flat, views = self._upload(parts, aligned=not gb)
-        prefill = None
-        if prefill_host is not None:
-            prefill = PrefillLayout(cu_q=views[8].to(torch.int32), cu_k=views[9].to(torch.int32),
-                                    gather=views[10] if len(prefill_host[2]) else None,
-                                    max_q=prefill_host[3], max_k=prefill_host[4])
-        meta = AttentionMetadata(
-            slot_mapping=views[2], query_start_loc=views[7], context_lens=views[3],
-            block_tables=views[6].view(tables.shape), num_decodes=num_decodes,
-            query_lens_host=tuple(qlens.tolist()), context_lens_host=tuple(clens.tolist()), prefill=prefill,
-            decode_split=views[4][:1],
+        ints, spans = pack_ints([ids_arr, positions, slots, ctx, np.full(gb or 1, split, dtype=np.int64), logits_idx,
+                                 tables.ravel(), qstart, cu_q, cu_k, gather,
+                                 fix_dst if len(fix_dst) else None, fix_src], aligned=not gb)
+        step = PackedStep(
+            layout=StepLayout(*spans), table_rows=int(tables.shape[0]), table_width=width, num_decodes=num_decodes,
+            query_lens=tuple(qlens.tolist()), context_lens=tuple(clens.tolist()), max_q=max_q, max_k=max_k,
+            graph_batch=gb, aligned=not gb, logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
+            piecewise=not gb and self.piecewise is not None and n_tok <= self.piecewise.max_tokens,
+            num_sampled=len(samplers), share_tokens=self.share_tokens and bool(samplers),
         )
-        sampling = None
-        if samplers:
-            seqs = [entries[i].seq for i in samplers]
-            sampling = SamplingBatch.build(
-                [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
-                vocab_size=self.vocab_size, device=self.device, banned=[self._banned(s) for s in seqs],
-                stage=self.staging.to_device,
-            )
-        return StepBatch(views[0], views[1], meta, views[5],
-                         tuple(s.seq.request_id for s in (entries[i] for i in samplers)), sampling,
+        return step, ints, [entries[i] for i in samplers]
+
+    def upload(self, step: PackedStep, ints: np.ndarray) -> StepBatch:
+        """``ints`` in one host->device copy and the step's device views of it (no sampling rows:
+        ``prepare`` adds them on the rank that samples).
+
+        Eager steps pass views to Triton kernels, which compile a variant per pointer-alignment
+        class: unaligned offsets that vary with the step's token count would make a new one appear
+        mid-serving (~1 s under live requests), hence ``PackedStep.aligned``. A graph step copies
+        its views into static buffers, and its [5, B] block must stay contiguous."""
+        self.staging.begin_step()
+        flat = self.staging.to_device(ints)
+        lay = step.layout
+
+        def view(span: Span) -> torch.Tensor:
+            return flat[span.start:span.start + span.length]
+
+        prefill = None
+        if lay.cu_q is not None and lay.cu_k is not None:
+            prefill = PrefillLayout(cu_q=view(lay.cu_q).to(torch.int32), cu_k=view(lay.cu_k).to(torch.int32),
+                                    gather=view(lay.gather) if lay.gather is not None and lay.gather.length else None,
+                                    max_q=step.max_q, max_k=step.max_k)
+        meta = AttentionMetadata(
+            slot_mapping=view(lay.slots), query_start_loc=view(lay.qstart), context_lens=view(lay.context_lens),
+            block_tables=view(lay.tables).view(step.table_rows, step.table_width), num_decodes=step.num_decodes,
+            query_lens_host=step.query_lens, context_lens_host=step.context_lens, prefill=prefill,
+            decode_split=view(lay.split)[:1],
+        )
+        gb = step.graph_batch
+        fix = None
+        if lay.fix_dst is not None and lay.fix_src is not None:
+            fix = (view(lay.fix_dst), view(lay.fix_src))
+        return StepBatch(view(lay.ids), view(lay.positions), meta, view(lay.logits_idx), (), None,
                          graph_batch=gb, graph_ints=flat[:5 * gb].view(5, gb) if gb else None,
-                         logits_all_rows=len(samplers) == n_seqs and num_decodes == n_seqs,
-                         piecewise=not gb and self.piecewise is not None and n_tok <= self.piecewise.max_tokens,
-                         fix=(views[-2], views[-1]) if len(fix_dst) else None)
+                         logits_all_rows=step.logits_all_rows, piecewise=step.piecewise, fix=fix,
+                         num_sampled=step.num_sampled, share_tokens=step.share_tokens, packed=(step, ints))
 
     def _decode_split(self, clens: np.ndarray, grid_seqs: int) -> int:
         """The decode kernel's context split length for decodes of lengths ``clens`` in a grid of
@@ -270,22 +316,6 @@ class ModelRunner:
         spec = self.kv_cache.spec
         return decode_split_tokens(int(clens.max()), int(clens.sum()), grid_seqs, spec.num_kv_heads, self.device,
                                    decode_block_n(self.block_size))
-
-    def _upload(self, parts: list[np.ndarray], *, aligned: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``parts`` in one host->device copy, and a device view of each. ``aligned``: every view
-        starts 16-byte aligned. Eager steps pass views to Triton kernels, which compile a variant
-        per pointer-alignment class: unaligned offsets that vary with the step's token count
-        would make a new one appear mid-serving (~1 s under live requests). A graph step copies
-        its views into static buffers, and its [4, B] block must stay contiguous."""
-        lens = [len(p) for p in parts]
-        room = [n + (n & 1) for n in lens] if aligned else lens
-        starts = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum(room, out=starts[1:])
-        host = np.zeros(int(starts[-1]), dtype=np.int64)
-        for p, a in zip(parts, starts[:-1].tolist(), strict=True):
-            host[a:a + len(p)] = p
-        flat = self.staging.to_device(host)
-        return flat, [flat[a:a + n] for a, n in zip(starts[:-1].tolist(), lens, strict=True)]
 
     def _prefill_layout(self, entries, qlens: np.ndarray, clens: np.ndarray,  # type: ignore[no-untyped-def]
                         tables: np.ndarray):
@@ -316,7 +346,14 @@ class ModelRunner:
     # -- device side ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, batch: StepBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue the forward and the sampling; the tokens come back through ``LaunchedStep.wait``."""
+        """Queue the forward and the sampling; the tokens come back through ``LaunchedStep.wait``.
+
+        Under tensor parallelism every rank launches every step in the same order (rank 0
+        publishes it first): the forward's all-reduces and the logits' all-gather meet across
+        ranks; rank 0 samples, and with ``share_tokens`` broadcasts the tokens so that every
+        rank holds them for the next step's ``fix``."""
+        if self.publish is not None and batch.packed is not None:
+            self.publish(*batch.packed)
         self.num_steps += 1
         if self.device.type == "cuda" and self.device.index is not None:  # this thread launches there
             torch.cuda.set_device(self.device)
@@ -329,12 +366,12 @@ class ModelRunner:
                 raise ValueError("the step needs the in-flight step's tokens")
             dst, src = batch.fix
             batch.input_ids.index_copy_(0, dst, prev.tokens.index_select(0, src))
+        n = batch.num_sampled
         if batch.graph_batch:
             logits = self.graphs.replay(batch.graph_batch, batch.graph_ints,  # type: ignore[union-attr]
                                         batch.attn.block_tables)
             if batch.sampling is None:
-                return LaunchedStep((), None)
-            n = len(batch.request_ids)
+                return self._other_rank_tokens(batch)
             logits = logits[:n] if batch.logits_all_rows else logits.index_select(0, batch.logits_indices)
         else:
             self.attn.set_metadata(batch.attn)
@@ -342,13 +379,25 @@ class ModelRunner:
                 hidden = self.piecewise.forward(batch.input_ids, batch.positions, self.attn)  # type: ignore[union-attr]
             else:
                 hidden = self.model.forward(batch.input_ids, batch.positions, self.attn)
-            if batch.sampling is None:
+            if not n:
                 return LaunchedStep((), None)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # all-gathered under TP
+            if batch.sampling is None:
+                return self._other_rank_tokens(batch)
         tokens = self.sampler(logits.float(), batch.sampling)
+        if batch.share_tokens:
+            self.tp.broadcast(tokens, 0)  # type: ignore[union-attr]
         if events is not None:
             events[1].record()
         return LaunchedStep(batch.request_ids, tokens, self.staging.to_host(tokens), events)
+
+    def _other_rank_tokens(self, batch: StepBatch) -> LaunchedStep:
+        """A tensor-parallel rank other than 0 samples nothing; it receives rank 0's tokens when
+        a later step's inputs need them (and nothing else is ever read from its steps)."""
+        if not batch.share_tokens:
+            return LaunchedStep((), None)
+        tokens = torch.empty(batch.num_sampled, dtype=torch.int64, device=self.device)
+        return LaunchedStep((), self.tp.broadcast(tokens, 0))  # type: ignore[union-attr]
 
 
 class _BlockTables:
