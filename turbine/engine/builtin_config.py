@@ -37,6 +37,11 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
     host_kv_gb: float = 0.0
     disk_kv_gb: float = 0.0
     disk_kv_dir: str | None = None
+    # Tensor parallelism (turbine/engine/parallel): the model's heads, MLP and vocabulary split
+    # over this many ranks (GPUs device..device+N-1, or CPU processes with gloo); rank 0 is this
+    # process. A collective that waits longer than tp_timeout_s fails the engine instead of hanging it.
+    tensor_parallel_size: int = 1
+    tp_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -60,3 +65,9 @@ class BuiltinConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("KV tier sizes must be >= 0")
         if self.disk_kv_gb and not self.disk_kv_dir:
             raise ValueError("a disk KV tier (disk_kv_gb) needs a directory (disk_kv_dir)")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tp_timeout_s <= 0:
+            raise ValueError(f"tp_timeout_s must be positive, got {self.tp_timeout_s}")
+        if self.tensor_parallel_size > 1 and (self.host_kv_gb or self.disk_kv_gb):
+            raise ValueError("KV tiers (host_kv_gb, disk_kv_gb) are not supported with tensor_parallel_size > 1 yet")

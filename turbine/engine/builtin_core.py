@@ -35,23 +35,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-
 from turbine.engine.attention_api import CausalLM
 from turbine.engine.base import EngineStats
 from turbine.engine.block_manager import KVBlockManager
-from turbine.engine.kv_cache import (
-    CPU_DEFAULT_BYTES,
-    CPU_DEFAULT_MAX_TOKENS,
-    KVCache,
-    KVCacheSpec,
-    num_blocks_for_bytes,
-)
-from turbine.engine.model_runner import (
-    LaunchedStep,
-    ModelRunner,
-    StepBatch,
-    profile_activation_bytes,
+from turbine.engine.model_runner import LaunchedStep, StepBatch
+from turbine.engine.runner_setup import (
+    build_runner,
+    kv_spec,
+    local_num_blocks,
+    piecewise_tokens,
+    rank_device,
+    resolve_device,
 )
 from turbine.engine.sampler import check_sampling_options
 from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
@@ -64,23 +58,11 @@ from turbine.protocols.kv_events import BlockStored, KVEvent
 
 if TYPE_CHECKING:
     from turbine.engine.models import ModelConfig
+    from turbine.engine.parallel.executor import TPExecutor
 
 __all__ = ["BuiltinConfig", "BuiltinCore", "StepOutput", "StepResult", "resolve_device"]
 
 from turbine.engine.builtin_config import BuiltinConfig  # noqa: E402  (torch-free: the CLI builds it)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """The device and compute dtype a config asks for (auto: CUDA + bf16, else CPU + fp32)."""
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    if dtype is not None:
-        return dev, _DTYPES[dtype]
-    return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 class StepResult(NamedTuple):
@@ -111,26 +93,33 @@ class _Staged(NamedTuple):
 
 
 class BuiltinCore:
-    def __init__(self, model: CausalLM, model_config: ModelConfig, config: BuiltinConfig | None = None) -> None:
+    def __init__(self, model: CausalLM, model_config: ModelConfig, config: BuiltinConfig | None = None, *,
+                 executor: TPExecutor | None = None) -> None:
         """``model`` already on its device. Of ``model_config`` the core reads the shapes
-        (layers, heads, KV heads, head_dim, vocab), ``max_position_embeddings`` and ``eos_token_ids``."""
+        (layers, heads, KV heads, head_dim, vocab), ``max_position_embeddings`` and ``eos_token_ids``.
+        ``executor``: tensor parallelism, ``model`` being rank 0's shard (see ``load``)."""
         config = config if config is not None else BuiltinConfig()
         self.config = config
         self.model = model
         self.model_config = model_config
+        self.executor = executor
+        tp = executor.group if executor is not None else None
         self.device, self.dtype = resolve_device(config.device, config.dtype)
+        if tp is not None:
+            self.device = tp.device
         mc = model_config
         self.vocab_size = int(mc.vocab_size)
-        num_heads = int(mc.num_attention_heads)
         self.context_length = int(config.context_length or mc.max_position_embeddings)
         self.eos_token_ids: tuple[int, ...] = tuple(mc.eos_token_ids)
-        spec = KVCacheSpec(num_layers=int(mc.num_hidden_layers), num_kv_heads=int(mc.num_key_value_heads),
-                           head_dim=int(mc.head_dim), block_size=config.block_size, dtype=self.dtype)
-        graphs = config.cuda_graphs and self.device.type == "cuda"
-        self.piecewise_tokens = min(config.piecewise_graph_tokens, config.max_num_batched_tokens) if graphs else 0
-        num_blocks = config.num_gpu_blocks or self._auto_num_blocks(spec)
-        # With graphs one extra block, owned by no sequence, takes the padded rows' KV writes.
-        self.kv_cache = KVCache(spec, num_blocks + 1 if graphs else num_blocks, self.device)
+        spec = kv_spec(mc, config, self.dtype, tp)
+        self.piecewise_tokens = piecewise_tokens(config, self.device)
+        num_blocks = local_num_blocks(model, spec, config, self.device, self.vocab_size)
+        if executor is not None:  # every rank sized its own cache: all take the smallest
+            num_blocks = executor.agree_num_blocks(num_blocks)
+        self.runner = build_runner(model, mc, config, device=self.device, spec=spec, num_blocks=num_blocks, tp=tp)
+        self.kv_cache = self.runner.kv_cache
+        if executor is not None:
+            executor.wait_ready(self.runner)
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         host_blocks = int(config.host_kv_gb * 1e9 // spec.bytes_per_block)
         disk_blocks = int(config.disk_kv_gb * 1e9 // spec.bytes_per_block)
@@ -144,14 +133,6 @@ class BuiltinCore:
             self.block_manager,
             tiers=self.tiers,
         )
-        self.runner = ModelRunner(model, self.kv_cache, num_heads=num_heads, vocab_size=self.vocab_size,
-                                  eos_token_ids=self.eos_token_ids, sampler_seed=config.seed,
-                                  decode_kernel=config.decode_kernel, max_model_len=self.context_length,
-                                  pad_block=num_blocks if graphs else None)
-        if graphs and self.runner.attn.use_triton:
-            self.runner.capture_graphs(config.max_num_seqs)
-        if graphs and self.piecewise_tokens:
-            self.runner.capture_piecewise(self.piecewise_tokens)
         self.num_steps = 0
         self._lock = threading.Lock()
         self.tier_store = None
@@ -164,44 +145,37 @@ class BuiltinCore:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], config: BuiltinConfig | None = None) -> BuiltinCore:
-        """Load an HF-format checkpoint with Turbine's loader onto the configured device."""
+        """Load an HF-format checkpoint with Turbine's loader onto the configured device; with
+        ``tensor_parallel_size`` N > 1, start ranks 1..N-1 (parallel/executor.py), which load
+        their shards meanwhile, and load rank 0's shard here."""
         from turbine.engine.loader import load_model
 
         config = config if config is not None else BuiltinConfig()
         device, dtype = resolve_device(config.device, config.dtype)
-        model, model_config = load_model(model_dir, dtype=dtype, device=str(device))
-        return cls(model, model_config, config)
+        if config.tensor_parallel_size == 1:
+            model, model_config = load_model(model_dir, dtype=dtype, device=str(device))
+            return cls(model, model_config, config)
+        from turbine.engine.models import ModelConfig
+        from turbine.engine.models.parallel import TPShape
+        from turbine.engine.parallel.executor import TPExecutor
+
+        TPShape.of(ModelConfig.from_dir(model_dir), 0, config.tensor_parallel_size)  # a bad split fails before any spawn
+        executor = TPExecutor.start(model_dir, config, rank_device(device, 0, config.tensor_parallel_size))
+        try:
+            model, model_config = load_model(model_dir, dtype=dtype, device=executor.group.device, tp=executor.group)
+            return cls(model, model_config, config, executor=executor)
+        except BaseException as e:
+            executor.close()
+            raise executor.explain(e) from e
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them); idempotent."""
+        if self.executor is not None:
+            self.executor.close()
 
     @property
     def num_kv_blocks(self) -> int:
         return self.block_manager.num_blocks
-
-    def _auto_num_blocks(self, spec: KVCacheSpec) -> int:
-        cfg = self.config
-        if self.device.type != "cuda":
-            tokens = min(CPU_DEFAULT_BYTES // spec.bytes_per_token, CPU_DEFAULT_MAX_TOKENS)
-            return max(1, tokens // spec.block_size)
-        peak = profile_activation_bytes(self.model, num_tokens=cfg.max_num_batched_tokens,
-                                        num_seqs=cfg.max_num_seqs, vocab_size=self.vocab_size, device=self.device)
-        # gpu_memory_utilization is this engine's share of the device (several engines may share
-        # one GPU, as a prefill and a decode worker do): what this process holds counts against it,
-        # what other processes hold only limits it through the free memory.
-        free, total = torch.cuda.mem_get_info(self.device)
-        own = torch.cuda.memory_reserved(self.device)
-        budget = min(total * cfg.gpu_memory_utilization - own, free - (1 << 30)) - peak
-        if cfg.cuda_graphs:  # the graphs' float32 logits at the largest batch, and the pad block
-            budget -= cfg.max_num_seqs * self.vocab_size * 4 + spec.bytes_per_block
-            # the piecewise graphs' pool holds a step's activations at their largest bucket
-            budget -= peak * self.piecewise_tokens // cfg.max_num_batched_tokens
-        n = num_blocks_for_bytes(spec, int(budget))
-        if n < 1:
-            raise ValueError(
-                f"no room for a KV cache: {total / 2**30:.1f} GiB x {cfg.gpu_memory_utilization} (of which "
-                f"{free / 2**30:.1f} GiB free) leaves {budget / 2**30:.2f} GiB after this engine's "
-                f"{own / 2**30:.2f} GiB of weights and {peak / 2**30:.2f} GiB of activations; raise "
-                "gpu_memory_utilization or lower max_num_batched_tokens"
-            )
-        return n
 
     # -- requests ---------------------------------------------------------------------------------------
     def add_request(self, request: GenerateRequest, arrival_time: float | None = None) -> None:

@@ -10,6 +10,11 @@
 The forward never runs on the event loop; steps follow each other back to back without a round
 trip through it. ``add_request``/``abort`` take the core's lock only around scheduling, never
 across the forward, so the loop waits at most for a scheduling pass.
+
+Tensor parallelism: when a rank dies or a collective fails (the core's executor says so, from
+its watchdog or from the step thread), the engine is done for good: every open stream and every
+later request ends with "abort" (the frontend continues them on another worker) and
+``on_fatal`` runs on the loop (the worker process leaves discovery and exits non-zero).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from turbine.engine.base import EngineStats, KVEventSink
@@ -91,6 +96,10 @@ class BuiltinEngine(KvTransferEndpoints):
         self._settled = threading.Event()  # the loop has run the consumers of every posted result
         self._settled.set()
         self.settle_wait_s = _SETTLE_WAIT_S
+        self.failure: str | None = None  # why a tensor-parallel rank took this engine down
+        self.on_fatal: Callable[[BaseException], None] | None = None  # called once, on the loop, after it
+        if core.executor is not None:
+            core.executor.on_failure(self._rank_failed)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,13 +117,15 @@ class BuiltinEngine(KvTransferEndpoints):
         if thread is not None:
             self._stopping.set()
             self._wake.set()
-            await asyncio.to_thread(thread.join)
+            # after a rank failure the step thread may sit in a broken collective until its timeout
+            await asyncio.to_thread(thread.join, 10.0 if self.failure is not None else None)
         for t in list(self._onboards):
             with contextlib.suppress(BaseException):
                 await t  # a copy in flight finishes (threads cannot be cancelled)
         self._hub.finish_all("abort")
         if self.core.tier_store is not None:
             await asyncio.to_thread(self.core.tier_store.close)
+        await asyncio.to_thread(self.core.close)
 
     def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
         self._hub.sink = sink
@@ -127,8 +138,9 @@ class BuiltinEngine(KvTransferEndpoints):
     @property
     def kv_data(self) -> Any:
         """The paged KV cache tensor ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` that
-        transfer backends read and write."""
-        return self.core.kv_cache.data
+        transfer backends read and write (None under tensor parallelism: rank 0 holds only its
+        heads, so this engine takes no part in disaggregation)."""
+        return self.core.kv_cache.data if self.core.executor is None else None
 
     def _onboard(self, order: Any) -> None:
         """Copy a sequence's blocks up from the host/disk tiers on a thread; a corrupt disk block
@@ -168,9 +180,33 @@ class BuiltinEngine(KvTransferEndpoints):
         Raises ValueError for a request this engine can never serve, RuntimeError if stopped.
         Closing or cancelling the stream aborts the request and frees its blocks at once.
         """
+        if self.failure is not None:
+            return _aborted()
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("BuiltinEngine is not running: await start() first")
         return self._hub.generate(request)
+
+    # -- tensor-parallel failure ---------------------------------------------------------------------
+    def _rank_failed(self, reason: str) -> None:
+        """The executor's failure callback (any thread): finish on the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._fatal, reason)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _fatal(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self._stopping.set()
+        self._wake.set()
+        self._hub.finish_all("abort")  # the frontend continues these streams on another worker
+        if self.on_fatal is not None:
+            from turbine.engine.parallel.executor import RankFailure
+
+            self.on_fatal(RankFailure(reason))
 
     # -- the step thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -191,6 +227,10 @@ class BuiltinEngine(KvTransferEndpoints):
                 if not result.outputs and not core.in_flight:  # nothing could run; wait for the queue to change
                     self._wait_for_wake()
         except BaseException as exc:
+            if core.executor is not None:  # a broken collective, a dead rank: the group is done
+                log.error("builtin engine step failed under tensor parallelism: %r", exc)
+                core.executor.step_failed(exc)
+                return
             log.error("builtin engine step thread crashed", exc_info=exc)
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._hub.finish_all, "error", f"engine failure: {exc!r}")
@@ -221,3 +261,9 @@ class BuiltinEngine(KvTransferEndpoints):
         self._hub.deliver(result)
         # after the consumers this delivery woke (FIFO): then the step thread may launch again
         self._loop.call_soon(self._settled.set)  # type: ignore[union-attr]
+
+
+async def _aborted() -> AsyncIterator[GenerateDelta]:
+    """The stream of a request that arrives after the engine failed: "abort" at once (the
+    frontend sends it to another worker)."""
+    yield GenerateDelta(finish_reason="abort")
