@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> Non
                    help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of GPU memory for weights + activations + KV cache")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N ranks: GPUs --device..+N-1 (NCCL), or N CPU processes (gloo)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -286,6 +289,7 @@ def _worker_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     try:
         builtin = BuiltinConfig(device=args.device, dtype=args.dtype, block_size=args.block_size or 16,
                                 num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                                tensor_parallel_size=args.tensor_parallel_size,
                                 host_kv_gb=args.host_kv_gb, disk_kv_gb=args.disk_kv_gb, disk_kv_dir=args.disk_kv_dir,
                                 **shared)
     except ValueError as e:
@@ -555,6 +559,11 @@ def main(argv: list[str] | None = None) -> None:
         pass
     except OSError as e:
         raise SystemExit(f"turbine: {e}") from None
+    from turbine.launch import engine_failure
+
+    if engine_failure() is not None:  # it drained; exit now, not through a broken process group's teardown
+        logging.shutdown()
+        os._exit(1)
 
 
 if __name__ == "__main__":

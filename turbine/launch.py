@@ -130,10 +130,13 @@ def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
     cfg = opts.builtin
     if opts.context_length is not None:
         cfg = msgspec.structs.replace(cfg, context_length=opts.context_length)
+    if cfg.tensor_parallel_size > 1 and ROLES.get(opts.role) != "aggregated":
+        raise SystemExit("turbine: prefill and decode workers need --tensor-parallel-size 1 for now")
     try:
         engine = BuiltinEngine.from_core(BuiltinCore.load(opts.model_dir, cfg))
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"turbine: cannot start the builtin engine on {opts.model_dir}: {e}") from None
+    engine.on_fatal = _terminate_self  # a tensor-parallel rank died: this process leaves, its requests migrate
     card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir), block_size=engine.block_size,
                      total_kv_blocks=engine.num_kv_blocks, max_num_seqs=engine.max_num_seqs,
                      context_length=engine.context_length, engine="builtin",
@@ -158,10 +161,20 @@ def _build_vllm(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
     return engine, engine.model_card(name, opts.model_dir)
 
 
+_ENGINE_FAILURES: list[BaseException] = []
+
+
 def _terminate_self(err: BaseException) -> None:
-    """A dead engine ends its process the orderly way: it leaves discovery, its requests migrate."""
+    """A dead engine ends its process the orderly way: it leaves discovery, its requests migrate;
+    the process then exits non-zero (``engine_failure``)."""
     log.error("engine failure (%r): stopping this process", err)
+    _ENGINE_FAILURES.append(err)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def engine_failure() -> BaseException | None:
+    """The first engine failure that stopped this process (None: none did)."""
+    return _ENGINE_FAILURES[0] if _ENGINE_FAILURES else None
 
 
 def make_transfer(opts: WorkerOptions, engine: Engine, client: RequestPlaneClient, *,

@@ -145,3 +145,30 @@ def test_gpus() -> None:
         get_gpu("a100")
     with pytest.raises(ValueError):
         replace(TOY_GPU, hbm_efficiency=1.5)
+
+
+def test_a_tensor_parallel_profile_anchors_the_model_at_its_layout(h200: dict) -> None:
+    """A profile measured at TP=2 (meta "parallel", as `turbine profile --tensor-parallel-size 2`
+    writes it) is the model at TP=2, point for point; other layouts scale from there."""
+    from turbine.planner.perf_model import profile_parallel
+
+    shape = get_shape("llama3.1-8b")
+    tp1 = PerfModel(shape, "h200", profile=h200)
+    tp2_profile = tp1.profile_for(Parallel(tp=2))  # stands in for a TP=2 measurement
+    assert profile_parallel(tp2_profile) == Parallel(tp=2)
+    assert profile_parallel({"meta": {"tensor_parallel_size": 4}}) == Parallel(tp=4)
+    assert profile_parallel({"meta": {}}) == Parallel()
+    m = PerfModel(shape, "h200", profile=tp2_profile)
+    assert m.base == Parallel(tp=2)
+    timing = ProfileTiming(tp2_profile)
+    dec = tp2_profile["decode"]
+    for b in dec["batch_size"]:
+        for L in dec["context_length"]:
+            step = Step(decode_seqs=b, decode_context=L)
+            assert m.step_ms(step, Parallel(tp=2)) == pytest.approx(timing.decode_ms(b, L))
+            # back to TP=1 through the TP=2 anchor: near the TP=1 measurement it was derived from
+            assert m.step_ms(step, Parallel()) == pytest.approx(tp1.step_ms(step), rel=0.05)
+    for n in tp2_profile["prefill"]["new_tokens"]:
+        step = Step(prefill_tokens=n, prefill_seqs=1)
+        assert m.step_ms(step, Parallel(tp=2)) == pytest.approx(timing.prefill_ms(n, 0.0))
+        assert m.step_ms(step, Parallel()) == pytest.approx(tp1.step_ms(step), rel=0.05)

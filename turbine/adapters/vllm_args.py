@@ -29,6 +29,7 @@ SHARED_FLAGS: dict[str, str] = {
     "--context-length": "--max-model-len",
     "--dtype": "--dtype",
     "--gpu-memory-utilization": "--gpu-memory-utilization",
+    "--tensor-parallel-size": "--tensor-parallel-size",
 }
 # Turbine flags with no vLLM meaning: refused with --engine vllm rather than silently ignored.
 FOREIGN_FLAGS = ("--device", "--speedup-ratio", "--profile", "--mock-async-scheduling")

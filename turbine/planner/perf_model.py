@@ -10,16 +10,22 @@ a sum of rooflines, one per kind of work, plus communication, plus a fixed cost 
                     + dispatch + combine per MoE layer (EP)    2 latency(ep) + T/ep * k*h*3 * (ep-1)/ep / link
                     + a hop between pipeline stages (PP)       latency + T*h*2 / link
     step_ms         = O + work + comm                    (no measured profile: the analytical model)
-    step_ms         = O + (measured_TP1 - O) * work(par) / work(TP1) + comm(par)
+    step_ms         = O + (measured - O - comm(base)) * work(par) / work(base) + comm(par)
                                                          (a measured profile: anchored to it)
+
+``base`` is the layout the profile was measured at: its meta's ``parallel`` ("TP2", as `turbine
+profile --tensor-parallel-size 2` and `profile_for` write it) or ``tensor_parallel_size``, else
+TP=1. At ``base`` the prediction is the measurement; elsewhere the measured time less the
+base's own communication is scaled by the work ratio and the layout's communication is added.
 
 ``F`` and ``B`` are the GPU's bf16 rate and HBM bandwidth times their efficiencies; ``O`` is the
 engine's fixed cost per step (scheduling, launches): one for graphed decode steps, one for eager
 steps with prompt tokens. With a measured TP=1 profile of the same model on the same GPU, each
 ``O`` is the profile's smallest step of its kind less its weight-read roofline, the matmul
 efficiency is fitted to its largest prefill, and every prediction is the
-measured time with the work part scaled by the analytical ratio: at TP=1 the prediction *is*
-the profile (`ProfileTiming`), point for point. A shape without a profile (a mixture of experts,
+measured time with the work part scaled by the analytical ratio: at the profile's own layout
+(TP=1 unless its meta says otherwise) the prediction *is* the profile (`ProfileTiming`), point
+for point. A shape without a profile (a mixture of experts,
 another GPU) takes ``O`` and the efficiencies fitted on the GPU's dense profile when one is
 given, else the datasheet figures in `turbine.planner.gpus`.
 
@@ -152,12 +158,14 @@ class PerfModel:
 
     def __init__(self, shape: ModelShape, gpu: GpuSpec | str, *, profile: dict[str, Any] | None = None,
                  calibration: dict[str, Any] | None = None) -> None:
-        """``profile``: a measured TP=1 profile of this very shape on this GPU (predictions are
-        anchored to it); ``calibration``: a dense profile of another model on this GPU, used only
-        to fit the step overhead and matmul efficiency."""
+        """``profile``: a measured profile of this very shape on this GPU (predictions are
+        anchored to it, at the layout it was measured at: ``base``); ``calibration``: a dense
+        profile of another model on this GPU, used only to fit the step overhead and matmul
+        efficiency."""
         self.shape = shape
         self.gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
         self.profile = profile
+        self.base = profile_parallel(profile) if profile is not None else Parallel()
         self.timing = ProfileTiming(profile) if profile is not None else None
         self.overhead_ms = DEFAULT_STEP_OVERHEAD_MS
         self.prefill_overhead_ms = DEFAULT_PREFILL_OVERHEAD_MS
@@ -167,23 +175,29 @@ class PerfModel:
 
     # -- calibration ---------------------------------------------------------------------------
     def _calibrate(self, profile: dict[str, Any], shape: ModelShape | None) -> None:
-        """Fit the fixed step costs and the matmul efficiency to a measured TP=1 profile."""
+        """Fit the fixed step costs and the matmul efficiency to a measured profile (of its layout)."""
         if shape is None:
             return  # a profile of a model we cannot name: keep the datasheet figures
         timing = ProfileTiming(profile)
         probe = PerfModel(shape, self.gpu)
+        base = profile_parallel(profile)
+
+        def roofline_ms(step: Step) -> float:  # what the step costs beyond the fixed one, at the base layout
+            bd = probe.breakdown(step, base)
+            return (bd.work + bd.comm) * 1e3
+
         ctx0 = timing.decode.y[0] if timing.decode.y else 0.0
         b1 = Step(decode_seqs=1, decode_context=ctx0)
         # Decode steps (CUDA graphs) and steps with prompt tokens (eager) pay different fixed costs:
         # each is the smallest measured step less its roofline, which is weight reads at that size.
-        self.overhead_ms = max(0.0, timing.decode_ms(1, ctx0) - probe.breakdown(b1, Parallel()).work * 1e3)
+        self.overhead_ms = max(0.0, timing.decode_ms(1, ctx0) - roofline_ms(b1))
         n0 = int(timing.prefill.x[0])
         small = Step(prefill_tokens=n0, prefill_seqs=1)
-        self.prefill_overhead_ms = max(0.0, timing.prefill_ms(n0) - probe.breakdown(small, Parallel()).work * 1e3)
+        self.prefill_overhead_ms = max(0.0, timing.prefill_ms(n0) - roofline_ms(small))
         n = int(timing.prefill.x[-1])
         big = Step(prefill_tokens=n, prefill_seqs=1)
-        measured_s = (timing.prefill_ms(n) - self.prefill_overhead_ms) / 1e3
-        flops = probe.flops(big)
+        measured_s = (timing.prefill_ms(n) - self.prefill_overhead_ms) / 1e3 - probe.comm_s(big, base)
+        flops = probe.flops(big) / base.tp  # one rank's share
         if measured_s > 0 and flops > 0:
             # The largest prefill is compute-bound: its measured time is its FLOPs at the achieved rate.
             eff = min(1.0, flops / measured_s / (self.gpu.bf16_tflops * 1e12))
@@ -302,12 +316,12 @@ class PerfModel:
             return bd.total * 1e3
         measured = self.timing.mixed_ms(step.prefill_tokens, step.prefill_context, step.decode_seqs,
                                         step.decode_context)
-        if par == Parallel():
+        if par == self.base:
             return measured
-        base = self.breakdown(step, Parallel()).work
-        ratio = bd.work / base if base > 0 else 1.0
+        base = self.breakdown(step, self.base)
+        ratio = bd.work / base.work if base.work > 0 else 1.0
         o = self.step_overhead_ms(step)
-        return o + max(0.0, measured - o) * ratio + bd.comm * 1e3
+        return o + max(0.0, measured - o - base.comm * 1e3) * ratio + bd.comm * 1e3
 
     # -- memory --------------------------------------------------------------------------------
     def weights_per_gpu_gb(self, par: Parallel) -> float:
@@ -329,7 +343,7 @@ class PerfModel:
     # -- as a mocker profile ----------------------------------------------------------------------
     def profile_for(self, par: Parallel) -> dict[str, Any]:
         """A timing profile (turbine/mocker/README.md format) predicting ``par``: what the mocker
-        and the simulator replay. At TP=1 with a measured profile it is that profile's values."""
+        and the simulator replay. At the measured profile's own layout it is that profile's values."""
         base = self.profile or _default_grid()
         pre, dec = base["prefill"], base["decode"]
         ctxs = pre.get("cached_tokens") or [0]
@@ -370,17 +384,28 @@ class PerfModel:
         i, j = self.timing.mixed.x.index(n), self.timing.mixed.y.index(b)  # type: ignore[union-attr]
         measured = self.timing.mixed.ms[i][j]
         step = Step(prefill_tokens=n, prefill_seqs=1, decode_seqs=b, decode_context=ctx)
-        if par == Parallel():
+        if par == self.base:
             return measured
-        bd, base = self.breakdown(step, par), self.breakdown(step, Parallel()).work
+        bd, base = self.breakdown(step, par), self.breakdown(step, self.base)
         o = self.prefill_overhead_ms
-        return o + max(0.0, measured - o) * (bd.work / base) + bd.comm * 1e3
+        return o + max(0.0, measured - o - base.comm * 1e3) * (bd.work / base.work) + bd.comm * 1e3
 
 
 def _default_grid() -> dict[str, Any]:
     return {"prefill": {"new_tokens": [16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384], "cached_tokens": [0, 1024, 4096]},
             "decode": {"batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
                        "context_length": [128, 512, 1024, 2048, 4096, 8192]}}
+
+
+def profile_parallel(profile: dict[str, Any]) -> Parallel:
+    """The layout a profile was measured (or predicted) at: meta ``parallel`` ("TP2"), else meta
+    ``tensor_parallel_size``, else TP=1."""
+    meta = profile.get("meta") or {}
+    label = meta.get("parallel")
+    if isinstance(label, str) and label:
+        return Parallel.parse(label)
+    tp = meta.get("tensor_parallel_size")
+    return Parallel(tp=int(tp)) if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else Parallel()
 
 
 def _profile_shape(profile: dict[str, Any]) -> ModelShape | None:
@@ -394,4 +419,4 @@ def _profile_shape(profile: dict[str, Any]) -> ModelShape | None:
         return None
 
 
-__all__ = ["Breakdown", "Parallel", "PerfModel", "Step"]
+__all__ = ["Breakdown", "Parallel", "PerfModel", "Step", "profile_parallel"]

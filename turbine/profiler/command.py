@@ -41,18 +41,21 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=16384,
                    help="largest prefill step measured (a serving engine's budget may be smaller)")
     g.add_argument("--context-length", type=int, default=None, help="default: the model's max_position_embeddings")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="measure the engine split over N ranks (recorded in the profile's meta)")
 
 
 def load_builtin_core(model: Path, *, device: str | None = None, dtype: str | None = None, block_size: int = 16,
                       num_gpu_blocks: int | None = None, gpu_memory_utilization: float = 0.85,
                       max_num_seqs: int = 256, max_num_batched_tokens: int = 16384,
-                      context_length: int | None = None) -> Any:
+                      context_length: int | None = None, tensor_parallel_size: int = 1) -> Any:
     """A ``BuiltinCore`` over ``model`` (blocking: loads the weights)."""
     from turbine.engine.builtin_core import BuiltinConfig, BuiltinCore
 
     config = BuiltinConfig(device=device, dtype=dtype, block_size=block_size, num_gpu_blocks=num_gpu_blocks,
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens, context_length=context_length)
+                           max_num_batched_tokens=max_num_batched_tokens, context_length=context_length,
+                           tensor_parallel_size=tensor_parallel_size)
     return BuiltinCore.load(model, config)
 
 
@@ -62,9 +65,13 @@ def builtin_meta(core: Any, model: str | os.PathLike[str]) -> dict[str, Any]:
 
     dev = core.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    tp = int(getattr(core.config, "tensor_parallel_size", 1))
+    # "parallel" and "gpus" as the planner's predicted profiles write them (perf_model.profile_for):
+    # the planner anchors its model to the layout a profile was measured at.
     return {"model": Path(model).name, "model_dir": str(model), "engine": "builtin", "device": name,
             "device_type": dev.type, "dtype": str(core.dtype).removeprefix("torch."), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "block_size": core.config.block_size}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "block_size": core.config.block_size,
+            "tensor_parallel_size": tp, "parallel": f"TP{tp}", "gpus": tp}
 
 
 def builtin_sync(core: Any) -> Any:
@@ -103,7 +110,8 @@ def write_profile(path: str | os.PathLike[str], profile: dict[str, Any]) -> Path
 
 def main_from_args(a: argparse.Namespace) -> int:
     """Run ``turbine profile``; 0 on success, 2 on bad input."""
-    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "repeats", "warmup"):
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "repeats", "warmup",
+                 "tensor_parallel_size"):
         v = getattr(a, name)
         if v is not None and v < (0 if name == "warmup" else 1):
             print(f"error: --{name.replace('_', '-')} must be at least {0 if name == 'warmup' else 1}", file=sys.stderr)
@@ -120,7 +128,7 @@ def main_from_args(a: argparse.Namespace) -> int:
         core = load_builtin_core(a.model, device=a.device, dtype=a.dtype, block_size=a.block_size,
                                  num_gpu_blocks=a.num_gpu_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                                  max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                                 context_length=a.context_length)
+                                 context_length=a.context_length, tensor_parallel_size=a.tensor_parallel_size)
     except ImportError as e:
         print(f"error: the builtin engine needs the engine extra (pip install 'turbine[engine]'): {e}", file=sys.stderr)
         return 2
@@ -132,6 +140,8 @@ def main_from_args(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        core.close()
     profile["meta"] = {**builtin_meta(core, a.model), "grid": "quick" if a.quick else "default", **profile["meta"]}
     path = write_profile(a.out, profile)
     print(f"wrote {path} ({profile['meta']['profile_s']} s of measuring)")
