@@ -1,8 +1,9 @@
 """Execute one scheduled step: pack every scheduled token into one forward, sample, return tokens.
 
-    SchedulerOutput ──prepare()──▶ StepBatch (host-built, one host→device copy)
-                                   input_ids / positions [T], slot mapping, block tables,
-                                   context lengths, logits rows, sampling parameters
+    SchedulerOutput ──prepare()──▶ StepBatch = pack() (host: a PackedStep, every integer in one
+                                   int64 buffer with named spans) + upload() (one host→device copy,
+                                   views: input_ids / positions [T], slot mapping, block tables,
+                                   context lengths, logits rows) + sampling parameters
                     ──launch()───▶ model.forward(input_ids, positions, PagedAttention)
                                    logits of each sequence's last token ─▶ sampler
                                    ─▶ LaunchedStep: tokens on the device, copy to the host queued
@@ -18,7 +19,9 @@ reserved pad block), ``launch`` copies the packed integers into the graph's stat
 device copies) and replays. Prefill and mixed steps run eagerly.
 
 ``prepare`` reads sequences (the caller holds the scheduler's lock); ``launch`` touches only the
-batch, so requests can be added or aborted while the device works. A sequence whose computed
+batch, so requests can be added or aborted while the device works. Under tensor parallelism
+(parallel/) rank 0's ``launch`` first publishes the ``PackedStep`` to the other ranks, which
+``upload`` and ``launch`` it too: only rank 0 packs from sequences and samples. A sequence whose computed
 count was reset by a preemption is simply packed from position 0 again; a prefix-cache hit
 starts at its first uncached token. Either way the runner trusts ``num_computed_tokens`` and
 ``block_table``: it owns no per-request state.
