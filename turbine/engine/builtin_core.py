@@ -165,8 +165,11 @@ class BuiltinCore:
             model, model_config = load_model(model_dir, dtype=dtype, device=executor.group.device, tp=executor.group)
             return cls(model, model_config, config, executor=executor)
         except BaseException as e:
+            err = executor.explain(e)  # before close: it reads what the other ranks reported
             executor.close()
-            raise executor.explain(e) from e
+            if err is e:
+                raise
+            raise err from e
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do without them); idempotent."""

@@ -55,6 +55,9 @@ __all__ = ["RankFailure", "TPExecutor"]
 log = logging.getLogger(__name__)
 
 _JOIN_S = 5.0  # a rank's orderly exit after Shutdown, before it is terminated
+# A start-up report may take long (a rank loading a large shard); a rank that dies meanwhile is seen
+# at once through its sentinel, so this bound only catches a rank that hangs while starting.
+_START_S = 1800.0
 _WATCH_S = 0.5  # the watchdog's poll of the closing flag between sentinel waits
 
 
@@ -136,8 +139,8 @@ class TPExecutor:
 
     def _recv(self, rk: _Rank, kind: type) -> Any:
         """The next report of rank ``rk``, which must be a ``kind``; raises RankFailure if the rank
-        fails, dies, or says nothing within the group's timeout."""
-        deadline = time.monotonic() + self.config.tp_timeout_s
+        fails, dies, or says nothing for ``_START_S``."""
+        deadline = time.monotonic() + _START_S
         while True:
             ready = mpc.wait([rk.conn, rk.proc.sentinel], max(0.0, deadline - time.monotonic()))
             if rk.conn in ready:
@@ -154,8 +157,7 @@ class TPExecutor:
                     raise RankFailure(f"tensor-parallel rank {rk.rank} sent {type(msg).__name__}, "
                                       f"expected {kind.__name__}")
             if not ready:
-                raise RankFailure(f"tensor-parallel rank {rk.rank} sent no {kind.__name__} within "
-                                  f"{self.config.tp_timeout_s:.0f} s")
+                raise RankFailure(f"tensor-parallel rank {rk.rank} sent no {kind.__name__} within {_START_S:.0f} s")
             if rk.proc.sentinel in ready or not rk.proc.is_alive():
                 rk.proc.join(1.0)
                 raise RankFailure(f"tensor-parallel rank {rk.rank} exited with code {rk.proc.exitcode} "
@@ -186,9 +188,9 @@ class TPExecutor:
         return box["value"]
 
     def explain(self, err: BaseException) -> BaseException:
-        """A start-up error of rank 0, with the first failure another rank reported (the root cause
-        when rank 0 only saw its collective break)."""
-        if isinstance(err, RankFailure):
+        """A start-up error of rank 0, or, when rank 0 only saw a collective break (a RuntimeError),
+        the first failure another rank reported (the root cause)."""
+        if isinstance(err, RankFailure) or not isinstance(err, RuntimeError):
             return err
         for rk in self.ranks:
             self._collect_error(rk)
