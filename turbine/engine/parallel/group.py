@@ -49,11 +49,15 @@ class TPGroup:
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
             store = dist.TCPStore(_HOST, port, size, False, timeout=timeout)
+        port = store.port
         store = dist.PrefixStore("turbine-tp", store)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             opts = dist.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = False
             opts._timeout = timeout
+            opts.global_ranks_in_group = list(range(size))
+            opts.group_name = f"turbine-tp-{port}"  # unique per engine in a process
             backend = dist.ProcessGroupNCCL(store, rank, size, opts)
             backend.eager_connect_single_device(device)  # the communicator now, not inside a graph capture
         else:
