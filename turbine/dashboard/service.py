@@ -158,7 +158,7 @@ class Dashboard:
         if not self.hub.clients:
             self.snapshots.decisions(delta=True)  # advance the cursors: a later page starts from its snapshot
             self.snapshots.planner_actions(delta=True)
-            self._known = {w.id for w in self.snapshots.workers()}
+            self._known = {w for m in self.frontend.registry.models.values() for w in m.workers}
             return
         self.hub.publish(sse_event(_encode(self.update(reset=False, point=point))))
 
