@@ -127,3 +127,15 @@ def test_a_report_that_still_counts_a_finished_own_request_adds_no_phantom_load(
     other.loads.routed("o", "w0", 4000)
     a.reported_load(report("w0", a, other))
     assert (ld.queued, ld.prefill_tokens) == (1, 4000)
+
+
+def test_a_predicted_hit_is_not_reported_back_as_queue() -> None:
+    """The worker reports a waiting prompt whole; the router counted only its uncached part."""
+    clock = Clock()
+    a, _ = frontends(True, 0, clock)
+    a.reported_load(report("w0", a))
+    a.loads.routed("hit", "w0", 4000, cached_tokens=3840)  # 160 tokens to compute
+    a.reported_load(WorkerLoad(worker_id="w0", model_name="m", kv_active_blocks=63, kv_total_blocks=16384,
+                               num_running=0, num_waiting=1, prefill_tokens=4000))
+    ld = a.loads.workers["w0"]
+    assert (ld.prefill_tokens, ld.foreign_prefill_tokens, ld.queued) == (160, 0, 1)

@@ -8,7 +8,10 @@ bookkeeping at the moment it arrives:
     foreign = max(0, reported - own_peak)  per quantity (requests, queued, prompt tokens, blocks)
     load    = own + foreign                what the policies read
 
-``own_peak`` is the most this router had on the worker since the previous report: a report
+Prompt tokens are compared whole: a worker reports a waiting prompt's full length (its prefix
+hit is known only at admission), so the router's side of the comparison is its own requests'
+full prompts, not their uncached part (else every predicted hit would come back as phantom
+queue). ``own_peak`` is the most this router had on the worker since the previous report: a report
 was taken a little before it arrives, so it may still count an own request that has finished
 since (counting that as another frontend's would turn every finished request into phantom load
 for a report period); the cost is that another frontend's load hidden under our own peak is
@@ -40,11 +43,17 @@ class LoadEstimate:
     foreign_queued: int = 0
     foreign_until: float = 0.0  # the foreign part lapses then (router clock)
     version: int = 0
-    peak: tuple[int, int, int, int] = (0, 0, 0, 0)  # own()'s largest values since the last report
+    own_prompt_tokens: int = 0  # whole prompts of this router's requests waiting for a first token
+    peak: tuple[int, int, int, int] = (0, 0, 0, 0)  # reportable()'s largest values since the last report
 
     def own(self) -> tuple[int, int, int, int]:
         """(requests, prefill tokens, blocks, queued) of this router's own requests."""
         return (self.active_requests - self.foreign_requests, self.prefill_tokens - self.foreign_prefill_tokens,
+                self.decode_blocks - self.foreign_blocks, self.queued - self.foreign_queued)
+
+    def reportable(self) -> tuple[int, int, int, int]:
+        """Own load as a worker would report it: (requests, whole prompt tokens, blocks, queued)."""
+        return (self.active_requests - self.foreign_requests, self.own_prompt_tokens,
                 self.decode_blocks - self.foreign_blocks, self.queued - self.foreign_queued)
 
 
@@ -53,6 +62,7 @@ class _Routed:
     worker_id: str
     prefill_tokens: int
     blocks: int
+    prompt_tokens: int
     prefilling: bool = True
 
 
@@ -83,14 +93,15 @@ class LoadTracker:
             load = self.workers[worker_id] = LoadEstimate()
         new_tokens = max(prompt_tokens - cached_tokens, 0)
         blocks = -(-prompt_tokens // self.block_size)
-        self._requests[request_id] = _Routed(worker_id, new_tokens, blocks)
+        self._requests[request_id] = _Routed(worker_id, new_tokens, blocks, prompt_tokens)
         load.active_requests += 1
         load.prefill_tokens += new_tokens
+        load.own_prompt_tokens += prompt_tokens
         load.decode_blocks += blocks
         load.queued += 1
         load.version += 1
         if self._foreign_seen:
-            load.peak = tuple(map(max, load.peak, load.own()))  # type: ignore[assignment]
+            load.peak = tuple(map(max, load.peak, load.reportable()))  # type: ignore[assignment]
 
     def first_token(self, request_id: str) -> None:
         r = self._requests.get(request_id)
@@ -100,6 +111,7 @@ class LoadTracker:
         load = self.workers.get(r.worker_id)
         if load is not None:
             load.prefill_tokens -= r.prefill_tokens
+            load.own_prompt_tokens -= r.prompt_tokens
             load.queued -= 1
             load.version += 1
 
@@ -114,6 +126,7 @@ class LoadTracker:
         load.decode_blocks -= r.blocks
         if r.prefilling:
             load.prefill_tokens -= r.prefill_tokens
+            load.own_prompt_tokens -= r.prompt_tokens
             load.queued -= 1
         load.version += 1
 
@@ -126,7 +139,7 @@ class LoadTracker:
             return  # not (or no longer) a worker of this router's
         self._foreign_seen = True
         self._set_foreign(load, 0, 0, 0, 0)
-        own = load.own()
+        own = load.reportable()
         own_req, own_prefill, own_blocks, own_queued = map(max, load.peak, own)
         load.peak = own
         self._set_foreign(load, max(0, requests - own_req), max(0, prefill_tokens - own_prefill),
