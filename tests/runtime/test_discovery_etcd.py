@@ -245,3 +245,27 @@ async def test_malformed_records_are_skipped_and_counted(etcd) -> None:  # type:
     finally:
         await w.close()
         await admin.close()
+
+
+async def test_closing_a_client_that_swallows_its_cancellation_is_still_bounded() -> None:
+    """aetcd's watcher catches the CancelledError of a close it awaits (Watcher._terminate_stream);
+    a timeout around that close would be swallowed and close() would wait on. Ours returns."""
+    from turbine.runtime import discovery_etcd
+
+    release = asyncio.Event()
+
+    class Stubborn:
+        async def close(self) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # as aetcd does
+            await release.wait()  # and then waits on, with no timer of its own
+
+    t0 = time.monotonic()
+    await discovery_etcd._close_bounded(Stubborn(), 0.3)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 1.0
+    assert len(discovery_etcd._teardowns) == 1  # left to finish, still referenced
+    release.set()
+    await asyncio.wait(set(discovery_etcd._teardowns), timeout=2)
+    assert not discovery_etcd._teardowns

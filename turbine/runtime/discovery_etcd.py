@@ -20,7 +20,12 @@ Two tasks, each the only user of its own etcd connection:
 - the follower keeps the view: it lists the prefix, then watches from the listing's revision + 1.
   When the watch fails (etcd restarted, a connection dropped, a revision compacted) it lists and
   watches again, and the difference from the last view goes to watchers as removals and
-  additions. While etcd is unreachable the view keeps its last state: workers still serve, and
+  additions.
+
+After a failure either task drops its client and makes a new one (a new gRPC channel; aetcd's
+watcher is never reused after its stream broke). Closing a client is waited for at most a
+second, in a task of its own: aetcd swallows a cancellation there, so a plain timeout could
+leave ``close()`` waiting on nothing. While etcd is unreachable the view keeps its last state: workers still serve, and
   the request plane notices the dead ones.
 
 ``register`` waits (bounded by ``timeout_s``) until its key is in etcd, else raises
@@ -73,8 +78,32 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Instance)
 
 
+_teardowns: set[asyncio.Task[None]] = set()  # client closes that outlived their wait (kept referenced)
+
+
+async def _close_bounded(client: aetcd.Client, timeout_s: float) -> None:
+    """Close an aetcd client, waiting at most ``timeout_s``. The close runs in a task of its own:
+    aetcd's watcher swallows a CancelledError while it waits for its stream task, so a close
+    cancelled by a timeout could go on waiting on nothing; a close that outlives the wait is
+    cancelled and left to finish in the background."""
+    task = asyncio.ensure_future(client.close())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except BaseException:
+        done = set()
+        raise
+    finally:
+        if not done:
+            task.cancel()
+            _teardowns.add(task)
+            task.add_done_callback(_teardowns.discard)
+    if done and not task.cancelled() and task.exception() is not None:
+        log.debug("etcd discovery: closing a client: %r", task.exception())
+
+
 class _Connection:
-    """One aetcd client at a time over a list of endpoints; ``failed()`` moves to the next one."""
+    """One aetcd client at a time over a list of endpoints. ``failed()`` drops the client (a new
+    one, with a new channel and watcher, replaces it) and moves to the next endpoint."""
 
     def __init__(self, endpoints: Sequence[tuple[str, int]], timeout_s: float) -> None:
         self.endpoints = list(endpoints)
@@ -95,17 +124,13 @@ class _Connection:
         return self._client
 
     async def failed(self) -> None:
-        """The current endpoint failed: with several, drop its client and try the next."""
-        if len(self.endpoints) > 1:
-            await self.close()
-            self._i = (self._i + 1) % len(self.endpoints)
+        await self.close()
+        self._i = (self._i + 1) % len(self.endpoints)
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.timeout_s):
-                    await client.close()
+            await _close_bounded(client, max(1.0, self.timeout_s))
 
 
 class EtcdDiscovery:
@@ -325,7 +350,6 @@ class EtcdDiscovery:
     async def _follow(self) -> None:
         failures = 0
         while True:
-            watch = None
             try:
                 client = self._reader.get()
                 async with asyncio.timeout(self.op_timeout_s):
@@ -348,17 +372,13 @@ class EtcdDiscovery:
                 async for ev in watch:
                     self._on_event(ev)
                 log.info("etcd discovery: the watch ended; listing again")
+                await self._reader.failed()
                 await asyncio.sleep(BACKOFF_MIN_S)
             except _ERRORS as e:
                 failures += 1
                 self._fail("follower", e)
-                await self._reader.failed()
+                await self._reader.failed()  # a new client: aetcd's watcher is not reused after a failure
                 await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (failures - 1)))
-            finally:
-                if watch is not None:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(self.op_timeout_s):
-                            await watch.cancel()
 
     def _on_event(self, ev: Any) -> None:
         key = bytes(ev.kv.key)
@@ -422,17 +442,4 @@ def _text(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     return f"{type(e).__name__}: {e}"[:300]
-
-
-async def etcd_reachable(endpoints: Sequence[tuple[str, int]], timeout_s: float = 2.0) -> bool:
-    """One bounded status call (tests, benchmarks)."""
-    conn = _Connection(endpoints, timeout_s)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await conn.get().status()
-        return True
-    except _ERRORS:
-        return False
-    finally:
-        await conn.close()
 
