@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")]
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
+MAX_TOKENS = 400  # long enough to be running when the rank dies, even on a fast machine
 
 
 def _slow_profile(path: Path) -> Path:
@@ -30,6 +31,20 @@ def _slow_profile(path: Path) -> Path:
             prof[section]["ms"] = [[v * 1000 if v is not None else v for v in row] for row in prof[section]["ms"]]
     path.write_text(json.dumps(prof))
     return path
+
+
+def _busy_workers(url: str, timeout: float = 10.0) -> list[str]:
+    """Workers running a request, once one reports it (a load report follows the request's start,
+    then the 1 s heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        busy = [w for w, n in re.findall(r'turbine_worker_requests_running\{model="tiny",worker="([^"]+)"\} (\S+)',
+                                         metrics) if float(n) > 0]
+        if busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.1)
 
 
 def _rank_pids(pid: int) -> list[int]:
@@ -65,7 +80,7 @@ def test_killed_rank_ends_the_worker_and_the_stream_completes_elsewhere(
     started = threading.Event()
 
     def consume() -> None:
-        stream = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=120, stream=True,
+        stream = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=MAX_TOKENS, stream=True,
                                            stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True})
         for chunk in stream:
@@ -81,15 +96,12 @@ def test_killed_rank_ends_the_worker_and_the_stream_completes_elsewhere(
     t = threading.Thread(target=consume)
     t.start()
     assert started.wait(60)
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        metrics = resp.read().decode()
-    busy = [w for w, n in re.findall(r'turbine_worker_requests_running\{model="tiny",worker="([^"]+)"\} (\S+)', metrics)
-            if float(n) > 0]
-    assert busy == [tp_id], "the predicted router sends the request to the fast (TP=2) worker"
+    assert _busy_workers(url) == [tp_id], "the predicted router sends the request to the fast (TP=2) worker"
+    assert not finish, "the stream is still running when its rank dies"
     os.kill(ranks[0], signal.SIGKILL)
     t.join(timeout=120)
     assert not t.is_alive()
-    assert finish == ["length"] and usage and usage[0].completion_tokens == 120
+    assert finish == ["length"] and usage and usage[0].completion_tokens == MAX_TOKENS
     assert tp.wait(timeout=60) == 1  # the TP worker drained and exited non-zero
     deadline = time.monotonic() + 10
     while len(health(url).get("models", {}).get("tiny", [])) != 1 and time.monotonic() < deadline:
