@@ -136,7 +136,7 @@ def _build_builtin(opts: WorkerOptions, name: str) -> tuple[Engine, ModelCard]:
         engine = BuiltinEngine.from_core(BuiltinCore.load(opts.model_dir, cfg))
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"turbine: cannot start the builtin engine on {opts.model_dir}: {e}") from None
-    engine.on_fatal = _terminate_self  # a tensor-parallel rank died: this process leaves, its requests migrate
+    engine.on_fatal = _fail_process  # a tensor-parallel rank died: this process leaves, its requests migrate
     card = ModelCard(model_name=name, tokenizer_source=str(opts.model_dir), block_size=engine.block_size,
                      total_kv_blocks=engine.num_kv_blocks, max_num_seqs=engine.max_num_seqs,
                      context_length=engine.context_length, engine="builtin",
@@ -165,15 +165,20 @@ _ENGINE_FAILURES: list[BaseException] = []
 
 
 def _terminate_self(err: BaseException) -> None:
-    """A dead engine ends its process the orderly way: it leaves discovery, its requests migrate;
-    the process then exits non-zero (``engine_failure``)."""
+    """A dead engine ends its process the orderly way: it leaves discovery, its requests migrate."""
     log.error("engine failure (%r): stopping this process", err)
-    _ENGINE_FAILURES.append(err)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _fail_process(err: BaseException) -> None:
+    """As ``_terminate_self``, and the process then exits 1 (``engine_failure``): a built-in engine
+    whose tensor-parallel rank died."""
+    _ENGINE_FAILURES.append(err)
+    _terminate_self(err)
+
+
 def engine_failure() -> BaseException | None:
-    """The first engine failure that stopped this process (None: none did)."""
+    """The first failure that stopped this process through ``_fail_process`` (None: none did)."""
     return _ENGINE_FAILURES[0] if _ENGINE_FAILURES else None
 
 
