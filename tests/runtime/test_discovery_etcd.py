@@ -175,6 +175,7 @@ async def test_etcd_that_lost_its_data_gets_everything_registered_again(etcd_pri
         await owner.register(inst("w1", model_card=CARD))
         await watcher.start()
         watch = watcher.watch()
+        await until(watch, "added", "w1", 2)  # the watch is open (its snapshot: ghost, w1)
         assert sorted(i.instance_id for i in watcher.instances()) == ["ghost", "w1"]
         ghost.kill()  # dies while etcd is down: nothing will put its key back
         ghost.wait()
@@ -269,3 +270,22 @@ async def test_closing_a_client_that_swallows_its_cancellation_is_still_bounded(
     release.set()
     await asyncio.wait(set(discovery_etcd._teardowns), timeout=2)
     assert not discovery_etcd._teardowns
+
+
+async def test_stopping_cancels_again_a_task_that_dropped_its_cancellation() -> None:
+    """Python 3.11's asyncio.wait_for (in aetcd's watch creation) can drop a cancellation; the
+    follower would then wait on its watch forever. close() cancels until the task is done."""
+    from turbine.runtime import discovery_etcd
+
+    async def dropper() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # dropped, as wait_for does when its inner wait completes at the same moment
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(dropper())
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    await discovery_etcd._stop([task], 5.0)
+    assert task.cancelled() and time.monotonic() - t0 < 1.0

@@ -56,7 +56,6 @@ from turbine.runtime.discovery import (
     check_instance,
     select,
 )
-from turbine.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("turbine.runtime")
 
@@ -76,6 +75,24 @@ _ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Instance)
+
+
+async def _stop(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Cancel the tasks and wait for them, cancelling again while they run: Python 3.11's
+    ``asyncio.wait_for`` (inside aetcd's watch creation) drops a cancellation that lands as its
+    inner wait completes, and the task would then wait on its watch forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for t in pending:
+        log.warning("etcd discovery: %s did not stop within %g s", t.get_coro(), timeout_s)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.warning("etcd discovery: %s failed: %r", t.get_coro(), t.exception())
 
 
 _teardowns: set[asyncio.Task[None]] = set()  # client closes that outlived their wait (kept referenced)
@@ -219,13 +236,15 @@ class EtcdDiscovery:
         if self._closed:
             raise RuntimeError("discovery client is closed")
         self._start_following()
+        if self._listed.is_set():  # the snapshot is taken now, as memory and file discovery do
+            return self._watchers.watch(select(self._view, None))
         return self._watch()
 
     async def _watch(self) -> AsyncIterator[DiscoveryEvent]:
-        if not self._listed.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.timeout_s):
-                    await self._listed.wait()
+        """Before the first listing: wait for it (bounded), then the snapshot and the changes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout_s):
+                await self._listed.wait()
         async for ev in self._watchers.watch(select(self._view, None)):
             yield ev
 
@@ -234,7 +253,7 @@ class EtcdDiscovery:
         if self._closed:
             return
         self._closed = True
-        await cancel_and_wait([t for t in (self._keeper, self._follower) if t is not None])
+        await _stop([t for t in (self._keeper, self._follower) if t is not None], self.timeout_s)
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
