@@ -165,24 +165,43 @@ def test_a_second_frontend_on_another_host_serves_the_same_fleet(fleet: Fleet) -
 
 
 def test_a_peer_without_the_token_gets_nothing_from_a_worker(fleet: Fleet) -> None:
-    """From the test's own host (the bridge): the worker's request plane closes a connection
-    without the token, its event plane refuses a subscriber without it."""
+    """From the test's own host (the bridge), with another token: the worker's request plane
+    closes the connection, its event plane refuses the subscription; with the fleet's token its
+    events (load reports, every second) arrive."""
     import asyncio
 
+    import aetcd
+    import msgspec
+
+    from turbine.runtime.discovery import Instance
     from turbine.runtime.events_zmq import ZmqEventSubscriber
     from turbine.runtime.request_plane import WorkerUnavailable
     from turbine.runtime.tcp import TcpClient
 
-    address = next(iter(workers_of(fleet.url(FRONTEND)).values()))
-
     async def probe() -> None:
+        async with aetcd.Client(host=fleet.hosts.addr(ETCD), port=2379, timeout=5) as etcd:
+            inst = msgspec.json.decode(next(iter(await etcd.get_prefix(b"/turbine/instances/"))).value,
+                                       type=Instance)
+        assert inst.event_address and host_of(fleet, inst.event_address) == host_of(fleet, inst.address)
+        assert host_of(fleet, inst.address) in (WORKER_A, WORKER_B)  # both planes on the worker's own host
         client = TcpClient(token="not-the-fleet-token", connect_timeout=3)
         try:
             with pytest.raises(WorkerUnavailable):
-                async for _ in client.stream(address, "kv_state", b""):
+                async for _ in client.stream(inst.address, "kv_state", b""):
                     pass
         finally:
             await client.close()
+        stranger, member = ZmqEventSubscriber(token="not-the-fleet-token"), ZmqEventSubscriber(token=TOKEN)
+        try:
+            stranger.connect(inst.event_address)
+            member.connect(inst.event_address)
+            ev = await asyncio.wait_for(anext(member), 5)
+            assert ev.topic in ("load", "kv")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(stranger), 2)
+        finally:
+            await stranger.close()
+            await member.close()
 
     asyncio.run(probe())
 

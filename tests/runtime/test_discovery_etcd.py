@@ -251,7 +251,7 @@ async def test_malformed_records_are_skipped_and_counted(etcd) -> None:  # type:
 async def test_closing_a_client_that_swallows_its_cancellation_is_still_bounded() -> None:
     """aetcd's watcher catches the CancelledError of a close it awaits (Watcher._terminate_stream);
     a timeout around that close would be swallowed and close() would wait on. Ours returns."""
-    from turbine.runtime import discovery_etcd
+    from turbine.runtime import etcd_client
 
     release = asyncio.Event()
 
@@ -264,18 +264,18 @@ async def test_closing_a_client_that_swallows_its_cancellation_is_still_bounded(
             await release.wait()  # and then waits on, with no timer of its own
 
     t0 = time.monotonic()
-    await discovery_etcd._close_bounded(Stubborn(), 0.3)  # type: ignore[arg-type]
+    await etcd_client.close_bounded(Stubborn(), 0.3)  # type: ignore[arg-type]
     assert time.monotonic() - t0 < 1.0
-    assert len(discovery_etcd._teardowns) == 1  # left to finish, still referenced
+    assert len(etcd_client.teardowns) == 1  # left to finish, still referenced
     release.set()
-    await asyncio.wait(set(discovery_etcd._teardowns), timeout=2)
-    assert not discovery_etcd._teardowns
+    await asyncio.wait(set(etcd_client.teardowns), timeout=2)
+    assert not etcd_client.teardowns
 
 
 async def test_stopping_cancels_again_a_task_that_dropped_its_cancellation() -> None:
     """Python 3.11's asyncio.wait_for (in aetcd's watch creation) can drop a cancellation; the
     follower would then wait on its watch forever. close() cancels until the task is done."""
-    from turbine.runtime import discovery_etcd
+    from turbine.runtime import etcd_client
 
     async def dropper() -> None:
         try:
@@ -287,5 +287,5 @@ async def test_stopping_cancels_again_a_task_that_dropped_its_cancellation() -> 
     task = asyncio.create_task(dropper())
     await asyncio.sleep(0)
     t0 = time.monotonic()
-    await discovery_etcd._stop([task], 5.0)
+    await etcd_client.stop_tasks([task], 5.0)
     assert task.cancelled() and time.monotonic() - t0 < 1.0

@@ -23,9 +23,8 @@ Two tasks, each the only user of its own etcd connection:
   additions.
 
 After a failure either task drops its client and makes a new one (a new gRPC channel; aetcd's
-watcher is never reused after its stream broke). Closing a client is waited for at most a
-second, in a task of its own: aetcd swallows a cancellation there, so a plain timeout could
-leave ``close()`` waiting on nothing. While etcd is unreachable the view keeps its last state: workers still serve, and
+watcher is never reused after its stream broke); closing clients and stopping the tasks is
+bounded even where aetcd drops a cancellation (etcd_client.py). While etcd is unreachable the view keeps its last state: workers still serve, and
   the request plane notices the dead ones.
 
 ``register`` waits (bounded by ``timeout_s``) until its key is in etcd, else raises
@@ -44,7 +43,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aetcd
-import aetcd.exceptions
 import msgspec
 
 from turbine.runtime.discovery import (
@@ -56,98 +54,14 @@ from turbine.runtime.discovery import (
     check_instance,
     select,
 )
+from turbine.runtime.etcd_client import ERRORS, Connection, lease_not_found, stop_tasks, text
 
 log = logging.getLogger("turbine.runtime")
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 1.0
-# gRPC channel: reconnect within 1 s of etcd coming back; ping an open stream every 10 s (etcd
-# refuses pings more often than every 5 s) so a peer that vanished without a FIN is noticed.
-_CHANNEL_OPTIONS = {
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 1000,
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 0,
-    "grpc.http2.max_pings_without_data": 0,
-}
-_ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Instance)
-
-
-async def _stop(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
-    """Cancel the tasks and wait for them, cancelling again while they run: Python 3.11's
-    ``asyncio.wait_for`` (inside aetcd's watch creation) drops a cancellation that lands as its
-    inner wait completes, and the task would then wait on its watch forever."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    for t in pending:
-        log.warning("etcd discovery: %s did not stop within %g s", t.get_coro(), timeout_s)
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            log.warning("etcd discovery: %s failed: %r", t.get_coro(), t.exception())
-
-
-_teardowns: set[asyncio.Task[None]] = set()  # client closes that outlived their wait (kept referenced)
-
-
-async def _close_bounded(client: aetcd.Client, timeout_s: float) -> None:
-    """Close an aetcd client, waiting at most ``timeout_s``. The close runs in a task of its own:
-    aetcd's watcher swallows a CancelledError while it waits for its stream task, so a close
-    cancelled by a timeout could go on waiting on nothing; a close that outlives the wait is
-    cancelled and left to finish in the background."""
-    task = asyncio.ensure_future(client.close())
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    except BaseException:
-        done = set()
-        raise
-    finally:
-        if not done:
-            task.cancel()
-            _teardowns.add(task)
-            task.add_done_callback(_teardowns.discard)
-    if done and not task.cancelled() and task.exception() is not None:
-        log.debug("etcd discovery: closing a client: %r", task.exception())
-
-
-class _Connection:
-    """One aetcd client at a time over a list of endpoints. ``failed()`` drops the client (a new
-    one, with a new channel and watcher, replaces it) and moves to the next endpoint."""
-
-    def __init__(self, endpoints: Sequence[tuple[str, int]], timeout_s: float) -> None:
-        self.endpoints = list(endpoints)
-        self.timeout_s = timeout_s
-        self._i = 0
-        self._client: aetcd.Client | None = None
-
-    @property
-    def endpoint(self) -> str:
-        host, port = self.endpoints[self._i]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def get(self) -> aetcd.Client:
-        if self._client is None:
-            host, port = self.endpoints[self._i]
-            self._client = aetcd.Client(host=f"[{host}]" if ":" in host else host, port=port,
-                                        timeout=self.timeout_s, options=dict(_CHANNEL_OPTIONS))
-        return self._client
-
-    async def failed(self) -> None:
-        await self.close()
-        self._i = (self._i + 1) % len(self.endpoints)
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await _close_bounded(client, max(1.0, self.timeout_s))
 
 
 class EtcdDiscovery:
@@ -173,8 +87,8 @@ class EtcdDiscovery:
         self._view: dict[str, Instance] = {}
         self._watchers = Watchers()
         self._listed = asyncio.Event()  # the first listing is applied
-        self._writer = _Connection(self.endpoints, self.op_timeout_s)
-        self._reader = _Connection(self.endpoints, self.op_timeout_s)
+        self._writer = Connection(self.endpoints, self.op_timeout_s)
+        self._reader = Connection(self.endpoints, self.op_timeout_s)
         self._keeper: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -253,15 +167,15 @@ class EtcdDiscovery:
         if self._closed:
             return
         self._closed = True
-        await _stop([t for t in (self._keeper, self._follower) if t is not None], self.timeout_s)
+        await stop_tasks([t for t in (self._keeper, self._follower) if t is not None], self.timeout_s)
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
                 async with asyncio.timeout(self.op_timeout_s):
                     await self._writer.get().revoke_lease(lease)
-            except _ERRORS as e:
+            except ERRORS as e:
                 log.warning("etcd discovery: could not revoke lease %x (%s); its keys expire in %d s",
-                            lease, _text(e), self.ttl)
+                            lease, text(e), self.ttl)
         self._own.clear()
         self._apply()  # own watches see own instances leave
         self._watchers.close()
@@ -304,8 +218,8 @@ class EtcdDiscovery:
                         continue  # lost: grant a new one and put the keys again, now
                 self._up("keeper")
                 failures = 0
-            except _ERRORS as e:
-                if _lease_not_found(e):  # expired between a refresh and a put: start over
+            except ERRORS as e:
+                if lease_not_found(e):  # expired between a refresh and a put: start over
                     log.warning("etcd discovery: lease %x is gone; registering again", self._lease or 0)
                     self._lease, self._written = None, {}
                     continue
@@ -393,7 +307,7 @@ class EtcdDiscovery:
                 log.info("etcd discovery: the watch ended; listing again")
                 await self._reader.failed()
                 await asyncio.sleep(BACKOFF_MIN_S)
-            except _ERRORS as e:
+            except ERRORS as e:
                 failures += 1
                 self._fail("follower", e)
                 await self._reader.failed()  # a new client: aetcd's watcher is not reused after a failure
@@ -441,7 +355,7 @@ class EtcdDiscovery:
         return f" ({self.last_error})" if self.last_error else ""
 
     def _fail(self, who: str, e: BaseException) -> None:
-        self.last_error = _text(e)
+        self.last_error = text(e)
         if not self._down[who]:
             self._down[who] = True
             log.warning("etcd discovery: %s lost etcd at %s: %s; retrying", who,
@@ -451,14 +365,4 @@ class EtcdDiscovery:
         if self._down[who]:
             self._down[who] = False
             log.warning("etcd discovery: %s reached etcd again", who)
-
-
-def _lease_not_found(e: BaseException) -> bool:
-    return isinstance(e, aetcd.exceptions.ClientError) and "lease not found" in str(e)
-
-
-def _text(e: BaseException) -> str:
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    return f"{type(e).__name__}: {e}"[:300]
 
