@@ -151,7 +151,6 @@ def _add_fleet_args(p: argparse.ArgumentParser, *, required: bool = True, planes
                        "unless --host says otherwise")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: a prefix must never stand for an option (`--discovery etcd://`
     # silently meaning `--discovery-dir`).
