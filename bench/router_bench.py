@@ -14,7 +14,12 @@ Then it measures, on that index:
   same requests split into hashing / index walk / selection;
 - KV events: BlockStored batches of 16 blocks x 64 tokens and BlockRemoved batches keeping the
   index at ~1M (store, remove, mixed), the same with msgpack decoding included, and a
-  breakdown of where a stored block's time goes.
+  breakdown of where a stored block's time goes;
+- the frontend's threaded path: msgpack batches through ``KvEventApplier`` (decoded and applied
+  on its thread, in slices under the index lock), alone and while this thread routes requests at
+  a steady rate, sleeping between them as an event loop does: the decisions' latency then, and
+  how late the sleeping thread gets going again (its wait for the GIL), against the same loop
+  with the applier idle.
 
 Prints a table and appends it, with the machine and the date, to bench/RESULTS.md.
 
@@ -26,12 +31,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import os
 import random
 import sys
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -41,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from turbine.protocols.kv_events import BlockRemoved, BlockStored, KVEvent, KVEventBatch  # noqa: E402
 from turbine.router.indexer import hash_blocks  # noqa: E402
+from turbine.router.kv_event_applier import DEFAULT_SLICE_S, KvEventApplier  # noqa: E402
 from turbine.router.kv_event_decoder import KvEventDecoder  # noqa: E402
 from turbine.router.router import Router  # noqa: E402
 from turbine.router.selector import select_worker  # noqa: E402
@@ -313,6 +320,107 @@ def churn(router: Router, stream: Iterator[tuple[str, list[KVEvent], int, int]],
             "mixed": (n_store + n_remove) / (t_store + t_remove)}
 
 
+def payloads(stream: Iterator[tuple[str, list[KVEvent], int, int]], target_blocks: int) -> tuple[list[tuple[str, bytes]], int]:
+    """~target_blocks stored + removed blocks of the churn, as the msgpack batches workers send."""
+    enc = msgspec.msgpack.Encoder()
+    out: list[tuple[str, bytes]] = []
+    n = 0
+    while n < target_blocks:
+        wid, events, s, r = next(stream)
+        out.append((wid, enc.encode(KVEventBatch(ts=time.time(), events=events))))
+        n += s + r
+    return out, n
+
+
+def threaded(router: Router, stream: Iterator[tuple[str, list[KVEvent], int, int]], target_blocks: int,
+             slice_s: float, route: Callable[[float], None] | None = None, rate: float = 0.0) -> float:
+    """Blocks/s through ``KvEventApplier`` (queued up front, then the thread started); with
+    ``route``, this thread calls ``route(deadline)`` ``rate`` times a second meanwhile, sleeping in
+    between. Unplaced batches would be counted as a failure of the benchmark."""
+    items, n = payloads(stream, target_blocks)
+    failed: list[object] = []
+    ap = KvEventApplier(failed.append, call_soon=lambda f, *a: f(*a), max_queued_bytes=1 << 40, slice_s=slice_s)
+    for wid, p in items:
+        ap.submit_events(router, wid, p, wid)
+    t0 = time.perf_counter()
+    ap.start()
+    if route is None:
+        ap.wait_idle()
+    else:
+        period, deadline = 1.0 / rate, t0
+        while ap.done < ap.submitted:
+            deadline += period
+            route(deadline)
+    dt_ = time.perf_counter() - t0
+    ap.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the benchmark's own batches could not be placed")
+    return n / dt_
+
+
+class PacedRouting:
+    """Routes one request per call at ``deadline`` (sleeping until then), recording the decision's
+    latency and how late the thread got going after its sleep (timer slack, plus any wait for
+    the GIL while another thread runs). Prompts are made up front (2,000, then reused), so this
+    thread does little but route."""
+
+    def __init__(self, router: Router, corpus: Corpus, convs: list[Conversation], rng: random.Random,
+                 inflight: int = 256):
+        self.router = router
+        self.prompts = [request_tokens(corpus, convs, rng) for _ in range(2000)]
+        self.cands = sorted(router.index.workers)
+        self.inflight = inflight
+        self.q: deque[str] = deque()
+        self.lat: list[float] = []
+        self.late: list[float] = []
+        self.i = 0
+
+    def __call__(self, deadline: float) -> None:
+        tokens = self.prompts[self.i % len(self.prompts)]
+        delay = deadline - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        woke = time.perf_counter()
+        rid = f"p{self.i}"
+        self.i += 1
+        t0 = time.perf_counter_ns()
+        self.router.route(rid, self.cands, tokens)
+        t1 = time.perf_counter_ns()
+        self.lat.append((t1 - t0) / 1000)
+        self.late.append(max(0.0, woke - deadline) * 1e6)
+        q = self.q
+        q.append(rid)
+        if len(q) > self.inflight // 2:
+            self.router.first_token(q[len(q) - self.inflight // 2])
+        if len(q) > self.inflight:
+            self.router.finished(q.popleft())
+
+    def run_idle(self, n: int, rate: float) -> None:
+        deadline = time.perf_counter()
+        for _ in range(n):
+            deadline += 1.0 / rate
+            self(deadline)
+
+    def summary(self) -> dict[str, float]:
+        return {"p50": pct(self.lat, 50), "p99": pct(self.lat, 99), "max": max(self.lat), "n": len(self.lat),
+                "late50": pct(self.late, 50), "late99": pct(self.late, 99)}
+
+    def close(self) -> None:
+        for rid in self.q:
+            self.router.finished(rid)
+        self.q.clear()
+
+
+def python_speed() -> float:
+    """Seconds for a 10M-iteration pure-Python loop (compares this machine with others')."""
+    t0 = time.perf_counter()
+    s = 0
+    for i in range(10_000_000):
+        s += i
+    return time.perf_counter() - t0
+
+
+
 def store_breakdown(router: Router, corpus: Corpus, workers: list[Worker], n_events: int) -> dict[str, float]:
     """Where a stored block's time goes (µs per block), on fresh conversations of the full index."""
     ix = router.index
@@ -325,7 +433,7 @@ def store_breakdown(router: Router, corpus: Corpus, workers: list[Worker], n_eve
     seed = ix.seed(None)
     t0 = time.perf_counter()
     for _, e in evs:
-        array("I", e.token_ids)
+        array("I").fromlist(e.token_ids)  # what the index does with a list off the wire
     t1 = time.perf_counter()
     locals_ = [hash_blocks(e.token_ids, corpus.bs, seed) for _, e in evs]
     t2 = time.perf_counter()
@@ -353,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--churn-blocks", type=int, default=400_000, help="stored + removed blocks per churn row")
+    p.add_argument("--rate", type=float, default=2000.0,
+                   help="requests/s routed while the applier thread applies events (the threaded rows)")
+    p.add_argument("--slice-ms", type=float, default=DEFAULT_SLICE_S * 1e3,
+                   help="the applier thread's longest hold of the index lock and the GIL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     p.add_argument("--no-results", action="store_true")
@@ -360,6 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if min(a.workers, a.blocks_per_worker, a.block_size, a.requests, a.churn_blocks) < 1:
         p.error("all sizes must be >= 1")
+    if a.rate <= 0 or a.slice_ms <= 0:
+        p.error("--rate and --slice-ms must be positive")
+    load_before = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    py_s = python_speed()
 
     rng = random.Random(a.seed)
     random.seed(a.seed)
@@ -379,6 +495,17 @@ def main(argv: list[str] | None = None) -> None:
     mix = churn(router, stream, a.churn_blocks)
     mix_dec = churn(router, stream, a.churn_blocks // 2, "decode+apply")
     mix_bytes = churn(router, stream, a.churn_blocks // 4, "decode-bytes")
+    slice_s = a.slice_ms / 1e3
+    print("the threaded path ...", flush=True)
+    thr_alone = threaded(router, stream, a.churn_blocks // 2, slice_s)
+    idle = PacedRouting(router, corpus, convs, rng)
+    idle.run_idle(min(a.requests, 4000), a.rate)
+    idle.close()
+    busy = PacedRouting(router, corpus, convs, rng)
+    thr_busy = threaded(router, stream, a.churn_blocks, slice_s, route=busy, rate=a.rate)
+    busy.close()
+    pi, pb = idle.summary(), busy.summary()
+    # last: its conversations leave workers' document tails that it then evicts
     runs = [store_breakdown(router, corpus, workers, 1000) for _ in range(5)]
     prof = {k: min(r[k] for r in runs) for k in runs[0]}  # least disturbed by other processes
     ix.check_integrity()
@@ -406,6 +533,15 @@ def main(argv: list[str] | None = None) -> None:
         ("µs per stored block (best of 5): u32 pack / xxh3 / index / whole apply",
          f"{prof['u32']:.2f} / {prof['xxh3']:.2f} / {prof['tree']:.2f} / {prof['total']:.2f}", ""),
         ("µs per removed block (best of 5)", f"{prof['remove']:.2f}", ""),
+        (f"block events/s through the applier thread (decode + apply): alone / while routing {a.rate:,.0f} req/s",
+         f"{thr_alone:,.0f} / {thr_busy:,.0f}", ""),
+        (f"routing {a.rate:,.0f} req/s, applier idle: decision p50 / p99 / max (µs)",
+         f"{pi['p50']:.1f} / {pi['p99']:.1f} / {pi['max']:.0f}", ""),
+        (f"routing {a.rate:,.0f} req/s while the applier applies: decision p50 / p99 / max (µs)",
+         f"{pb['p50']:.1f} / {pb['p99']:.1f} / {pb['max']:.0f}",
+         f"p99 < {TARGET_P99_US:.0f}: {ok(pb['p99'] < TARGET_P99_US)}"),
+        ("  the router's thread late after its sleep, applier idle / applying, p50 / p99 (µs)",
+         f"{pi['late50']:.0f} / {pi['late99']:.0f} vs {pb['late50']:.0f} / {pb['late99']:.0f}", ""),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -421,6 +557,12 @@ def main(argv: list[str] | None = None) -> None:
         f"all {a.workers} workers candidates; GC on ({dec['gen2']} full collections during the run)",
         f"events: BlockStored of {EVENT_BLOCKS} blocks x {a.block_size} tokens, BlockRemoved of "
         f"{EVENT_BLOCKS} blocks evicting old conversations leaves first; ~{a.churn_blocks:,} blocks per row",
+        f"threaded path: the churn's batches as msgpack, queued, then KvEventApplier started (slices of "
+        f"{a.slice_ms:g} ms under the index lock, a sleep(0) between them); routing at {a.rate:,.0f} req/s "
+        f"meanwhile ({pb['n']:,} decisions), against {pi['n']:,} at that rate with the applier idle; "
+        "'late': how long after its sleep's deadline the routing thread ran again (timer slack, plus its "
+        "wait for the GIL while the applier held it)",
+        f"this machine: a 10M-iteration Python loop in {py_s:.2f} s; load average {load_before} at the start",
         *a.note,
     ]
     if dec["p99"] >= TARGET_P99_US:
@@ -432,10 +574,11 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(
             f"events: stores run at {mix['store']:,.0f} blocks/s, below 1M. Per stored block: packing its "
             f"{a.block_size} token ids to u32 ({prof['u32']:.2f} µs, `array.fromlist`), xxh3 ({prof['xxh3']:.2f} µs), "
-            f"index updates ({prof['tree']:.2f} µs: a path-id hash and ~3 operations on dicts of ~1M ints, "
-            "mostly cache misses), the rest dispatch and counters. Removals need no hashing "
-            f"({prof['remove']:.2f} µs). Pure Python packs and hashes no faster; beyond this a compiled "
-            "extension (or workers sending local hashes) would be needed")
+            f"index updates ({prof['tree']:.2f} µs: a path-id hash, one probe of the worker's map and one of "
+            "the tree's ~1M-entry dict, mostly cache and TLB misses), the rest dispatch and counters. "
+            f"Removals need no hashing ({prof['remove']:.2f} µs: a probe of each map). Pure Python packs "
+            "and hashes no faster; beyond this a compiled extension (or workers sending local hashes) "
+            "would be needed")
     if not a.no_results:
         path = Path(a.results)
         header = "" if path.exists() else (
