@@ -483,7 +483,7 @@ async def _start_health(dep, host: str, port: int):  # type: ignore[no-untyped-d
 
 async def _start_planner(args: argparse.Namespace, dep, mode: str):  # type: ignore[no-untyped-def]
     """Start `serve --planner`'s planner; returns the coroutine function that stops it."""
-    from turbine.planner.planner_command import serve_planner
+    from turbine.planner.planner_command import serve_planner, start_planner
 
     try:
         runner, connector = serve_planner(args, dep, mode)
@@ -492,17 +492,7 @@ async def _start_planner(args: argparse.Namespace, dep, mode: str):  # type: ign
         raise SystemExit(f"turbine: {e}") from None
     if dep.frontend.dashboard is not None:
         dep.frontend.dashboard.attach_planner(runner)  # its actions and reasons on the page
-    stop = asyncio.Event()
-    task = runner.start(stop)
-
-    async def close() -> None:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await task
-        await runner.source.close()
-        await connector.close()
-
-    return close
+    return start_planner(runner, connector)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,22 +123,12 @@ async def _wait_served(fleet: Any) -> list[str]:
 
 async def _start_planner(a: argparse.Namespace, fleet: Any) -> Any:
     from turbine.planner.connectors.ray import RayConnector
-    from turbine.planner.planner_command import serve_planner
+    from turbine.planner.planner_command import serve_planner, start_planner
 
     mode = "disagg" if (a.prefill_workers or a.decode_workers) else "agg"
     pools = ("prefill", "decode") if mode == "disagg" else ("agg",)
     runner, connector = serve_planner(a, None, mode, url=fleet.url, connector=RayConnector(fleet, pools=pools))
-    stop = asyncio.Event()
-    task = runner.start(stop)
-
-    async def close() -> None:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await task
-        await runner.source.close()
-        await connector.close()
-
-    return close
+    return start_planner(runner, connector)
 
 
 def planner_fleet(a: argparse.Namespace, pools: tuple[str, ...], worker_args: list[str]) -> Any:

@@ -191,6 +191,24 @@ def main_from_args(a: argparse.Namespace) -> int:
     return 0
 
 
+def start_planner(runner: Any, connector: Any) -> Any:
+    """Start ``runner``'s loop; returns the coroutine function that stops it and closes both."""
+    import asyncio
+    import contextlib
+
+    stop = asyncio.Event()
+    task = runner.start(stop)
+
+    async def close() -> None:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        await runner.source.close()
+        await connector.close()
+
+    return close
+
+
 def serve_planner(a: argparse.Namespace, dep: Any, mode: str, *, url: str | None = None,
                   connector: Any = None) -> tuple[Any, Any]:
     """`serve --planner`: a planner over the process's own workers, reading its own frontend
