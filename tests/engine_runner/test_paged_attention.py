@@ -153,6 +153,7 @@ def test_triton_decode_kernel_matches_torch() -> None:
         if device == "cuda":
             cache.data = cache.data.cuda()
         kc, vc = cache.data[0, 0], cache.data[0, 1]
-        out = paged_decode_triton(q.to(device), kc, vc, meta.block_tables.to(device),
-                                  meta.context_lens.to(device), D ** -0.5)
-        torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)
+        for heads_fastest in (False, True):  # either launch order computes the same
+            out = paged_decode_triton(q.to(device), kc, vc, meta.block_tables.to(device),
+                                      meta.context_lens.to(device), D ** -0.5, heads_fastest=heads_fastest)
+            torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)

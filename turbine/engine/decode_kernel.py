@@ -25,6 +25,11 @@ __all__ = ["HAS_TRITON", "decode_block_n", "decode_num_splits", "decode_split_to
 HAS_TRITON = triton is not None
 _MAX_SPLITS = 16
 _WAVES = 4  # decode programs per SM the split policy aims for
+# Launch defaults (the benchmark's tuning sets them before graphs are captured).
+NUM_WARPS = 4
+NUM_STAGES = 3
+HEADS_FASTEST = False  # launch order of the decode grid (see paged_decode_triton)
+BLOCK_N: int | None = None  # tokens per tile (None: ``decode_block_n``'s choice for the block size)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -51,6 +56,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
 
 def decode_block_n(block_size: int) -> int:
     """Tokens per tile of the decode kernel's loop (a few KV blocks)."""
+    if BLOCK_N:
+        return BLOCK_N
     return max(16, min(64, (1 << max(0, block_size - 1).bit_length()) * 4))
 
 
@@ -74,7 +81,8 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                         out: torch.Tensor | None = None, num_splits: int | None = None,
                         split_tokens: torch.Tensor | int | None = None, block_n: int | None = None,
-                        num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        heads_fastest: bool | None = None) -> torch.Tensor:
     """One query per sequence over its paged context, read in place (no gather).
 
     q [N, H, D] (D contiguous); k/v_cache [num_blocks, B, Hkv, D]; block_tables [N, max_blocks];
@@ -84,6 +92,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     directly, longer ones leave partial results that a second kernel merges by their log-sum-exp.
     ``split_tokens`` (a [1] device tensor in a CUDA graph) times ``num_splits`` must cover the
     longest context; None derives it with ``decode_split_tokens`` from a host copy of the lengths.
+    ``heads_fastest``: launch a sequence's KV-head programs next to each other (grid (Hkv, N, S)),
+    so the programs running at once read neighbouring 256-byte slices of the same cache rows
+    None for ``num_warps``, ``num_stages`` or ``heads_fastest``: the module's defaults below.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -108,14 +119,17 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         part_o = part_ml = out  # unused
         split_tokens = context_lens  # unused
-    _paged_decode_kernel[(n, hkv, splits)](
+    heads_fastest = HEADS_FASTEST if heads_fastest is None else heads_fastest
+    num_warps = num_warps or NUM_WARPS
+    num_stages = num_stages or NUM_STAGES
+    _paged_decode_kernel[(hkv, n, splits) if heads_fastest else (n, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, split_tokens, out, part_o, part_ml, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=h, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         HEAD_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=splits,
         # fp32 caches get exact fp32 dots (Triton would use TF32 and lose ~3 digits); 16-bit use tensor cores.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEADS_FASTEST=heads_fastest,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -135,9 +149,14 @@ if triton is not None:
                              sq_n, sq_h, sk_blk, sk_tok, sk_head, sbt_n, so_n, so_h,
                              NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        seq = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
+                             BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HEADS_FASTEST: tl.constexpr):
+        if HEADS_FASTEST:
+            seq = tl.program_id(1).to(tl.int64)
+            kvh = tl.program_id(0)
+        else:
+            seq = tl.program_id(0).to(tl.int64)
+            kvh = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(len_ptr + seq).to(tl.int32)
         if NUM_SPLITS == 1:
