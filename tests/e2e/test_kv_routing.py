@@ -69,6 +69,10 @@ def test_kv_routing_over_zmq_and_resync_for_a_late_frontend(tmp_path: Path, mode
     deadline = time.monotonic() + 15  # the snapshots are fetched and applied in the background
     while time.monotonic() < deadline and index_blocks(url2) < 4 * 40:
         time.sleep(0.1)
+    assert index_blocks(url2) >= 4 * 40, "the late frontend did not rebuild its index from the workers' snapshots"
+    # Route at once, before the late frontend has heard any load report: the first report it
+    # hears may be taken while its own first request ran and arrive after it ended, and must not
+    # read as another frontend's load (that sent a repeat to the worker without its prefix).
     c2 = openai.OpenAI(base_url=url2 + "/v1", api_key="x", max_retries=0, timeout=10)
     for p in prompts(4):
         res = c2.completions.create(model="tiny", prompt=p, max_tokens=2)

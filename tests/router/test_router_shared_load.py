@@ -129,6 +129,28 @@ def test_a_report_that_still_counts_a_finished_own_request_adds_no_phantom_load(
     assert (ld.queued, ld.prefill_tokens) == (1, 4000)
 
 
+def test_the_first_report_a_router_hears_is_reconciled_with_its_peak_too() -> None:
+    """A frontend that routes before any report reached it (a restart whose index a snapshot
+    rebuilt at once): the worker's first report, taken while our request ran, arrives after it
+    ended. It must not become another frontend's load, which would send the next request for the
+    same prefix to a worker without it (the late-frontend e2e test failed that way)."""
+    clock = Clock()
+    a, _ = frontends(True, 0, clock)
+    a.route("r", ["w0"], PROMPT)  # no report heard yet
+    late = report("w0", a)
+    a.finished("r")
+    a.reported_load(late)
+    ld = a.loads.workers["w0"]
+    assert (ld.active_requests, ld.queued, ld.prefill_tokens, ld.decode_blocks) == (0, 0, 0, 0)
+    assert not a.loads._foreign
+    # the peak was used up by that report: another frontend's request is seen at the next one
+    other = Router("predicted", block_size=64, clock=clock)
+    other.worker_added("w0", 16384)
+    other.loads.routed("o", "w0", 4000)
+    a.reported_load(report("w0", a, other))
+    assert (ld.queued, ld.prefill_tokens) == (1, 4000)
+
+
 def test_a_predicted_hit_is_not_reported_back_as_queue() -> None:
     """The worker reports a waiting prompt whole; the router counted only its uncached part."""
     clock = Clock()

@@ -11,15 +11,17 @@ bookkeeping at the moment it arrives:
 Prompt tokens are compared whole: a worker reports a waiting prompt's full length (its prefix
 hit is known only at admission), so the router's side of the comparison is its own requests'
 full prompts, not their uncached part (else every predicted hit would come back as phantom
-queue). ``own_peak`` is the most this router had on the worker since the previous report: a report
-was taken a little before it arrives, so it may still count an own request that has finished
-since (counting that as another frontend's would turn every finished request into phantom load
-for a report period); the cost is that another frontend's load hidden under our own peak is
-seen one report later. ``foreign`` is held until the next report replaces it or ``stale_s``
-passes without one. The
-own part changes in exactly three places: a request is routed, its first token arrives (its
-prompt no longer waits for prefill), it ends or is cancelled. Every change bumps the worker's
-``version`` so cached predictions (``latency_model``) know to refresh.
+queue). ``own_peak`` is the most this router had on the worker since the previous report (since
+the router started, for the first one): a report was taken a little before it arrives, so it
+may still count an own request that has finished since (counting that as another frontend's
+would turn every finished request into phantom load for a report period). The first report a
+router hears is no exception: a frontend that routes before any report reached it (a restart
+whose KV index a snapshot rebuilt at once) gets that very report late. The cost is that another
+frontend's load hidden under our own peak is seen one report later. ``foreign`` is held until
+the next report replaces it or ``stale_s`` passes without one. The own part changes in
+exactly three places: a request is routed, its first token arrives (its prompt no longer waits
+for prefill), it ends or is cancelled. Every change bumps the worker's ``version`` so cached
+predictions (``latency_model``) know to refresh.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class LoadEstimate:
     foreign_until: float = 0.0  # the foreign part lapses then (router clock)
     version: int = 0
     own_prompt_tokens: int = 0  # whole prompts of this router's requests waiting for a first token
-    peak: tuple[int, int, int, int] = (0, 0, 0, 0)  # reportable()'s largest values since the last report
+    peak: tuple[int, int, int, int] = (0, 0, 0, 0)  # reportable()'s largest values since the last report (or start)
 
     def own(self) -> tuple[int, int, int, int]:
         """(requests, prefill tokens, blocks, queued) of this router's own requests."""
@@ -74,7 +76,6 @@ class LoadTracker:
     _requests: dict[str, _Routed] = field(default_factory=dict)
     _foreign: set[str] = field(default_factory=set)  # workers with a foreign part held
     _next_expiry: float = math.inf  # the earliest foreign_until among them
-    _foreign_seen: bool = False  # a report arrived: keep own peaks from now on
 
     def add_worker(self, worker_id: str) -> None:
         self.workers.setdefault(worker_id, LoadEstimate())
@@ -100,8 +101,7 @@ class LoadTracker:
         load.decode_blocks += blocks
         load.queued += 1
         load.version += 1
-        if self._foreign_seen:
-            load.peak = tuple(map(max, load.peak, load.reportable()))  # type: ignore[assignment]
+        load.peak = tuple(map(max, load.peak, load.reportable()))  # type: ignore[assignment]
 
     def first_token(self, request_id: str) -> None:
         r = self._requests.get(request_id)
@@ -137,7 +137,6 @@ class LoadTracker:
         load = self.workers.get(worker_id)
         if load is None:
             return  # not (or no longer) a worker of this router's
-        self._foreign_seen = True
         self._set_foreign(load, 0, 0, 0, 0)
         own = load.reportable()
         own_req, own_prefill, own_blocks, own_queued = map(max, load.peak, own)
