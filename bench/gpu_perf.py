@@ -378,17 +378,19 @@ def async_vs_sync(core: BuiltinCore, prompts: Prompts, n: int = 12) -> dict[str,
 
 
 def tune_decode(dev: torch.device) -> list[dict[str, Any]]:
-    """Decode-kernel launch configurations at batch 64 / 256, the e2e rows' ~1.1k context, the
-    engine's block size, one layer's KV (median us and GB/s of KV read), plus a pure-read probe
-    of a tensor that size (``sum``) as the achievable read bandwidth."""
+    """Decode-kernel launches at batch 64 / 256, the e2e rows' ~1.1k context, the engine's block
+    size, one layer's KV (median us and GB/s of KV read), plus a pure-read probe of a tensor that
+    size (``sum``). A launch: tile rows, warps, stages, forced splits, grid order, KV heads per program."""
     import triton.testing
 
     rows = []
     hkv, d, h, bs, ctx = 8, 128, 32, 16, 1088
-    configs = [(bn, w, st, sp, hf) for hf in (False, True)
-               for bn, w, st, sp in ((64, 4, 3, None), (64, 4, 2, None), (64, 4, 4, None), (64, 8, 3, None),
-                                     (128, 8, 2, None), (128, 8, 3, None), (128, 4, 2, None), (32, 4, 4, None),
-                                     (32, 2, 4, None), (64, 4, 3, 2))]
+    launches = [(64, 4, 3, None, False, 1), (64, 4, 4, None, True, 1), (64, 4, 3, 2, False, 1),
+                (64, 4, 3, None, False, 2), (64, 4, 3, None, True, 2), (128, 4, 3, None, False, 2),
+                (64, 4, 3, None, False, 4), (64, 4, 3, None, True, 4), (64, 4, 4, None, False, 4),
+                (64, 8, 3, None, False, 4), (128, 4, 3, None, False, 4), (128, 8, 3, None, False, 4),
+                (64, 4, 3, None, False, 8), (128, 4, 3, None, False, 8), (128, 8, 3, None, False, 8),
+                (64, 8, 4, None, False, 8)]
     for n in (64, 256):
         nb = -(-ctx // bs)
         cache = torch.randn(2, n * nb + 1, bs, hkv, d, device=dev, dtype=torch.bfloat16)
@@ -399,43 +401,54 @@ def tune_decode(dev: torch.device) -> list[dict[str, Any]]:
         ms = triton.testing.do_bench(lambda c=cache: c.sum(dtype=torch.float32), warmup=5, rep=40, return_mode="median")
         rows.append({"batch": n, "probe": "read (sum) of both caches", "us": round(ms * 1000, 1),
                      "GBps": round(cache.numel() * 2 / ms / 1e6)})
+        log(f"tune {rows[-1]}")
         ref = None
-        for bn, warps, stages, splits, hf in configs:
-            kw = {"block_n": bn, "num_warps": warps, "num_stages": stages, "num_splits": splits, "heads_fastest": hf}
+        for bn, warps, stages, splits, hf, hpp in launches:
+            tile = bn // hpp
+            if splits:  # forced: the context cut in that many tile-aligned pieces
+                split = -(-(-(-ctx // splits)) // tile) * tile
+            else:  # the runner's policy (decode_kernel) for this launch's programs per sequence
+                target, auto_splits = 4 * torch.cuda.get_device_properties(dev).multi_processor_count, 1
+                while auto_splits < 16 and n * (hkv // hpp) * auto_splits < target:
+                    auto_splits *= 2
+                per_program = -(-n * ctx * (hkv // hpp) // target)
+                split = max(-(-ctx // auto_splits), per_program)
+                split = ctx if 4 * ctx <= 5 * split else -(-split // tile) * tile
+            kw = {"block_n": bn, "num_warps": warps, "num_stages": stages, "num_splits": splits or auto_splits,
+                  "heads_fastest": hf, "kv_heads_per_program": hpp,
+                  "split_tokens": torch.tensor([split], device=dev)}  # a device tensor: no host sync timed
+            row: dict[str, Any] = {"batch": n, "launch": [bn, warps, stages, splits, hf, hpp]}
             try:
                 args = (q, cache[0], cache[1], tables, lens, d ** -0.5)
                 o = paged_decode_triton(*args, **kw).float()
                 ref = o if ref is None else ref
                 ms = triton.testing.do_bench(lambda a=args, k=kw: paged_decode_triton(*a, **k), warmup=10, rep=60,
                                              return_mode="median")
-                rows.append({"batch": n, "block_n": bn, "warps": warps, "stages": stages, "splits": splits,
-                             "heads_fastest": hf, "us": round(ms * 1000, 1), "GBps": round(nbytes / ms / 1e6),
-                             "max_abs_diff": float((o - ref).abs().max())})
+                row.update({"us": round(ms * 1000, 1), "GBps": round(nbytes / ms / 1e6),
+                            "max_abs_diff": float((o - ref).abs().max())})
             except Exception as ex:  # noqa: BLE001
-                rows.append({"batch": n, "block_n": bn, "warps": warps, "stages": stages, "splits": splits,
-                             "heads_fastest": hf, "error": str(ex)[:160]})
-            log(f"tune {rows[-1]}")
+                row["error"] = str(ex)[:300]
+            rows.append(row)
+            log(f"tune {row}")
         del cache
     return rows
 
 
-def best_decode_config(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest configuration at batch 256 that is no slower at batch 64 than the default."""
-    def key(r: dict[str, Any]) -> tuple:
-        return (r["block_n"], r["warps"], r["stages"], r["splits"], r["heads_fastest"])
-
-    timed = [r for r in rows if "us" in r and "block_n" in r]
-    at64 = {key(r): r["us"] for r in timed if r["batch"] == 64}
-    default64 = at64.get((64, 4, 3, None, False), float("inf"))
-    ok = [r for r in timed if r["batch"] == 256 and r["splits"] is None and at64.get(key(r), 1e9) <= default64 * 1.02]
-    best = min(ok, key=lambda r: r["us"])
-    return {"block_n": best["block_n"], "num_warps": best["warps"], "num_stages": best["stages"],
-            "heads_fastest": best["heads_fastest"], "us_256": best["us"], "us_64": at64[key(best)]}
+def best_decode_config(rows: list[dict[str, Any]]) -> list[Any]:
+    """The fastest launch at batch 256 (no forced splits, output within bf16 noise of the default)
+    that is no slower at batch 64 than the default."""
+    timed = [r for r in rows if "us" in r and "launch" in r]
+    at64 = {tuple(r["launch"]): r["us"] for r in timed if r["batch"] == 64}
+    default64 = at64.get((64, 4, 3, None, False, 1), float("inf"))
+    ok = [r for r in timed if r["batch"] == 256 and r["launch"][3] is None and r["max_abs_diff"] < 0.02
+          and at64.get(tuple(r["launch"]), 1e9) <= default64 * 1.02]
+    return min(ok, key=lambda r: r["us"])["launch"]
 
 
 def decode_only(args: argparse.Namespace, dev: torch.device, out: Path) -> int:
-    """The decode-step rows alone (batch 64 and 256 end to end, profiled) with the kernel's
-    default launch and with the tuned one, each in a fresh engine (graphs capture the launch)."""
+    """The decode-step rows alone (batch 64 and 256 end to end, profiled) with the engine's decode
+    launch and the one before it, each in a fresh engine (graphs capture the launch); first the
+    kernel's launches timed alone (``tune_decode``)."""
     import triton
 
     from turbine.engine import decode_kernel
@@ -446,20 +459,21 @@ def decode_only(args: argparse.Namespace, dev: torch.device, out: Path) -> int:
     log(f"{r['gpu']}: {r['ceilings']}")
     r["tune"] = tune_decode(dev)
     r["best"] = best_decode_config(r["tune"])
-    log(f"best decode launch {r['best']}")
+    log(f"fastest launch at batch 256 (not slower at 64) {r['best']}")
     path = checkpoint(args, dev)
     model, cfg = load_model(path, dtype=torch.bfloat16, device=dev)
     r["model"] = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                   "kv_bytes_per_token": cfg.kv_bytes_per_token("bfloat16")}
     prompts = Prompts(cfg.vocab_size)
-    b = r["best"]
-    variants = {"default": (4, 3, False, None),
-                "tuned": (b["num_warps"], b["num_stages"], b["heads_fastest"], b["block_n"])}
+    engine = (decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES, decode_kernel.HEADS_FASTEST,
+              decode_kernel.BLOCK_N, decode_kernel.KV_HEADS_PER_PROGRAM)
+    # "before": one KV head per program, sequence-fastest grid (the launch up to 2026-12-02)
+    variants = {"before": (4, 3, False, None, 1), "engine": engine}
     prof: dict[str, str] = {}
     r["variants"] = {}
-    for name, (warps, stages, hf, bn) in variants.items():
-        decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES, decode_kernel.HEADS_FASTEST = warps, stages, hf
-        decode_kernel.BLOCK_N = bn
+    for name, launch in variants.items():
+        (decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES, decode_kernel.HEADS_FASTEST, decode_kernel.BLOCK_N,
+         decode_kernel.KV_HEADS_PER_PROGRAM) = launch
         core = BuiltinCore(model, cfg, BuiltinConfig(max_num_seqs=256, max_num_batched_tokens=16384,
                                                      gpu_memory_utilization=0.9, context_length=20480))
         rows = {}
@@ -470,7 +484,7 @@ def decode_only(args: argparse.Namespace, dev: torch.device, out: Path) -> int:
             if p:
                 prof[f"{name}_b{batch}"] = p[f"decode_b{batch}"]
             log(f"{name} e2e {batch}: step {e['decode_step_ms']} ms (replay {e['decode_graph_replay_ms']})")
-        r["variants"][name] = {"launch": [warps, stages, hf, bn], "decode_step_ms": rows}
+        r["variants"][name] = {"launch": variants[name], "decode_step_ms": rows}
         del core
         gc.collect()
         torch.cuda.empty_cache()
@@ -495,7 +509,7 @@ def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
     split). Served batches mix lengths; the profiler's are uniform; this is the gap between them."""
     import triton.testing
 
-    from turbine.engine.decode_kernel import decode_block_n, decode_num_splits, decode_split_tokens
+    from turbine.engine.decode_kernel import decode_num_splits, decode_split_tokens, decode_tile_tokens
 
     hkv, d, h, bs = 8, 128, 32, 16
     gen = torch.Generator().manual_seed(seed)
@@ -512,7 +526,7 @@ def decode_spread(dev: torch.device, seed: int = 0) -> list[dict[str, Any]]:
         for name, lens in (("spread", spread), ("even", even)):
             args = (q, cache[0], cache[1], tables, lens.to(dev), d ** -0.5)
             # the split length as the runner passes it (a device tensor: no host sync in the timing)
-            split = decode_split_tokens(int(lens.max()), int(lens.sum()), n, hkv, dev, decode_block_n(bs))
+            split = decode_split_tokens(int(lens.max()), int(lens.sum()), n, hkv, dev, decode_tile_tokens(bs, hkv, n, dev))
             row[f"{name}_split_tokens"] = split
             outs = []
             for policy, kw in (("shared", {"split_tokens": torch.tensor([split], device=dev)}),
@@ -699,10 +713,11 @@ def markdown(r: dict[str, Any]) -> str:
                          f"| {x['even_shared_us']} | {x['spread_over_even']} | {x['spread_whole_us']} | "
                          f"{x['even_whole_us']} | {x['whole_spread_over_even']} |")
     if r.get("tune"):
-        cfgs = "; ".join(f"b{t['batch']} bn{t['block_n']} w{t['warps']} s{t['stages']}"
-                         f"{' sp' + str(t['splits']) if t.get('splits') else ''}: {t.get('GBps', t.get('error'))} GB/s"
-                         for t in r["tune"])
-        lines += ["", f"Decode kernel configurations (one layer, 1.1k context): {cfgs}."]
+        lines += ["", "Decode kernel launches, one layer's KV at ~1.1k context (tile rows, warps, stages, forced "
+                  "splits, heads-fastest grid, KV heads per program):", "",
+                  "| batch | launch | us | GB/s |", "|---:|---|---:|---:|"]
+        lines += [f"| {t['batch']} | {t.get('launch', t.get('probe'))} | {t.get('us', '-')} | "
+                  f"{t.get('GBps', t.get('error'))} |" for t in r["tune"]]
     return "\n".join(lines) + "\n"
 
 
@@ -727,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--tune", action="store_true", help="time decode-kernel configurations first")
     ap.add_argument("--decode-only", action="store_true",
-                    help="tune the decode kernel and time the batch-64/256 decode steps, default vs tuned launch")
+                    help="time the decode kernel's launches, then the batch-64/256 decode steps, engine vs previous launch")
     ap.add_argument("--deadline-s", type=float, default=430.0, help="start no HF batch after this many seconds")
     args = ap.parse_args(argv)
     import triton

@@ -107,7 +107,7 @@ def test_dtype_cast_and_checkpoint_default(tmp_path: Path) -> None:
     assert torch.equal(wide.model.embed_tokens.weight, raw["model.embed_tokens.weight"].float())
     half, _ = load_model(path, dtype=torch.float16)
     assert half.lm_head.weight.dtype == torch.float16
-    assert _logits(native).dtype == _logits(half).dtype == torch.float32
+    assert (_logits(native).dtype, _logits(half).dtype) == (torch.bfloat16, torch.float16)  # the model dtype
     # The fused q/k/v rows hold the HF tensors in order.
     qkv = wide.model.layers[1].self_attn.qkv_proj.weight
     q, k, v = (raw[f"model.layers.1.self_attn.{n}_proj.weight"].float() for n in "qkv")

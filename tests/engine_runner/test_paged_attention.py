@@ -153,7 +153,12 @@ def test_triton_decode_kernel_matches_torch() -> None:
         if device == "cuda":
             cache.data = cache.data.cuda()
         kc, vc = cache.data[0, 0], cache.data[0, 1]
-        for heads_fastest in (False, True):  # either launch order computes the same
+        # either launch order, one KV head per program or both read together (cross-head scores masked),
+        # whole contexts or cut in 8-token splits merged by log-sum-exp: the same attention
+        for heads_fastest, per_program, splits in ((False, 1, None), (True, 1, None), (False, 2, None),
+                                                   (True, 2, None), (False, 2, 16), (True, 1, 16)):
+            cut = {"num_splits": 16, "split_tokens": 8} if splits else {}
             out = paged_decode_triton(q.to(device), kc, vc, meta.block_tables.to(device),
-                                      meta.context_lens.to(device), D ** -0.5, heads_fastest=heads_fastest)
+                                      meta.context_lens.to(device), D ** -0.5, heads_fastest=heads_fastest,
+                                      kv_heads_per_program=per_program, **cut)
             torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)

@@ -40,6 +40,22 @@ def test_greedy_rows_take_the_argmax_and_banned_ids_are_never_sampled() -> None:
         assert not set(sample(logits, hot, [pos] * 6, banned=[list(range(25))] * 6)) & set(range(25))
 
 
+def test_logits_in_the_model_dtype_sample_as_their_float32_copy() -> None:
+    """The model hands bf16/fp16 logits over uncast: greedy rows (argmax of the 16-bit values) and
+    seeded sampled rows (cast to float32 inside) give what the float32 copy gives, bans included."""
+    for dtype in (torch.bfloat16, torch.float16):
+        low = (logits_rows(6, seed=3) * 2).to(dtype)
+        low[1, 7] = low[1, 9] = low[1].max() + 1  # a tie: the first index wins either way
+        wide = low.float()
+        greedy = [SamplingOptions(temperature=0.0)] * 6
+        banned = [[int(wide[0].argmax())], [], [], [], [], []]
+        assert sample(low, greedy, banned=banned) == sample(wide, greedy, banned=banned)
+        assert sample(low, greedy)[1] == 7
+        mixed = [SamplingOptions(temperature=0.0), SamplingOptions(temperature=0.8, seed=5, top_p=0.9)] * 3
+        for pos in range(5):
+            assert sample(low, mixed, [pos] * 6) == sample(wide, mixed, [pos] * 6)
+
+
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
     logits = logits_rows(8, seed=1)
     me = SamplingOptions(temperature=1.0, top_p=0.9, top_k=20, seed=1234)

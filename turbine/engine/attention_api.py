@@ -32,5 +32,5 @@ class CausalLM(Protocol):
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] -> logits [N, vocab_size] in float32."""
+        """hidden [N, hidden_size] -> logits [N, vocab_size] in the model dtype (the sampler casts)."""
         ...

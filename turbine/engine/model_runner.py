@@ -38,7 +38,7 @@ import torch
 
 from turbine.engine.attention_api import CausalLM
 from turbine.engine.cuda_graphs import DecodeGraphs, default_buckets
-from turbine.engine.decode_kernel import decode_block_n, decode_split_tokens
+from turbine.engine.decode_kernel import decode_split_tokens, decode_tile_tokens
 from turbine.engine.host_copy import HostStaging, PendingHost
 from turbine.engine.kv_cache import KVCache
 from turbine.engine.packed_step import PackedStep, Span, StepLayout, pack_ints
@@ -318,7 +318,7 @@ class ModelRunner:
             return 0
         spec = self.kv_cache.spec
         return decode_split_tokens(int(clens.max()), int(clens.sum()), grid_seqs, spec.num_kv_heads, self.device,
-                                   decode_block_n(self.block_size))
+                                   decode_tile_tokens(self.block_size, spec.num_kv_heads, grid_seqs, self.device))
 
     def _prefill_layout(self, entries, qlens: np.ndarray, clens: np.ndarray,  # type: ignore[no-untyped-def]
                         tables: np.ndarray):
@@ -387,7 +387,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # all-gathered under TP
             if batch.sampling is None:
                 return self._other_rank_tokens(batch)
-        tokens = self.sampler(logits.float(), batch.sampling)
+        tokens = self.sampler(logits, batch.sampling)
         if batch.share_tokens:
             self.tp.broadcast(tokens, 0)  # type: ignore[union-attr]
         if events is not None:

@@ -149,12 +149,16 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """``logits [N, V]`` float32 -> token ids ``[N]`` int64, still on the device."""
+        """``logits [N, V]`` (the model dtype or float32) -> token ids ``[N]`` int64, still on the
+        device. Greedy rows take the argmax of the logits as they come (a 16-bit value converts
+        to float32 exactly, so the index is the one float32 would give); sampled rows compute in
+        float32."""
         if batch.banned_rows.numel():
             logits = logits.index_put((batch.banned_rows, batch.banned_ids), logits.new_full((), _NEG_INF))
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy
+        logits = logits.float()
         temp = batch.temperature
         is_greedy = temp == 0
         x = logits / torch.where(is_greedy, torch.ones_like(temp), temp)[:, None]
