@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
                 row[key.replace("_us", "_TFLOPs")] = round(flops / (row[key] * 1e-6) / 1e12, 1)
             res["rows"].append(row)
             print(row, flush=True)
-            del w
     logits = torch.randn(256, 128256, device=dev, dtype=torch.bfloat16)
     res["greedy"] = {"float_then_argmax_us": round(bench_ms(lambda: logits.float().argmax(-1)) * 1e3, 1),
                      "bf16_argmax_us": round(bench_ms(lambda: logits.argmax(-1)) * 1e3, 1),

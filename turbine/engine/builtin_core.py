@@ -48,13 +48,13 @@ from turbine.engine.runner_setup import (
     resolve_device,
 )
 from turbine.engine.sampler import check_sampling_options
-from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
+from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
-from turbine.engine.step import StepOutput, step_output
+from turbine.engine.step import StepOutput, StepResult, step_output
 from turbine.kvbm.tiered import TieredCache
 from turbine.protocols.kv_transfer import KvLayout
 from turbine.protocols.generate import GenerateRequest
-from turbine.protocols.kv_events import BlockStored, KVEvent
+from turbine.protocols.kv_events import BlockStored
 
 if TYPE_CHECKING:
     from turbine.engine.models import ModelConfig
@@ -63,18 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["BuiltinConfig", "BuiltinCore", "StepOutput", "StepResult", "resolve_device"]
 
 from turbine.engine.builtin_config import BuiltinConfig  # noqa: E402  (torch-free: the CLI builds it)
-
-
-class StepResult(NamedTuple):
-    duration_s: float  # wall time of the call
-    outputs: list[StepOutput]  # one per sequence of the completed step still running at its end
-    kv_events: list[KVEvent]  # in order; the caller numbers them
-    num_prefill_tokens: int  # of the completed step
-    num_decode_seqs: int
-    num_preempted: int
-    host_s: float = 0.0  # of duration_s, the time not spent waiting for the device
-    device_s: float | None = None  # the step's device time (CUDA events; None unless enable_device_timing)
-    pulls: list[PullOrder] = []  # copies admission ordered (disaggregation): the caller runs them
 
 
 class _InFlight(NamedTuple):
@@ -263,7 +251,7 @@ class BuiltinCore:
                 with self._lock:
                     events = self.block_manager.take_events()
                     pulls = self.scheduler.take_pulls()
-                return StepResult(0.0, [], events, 0, 0, 0, time.perf_counter() - t0, pulls=pulls)
+                return StepResult(0.0, [], events, 0, 0, 0, pulls, host_s=time.perf_counter() - t0)
             self._inflight = self._launch(staged)
         done, self._inflight = self._inflight, None
         cfg = self.config
@@ -316,8 +304,8 @@ class BuiltinCore:
         duration = time.perf_counter() - t0
         device_ms = done.launched.device_ms()
         return StepResult(duration, outputs, events, out.num_prefill_tokens, out.num_decode_seqs,
-                          len(out.preempted), duration - wait_s, None if device_ms is None else device_ms / 1e3,
-                          pulls)
+                          len(out.preempted), pulls, host_s=duration - wait_s,
+                          device_s=None if device_ms is None else device_ms / 1e3)
 
     @property
     def padding(self) -> dict[str, list[int]]:

@@ -31,16 +31,16 @@ from safetensors import safe_open
 from torch import nn
 
 from turbine.engine.models import ModelConfig, model_class
+from turbine.engine.models.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from turbine.engine.models.llama import ParamSlice
     from turbine.engine.models.parallel import Collectives
 
-__all__ = ["DTYPES", "LoadedModel", "checkpoint_files", "load_model", "resolve_dtype"]
+__all__ = ["LoadedModel", "checkpoint_files", "load_model", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INDEX = "model.safetensors.index.json"
 _LM_HEAD = "lm_head.weight"
 _EMBED = "model.embed_tokens.weight"
@@ -52,17 +52,8 @@ class LoadedModel(NamedTuple):
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
-    """None -> the checkpoint's dtype; a name ("bfloat16") or a torch.dtype of the three supported."""
-    if dtype is None:
-        return DTYPES[config.torch_dtype]
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-    return dtype
+    """None -> the checkpoint's dtype; a name ("bfloat16", "bf16") or a torch.dtype of the three supported."""
+    return torch_dtype(config.torch_dtype if dtype is None else dtype)
 
 
 def checkpoint_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:

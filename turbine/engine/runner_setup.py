@@ -24,16 +24,15 @@ from turbine.engine.kv_cache import (
     num_blocks_for_bytes,
 )
 from turbine.engine.model_runner import ModelRunner, profile_activation_bytes
+from turbine.engine.models.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from turbine.engine.builtin_config import BuiltinConfig
     from turbine.engine.parallel.group import TPGroup
 
-__all__ = ["DTYPES", "build_runner", "kv_spec", "local_heads", "local_num_blocks", "piecewise_tokens",
+__all__ = ["build_runner", "kv_spec", "local_heads", "local_num_blocks", "piecewise_tokens",
            "rank_device", "resolve_device", "uses_graphs"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -42,7 +41,7 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     if dtype is not None:
-        return dev, DTYPES[dtype]
+        return dev, torch_dtype(dtype)
     return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
@@ -101,8 +100,9 @@ def local_num_blocks(model: CausalLM, spec: KVCacheSpec, config: BuiltinConfig, 
     free, total = torch.cuda.mem_get_info(device)
     own = torch.cuda.memory_reserved(device)
     budget = min(total * config.gpu_memory_utilization - own, free - (1 << 30)) - peak
-    if config.cuda_graphs:  # the graphs' float32 logits at the largest batch, and the pad block
-        budget -= config.max_num_seqs * vocab_size * 4 + spec.bytes_per_block
+    if config.cuda_graphs:  # the graphs' logits (model dtype) at the largest batch, and the pad block
+        logit_bytes = next(model.parameters()).element_size()
+        budget -= config.max_num_seqs * vocab_size * logit_bytes + spec.bytes_per_block
         # the piecewise graphs' pool holds a step's activations at their largest bucket
         budget -= peak * piecewise_tokens(config, device) // config.max_num_batched_tokens
     n = num_blocks_for_bytes(spec, int(budget))

@@ -10,24 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from turbine.engine.base import KVEventSink
 from turbine.engine.request_trace import RequestTrace
-from turbine.engine.step import StepOutput
+from turbine.engine.step import StepResult
 from turbine.kvbm.tiered import TierSource
 from turbine.protocols.generate import FinishReason, GenerateDelta, GenerateRequest
-from turbine.protocols.kv_events import KVEvent
 from turbine.runtime import tracing
 
 log = logging.getLogger(__name__)
-
-
-class StepResultLike(Protocol):
-    outputs: Sequence[StepOutput]
-    kv_events: list[KVEvent]
-    pulls: list[Any]  # scheduler.PullOrder: copies for the KV transfer manager
 
 
 class CoreLike(Protocol):
@@ -142,7 +135,7 @@ class StreamHub:
             if trace is not None and trace.seq is not None:
                 trace.emit(tracing.tracer(), reason if finished else "abort")
 
-    def deliver(self, result: StepResultLike) -> None:
+    def deliver(self, result: StepResult) -> None:
         """KV events to the sink first (a router sees blocks before their tokens), then deltas."""
         if result.kv_events and self.sink is not None:
             try:

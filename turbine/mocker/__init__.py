@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from turbine.mocker.core import MockerConfig, MockerCore, StepOutput, StepResult
+from turbine.engine.step import StepOutput, StepResult
+from turbine.mocker.core import MockerConfig, MockerCore
 from turbine.mocker.engine import MockEngine
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
 

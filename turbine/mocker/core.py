@@ -27,9 +27,9 @@ import xxhash
 
 from turbine.engine.base import EngineStats
 from turbine.engine.block_manager import KVBlockManager
-from turbine.engine.scheduler import PullOrder, Scheduler, SchedulerConfig, SchedulerOutput
+from turbine.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from turbine.engine.sequence import Sequence
-from turbine.engine.step import StepOutput, step_output
+from turbine.engine.step import StepOutput, StepResult, step_output
 from turbine.kvbm.tiered import DISK, HOST, TieredCache, TierSource
 from turbine.mocker.timing import PolynomialTiming, ProfileTiming, TimingModel
 from turbine.protocols.generate import GenerateRequest
@@ -121,16 +121,6 @@ class _Launched(NamedTuple):
     slots: list[int]
     sampled: dict[str, int]
     duration_s: float
-
-
-class StepResult(NamedTuple):
-    duration_s: float
-    outputs: list[StepOutput]  # one per scheduled sequence, in batch order
-    kv_events: list[KVEvent]  # in order; the caller numbers them
-    num_prefill_tokens: int
-    num_decode_seqs: int
-    num_preempted: int
-    pulls: list[PullOrder] = []  # copies admission ordered (disaggregation): the caller runs them
 
 
 class DecodeRun(NamedTuple):

@@ -30,13 +30,13 @@ import torch
 from safetensors.torch import save_file
 
 from turbine.engine.models.config import DTYPE_BYTES, ModelConfig, checkpoint_shapes
+from turbine.engine.models.dtypes import DTYPES
 
 __all__ = ["DEFAULT_SHARD_SIZE_BYTES", "write_random_weights"]
 
 DEFAULT_SHARD_SIZE_BYTES = 4 << 30
 _INDEX = "model.safetensors.index.json"
 _SMALL_STD = 0.02  # embeddings, biases, and norm weights around 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def write_random_weights(
@@ -61,7 +61,7 @@ def write_random_weights(
     if shard_size_bytes <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
     cfg = ModelConfig.from_dict(config)
-    dtype = _DTYPES[cfg.torch_dtype]
+    dtype = DTYPES[cfg.torch_dtype]
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)

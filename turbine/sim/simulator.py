@@ -47,8 +47,9 @@ from turbine.bench.stats import RequestResult
 from turbine.bench.trace import DEFAULT_VOCAB_SIZE, TokenSynth, TraceRequest, arrival_offsets_s
 from turbine.disagg.decision import DECISIONS, DisaggConfig, decide
 from turbine.engine.scheduler import PullOrder
+from turbine.engine.step import StepResult
 from turbine.kvbm.tiered import TierSource
-from turbine.mocker.core import DecodeRun, MockerConfig, MockerCore, StepResult
+from turbine.mocker.core import DecodeRun, MockerConfig, MockerCore
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
 from turbine.protocols.model_card import WorkerTiming

@@ -26,8 +26,8 @@ from turbine.runtime.request_plane import RequestPlaneClient
 from turbine.transfer.base import HeldBlocks, TransferError, ask_held, check_pull, serve_kv_check
 from turbine.transfer.block_copy import copy_blocks
 from turbine.transfer.kv_memory import KvMemory
+from turbine.engine.models.dtypes import DTYPES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Handle(msgspec.Struct, frozen=True):
@@ -77,10 +77,10 @@ class CudaIpcTransfer:
             h = msgspec.msgpack.decode(metadata, type=_Handle)
             if h.host != socket.gethostname():
                 raise TransferError(f"CUDA IPC reaches GPUs of this node only; the peer is on {h.host}")
-            if h.dtype not in _DTYPES:
+            if h.dtype not in DTYPES:
                 raise TransferError(f"unknown dtype {h.dtype!r}")
             t = rebuild_cuda_tensor(torch.Tensor, torch.Size(h.size), tuple(h.stride), h.offset,
-                                    torch.storage.TypedStorage, _DTYPES[h.dtype], h.device, h.handle,
+                                    torch.storage.TypedStorage, DTYPES[h.dtype], h.device, h.handle,
                                     h.storage_size_bytes, h.storage_offset_bytes, False, h.ref_counter_handle,
                                     h.ref_counter_offset, h.event_handle or None, h.event_sync_required)
             self._peers[metadata] = t

@@ -93,7 +93,7 @@ class ModelConfig:
         if dtype is None:
             itemsize = DTYPE_BYTES[self.torch_dtype]
         elif isinstance(dtype, str):
-            itemsize = DTYPE_BYTES[_dtype_name(dtype, "dtype")]
+            itemsize = DTYPE_BYTES[dtype_name(dtype, "dtype")]
         elif isinstance(getattr(dtype, "itemsize", None), int):
             itemsize = dtype.itemsize
         else:
@@ -163,7 +163,7 @@ class ModelConfig:
             o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and attention_bias,
             mlp_bias=arch == "LlamaForCausalLM" and _bool(d, "mlp_bias", False),
             qk_norm=arch == "Qwen3ForCausalLM",
-            torch_dtype=_dtype_name(d.get("torch_dtype") or d.get("dtype") or "float32", "torch_dtype"),
+            torch_dtype=dtype_name(d.get("torch_dtype") or d.get("dtype") or "float32", "torch_dtype"),
             bos_token_id=_token_ids(d.get("bos_token_id"), "bos_token_id")[0] if d.get("bos_token_id") is not None
             else None,
             eos_token_ids=tuple(dict.fromkeys(_token_ids(d.get("eos_token_id"), "eos_token_id")
@@ -264,7 +264,8 @@ def _bool(d: Mapping[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _dtype_name(value: Any, key: str) -> str:
+def dtype_name(value: Any, key: str = "dtype") -> str:
+    """A dtype's canonical name (float32, bfloat16, float16) from a name, an alias or a torch dtype."""
     name = str(value).removeprefix("torch.")
     name = _DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_BYTES:
