@@ -125,7 +125,7 @@ def test_real_trace_properties() -> None:
 def test_prompt_block_hashes_are_the_prompts_own(block_size: int) -> None:
     """Memoised per hash id, chained through whichever prefix reaches it: the values hashing the
     prompt itself gives (the engines' and the router's)."""
-    from turbine.router.hashing import block_hashes
+    from turbine.protocols.block_hashing import block_hashes
 
     s = TokenSynth(4096)
     reqs = [_req(0, 3 * B, [7, 8, 9]), _req(0, 2 * B + 100, [7, 8, 5]), _req(0, 2 * B + 70, [9, 8, 7]),

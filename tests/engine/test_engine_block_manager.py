@@ -11,7 +11,7 @@ from turbine.engine.block_manager import IntegrityError, KVBlockManager
 from turbine.engine.sequence import Sequence
 from turbine.protocols.generate import StopConditions
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from turbine.router.hashing import block_hashes
+from turbine.protocols.block_hashing import block_hashes
 
 STOP = StopConditions(max_tokens=16)
 

@@ -8,7 +8,7 @@ import pytest
 
 from turbine.engine.sequence import PLACEHOLDER, Sequence
 from turbine.protocols.generate import StopConditions
-from turbine.router.hashing import block_hashes
+from turbine.protocols.block_hashing import block_hashes
 
 
 def _seq(prompt: list[int], lora: str | None = None) -> Sequence:

@@ -293,7 +293,7 @@ def test_callers_block_hashes_and_token_array_change_nothing() -> None:
     """A caller (the simulator) may hand over the prompt as a u32 array with its block hashes."""
     from array import array
 
-    from turbine.router.hashing import block_hashes
+    from turbine.protocols.block_hashing import block_hashes
 
     prompts = [[(i * 7 + j) % 90 + 5 for j in range(n)] for i, n in enumerate((9, 17, 4, 33, 17))]
     prompts[4] = prompts[1][:12] + [3, 3, 3, 3, 3]  # a prefix hit

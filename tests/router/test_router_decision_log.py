@@ -6,7 +6,7 @@ import pytest
 
 from turbine.protocols.kv_events import BlockStored
 from turbine.router.decision_log import Alternative, DecisionLog
-from turbine.router.hashing import chain_hash, local_block_hash
+from turbine.protocols.block_hashing import chain_hash, local_block_hash
 from turbine.router.router import Router
 
 BS = 4

@@ -6,7 +6,7 @@ import struct
 import pytest
 import xxhash
 
-from turbine.router.hashing import (
+from turbine.protocols.block_hashing import (
     HASH_SEED,
     block_hashes,
     chain_hash,
@@ -70,7 +70,7 @@ def test_one_pass_chained_hashes_agree_with_reference(block_size: int, lora: str
     import random
     from array import array
 
-    from turbine.router.hashing import chain_hashes_u32
+    from turbine.protocols.block_hashing import chain_hashes_u32
 
     rng = random.Random(block_size)
     tokens = [rng.randrange(0, 2**32) for _ in range(block_size * 9 + 2)]

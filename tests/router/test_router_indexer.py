@@ -8,7 +8,7 @@ import pytest
 
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from turbine.router.approx import ApproxIndexer
-from turbine.router.hashing import block_hashes
+from turbine.protocols.block_hashing import block_hashes
 from turbine.router.indexer import IndexIntegrityError, KvIndexer
 
 BS = 2

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from turbine.protocols.kv_events import BlockRemoved, BlockStored
-from turbine.router.hashing import chain_hash, local_block_hash
+from turbine.protocols.block_hashing import chain_hash, local_block_hash
 from turbine.router.indexer import KvIndexer
 from turbine.router.router import Router
 

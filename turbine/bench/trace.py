@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 import xxhash
 
-from turbine.router.hashing import HASH_SEED, chain_local_hashes
+from turbine.protocols.block_hashing import HASH_SEED, chain_local_hashes
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens each Mooncake hash id stands for."""
@@ -204,7 +204,7 @@ class TokenSynth:
 
     def prompt_block_hashes(self, request: TraceRequest, block_size: int,
                             seed: int = HASH_SEED) -> tuple[list[int], list[int]] | None:
-        """Local and sequence hashes (``turbine.router.hashing``: ``local_block_hash`` with
+        """Local and sequence hashes (``turbine.protocols.block_hashing``: ``local_block_hash`` with
         ``seed``, ``chain_hash``) of the full ``block_size``-token blocks of the request's prompt:
         the values hashing `prompt_array` gives, computed once per hash id (its blocks lie inside
         its own ``block_tokens``; its sequence hashes are kept with the sequence hash they chain

@@ -11,7 +11,7 @@ Every block is in exactly one of three states:
     prefix hit: evictable ──▶ referenced      (its KV is reused, not recomputed)
 
 Prefix caching keys a block by the chained sequence hash of its tokens
-(``turbine.router.hashing``), so two requests sharing a prefix share its blocks. Only full,
+(``turbine.protocols.block_hashing``), so two requests sharing a prefix share its blocks. Only full,
 computed blocks are registered; the manager queues vLLM-layout KV events (BlockStored,
 BlockRemoved, AllBlocksCleared) that the caller drains with ``take_events()`` and numbers.
 
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from turbine.engine.sequence import Sequence
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from turbine.router.hashing import SequenceHash
+from turbine.protocols.block_hashing import SequenceHash
 
 
 _consume = partial(deque, maxlen=0)  # runs an iterator (a map of calls) to its end at C speed

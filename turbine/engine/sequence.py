@@ -24,7 +24,7 @@ from array import array
 from typing import Any
 
 from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
-from turbine.router.hashing import SequenceHash, chain_hashes_u32, lora_seed
+from turbine.protocols.block_hashing import SequenceHash, chain_hashes_u32, lora_seed
 
 
 # An output token the device has sampled (or will) but the host has not read yet: the largest u32,

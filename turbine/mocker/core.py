@@ -202,7 +202,7 @@ class MockerCore:
                     ids_in_vocab: bool = False) -> None:
         """Queue a request; ValueError if it is malformed or can never fit this engine.
         ``prompt_u32``: the caller's copy of ``request.token_ids`` as ``array("I")``, if it has one
-        (spares packing them). ``block_hashes``: the sequence hashes (``turbine.router.hashing``) of
+        (spares packing them). ``block_hashes``: the sequence hashes (``turbine.protocols.block_hashing``) of
         the prompt's full blocks at this core's block size and the request's LoRA seed, if the
         caller has them (spares hashing the prompt). ``ids_in_vocab``: the caller made the prompt
         from ids below this core's vocabulary size (spares checking them). The caller vouches for

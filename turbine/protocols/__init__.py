@@ -1,1 +1,2 @@
-"""Wire messages shared between Turbine's subsystems (msgspec Structs, defaults on new fields)."""
+"""Contracts shared between Turbine's subsystems: wire messages (msgspec Structs, defaults on new
+fields) and the block hashing every worker and router computes alike (``block_hashing``)."""

@@ -37,7 +37,7 @@ from operator import and_, is_, or_, xor
 import xxhash
 
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from turbine.router.hashing import HASH_SEED, LocalBlockHash, lora_seed
+from turbine.protocols.block_hashing import HASH_SEED, LocalBlockHash, lora_seed
 
 ROOT = 0
 CLEAR_PIECE = 512  # blocks dropped between two ``pace`` calls when clearing a worker
