@@ -1,6 +1,6 @@
 """Fleet simulation: the frontend's router and the mocker's engine core on a virtual clock."""
 from __future__ import annotations
 
-from turbine.sim.simulator import ROUTERS, SimConfig, SimResult, SimStats, Simulator, make_router, simulate
+from turbine.sim.simulator import SimConfig, SimResult, SimStats, Simulator, make_router, simulate
 
-__all__ = ["ROUTERS", "SimConfig", "SimResult", "SimStats", "Simulator", "make_router", "simulate"]
+__all__ = ["SimConfig", "SimResult", "SimStats", "Simulator", "make_router", "simulate"]

@@ -12,7 +12,8 @@ from turbine.bench.replay import add_trace_args, check_plots, write_outputs
 from turbine.bench.report import PlotUnavailable, summarize_trace
 from turbine.bench.trace import TokenSynth, ideal_hit_rate, load_trace
 from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
-from turbine.sim.simulator import ROUTERS, SimConfig, simulate
+from turbine.router.policies import POLICIES
+from turbine.sim.simulator import SimConfig, simulate
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disagg-max-prefill-queue", type=int, default=32768,
                    help="disaggregated: prefill on the decode worker when every prefill worker has this many "
                    "prompt tokens queued")
-    p.add_argument("--router", default="predicted", choices=ROUTERS,
+    p.add_argument("--router", default="predicted", choices=POLICIES,
                    help="routing policy (as `turbine serve --router`; kv = Dynamo's cost, for comparisons)")
     p.add_argument("--router-approx", action="store_true",
                    help="kv routing without KV events (the router predicts caches from its own decisions)")

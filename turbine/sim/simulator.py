@@ -56,7 +56,6 @@ from turbine.protocols.model_card import WorkerTiming
 from turbine.router.policies import POLICIES
 from turbine.router.router import Router
 
-ROUTERS = POLICIES  # the frontend's policies, every one
 _DEFERRED: Any = object()  # a pending marker: the worker's plain decodes start after the others at t
 _DECLINED = -2  # _arrive: no worker admits the request now
 
@@ -88,8 +87,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("a disaggregated fleet needs both prefill_workers and decode_workers (>= 1)")
         if self.workers < 1 and not self.disaggregated:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.router not in POLICIES:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(POLICIES)}")
         if self.router_approx and self.router not in ("kv", "predicted"):
             raise ValueError("router_approx applies to the kv and predicted routers only")
         if self.router_max_itl_ms < 0 or self.router_max_queued < 0:
@@ -724,4 +723,4 @@ def simulate(requests: Sequence[TraceRequest], cfg: SimConfig, *,
     return Simulator(requests, cfg, on_finish=on_finish).run()
 
 
-__all__ = ["ROUTERS", "SimConfig", "SimResult", "SimStats", "Simulator", "make_router", "simulate"]
+__all__ = ["SimConfig", "SimResult", "SimStats", "Simulator", "make_router", "simulate"]
