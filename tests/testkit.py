@@ -126,9 +126,11 @@ def health(url: str) -> dict:
 
 
 def wait_workers(url: str, n: int, timeout: float) -> float:
+    """Until ``tiny`` has ``n`` workers and can serve (its tokenizer loaded: else requests get 503)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if len(health(url).get("models", {}).get("tiny", [])) == n:
+        h = health(url)
+        if len(h.get("models", {}).get("tiny", [])) == n and "tiny" not in h.get("loading", []):
             return time.monotonic() - t0
         time.sleep(0.1)
     raise AssertionError(f"expected {n} workers within {timeout} s, health={health(url)}")

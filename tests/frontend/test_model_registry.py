@@ -113,6 +113,56 @@ async def test_in_process_records_are_checked_too(model_dir: Path) -> None:
         await fe.stop()
 
 
+async def test_health_says_loading_until_the_tokenizer_is_in(model_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker registered before its model's tokenizer loaded: /health says ``loading`` (requests
+    would get 503), then ``ok`` once the tokenizer is in; a readiness check waits on that."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from turbine.frontend import model_registry
+
+    gate = threading.Event()
+    real = model_registry.TurbineTokenizer.from_dir
+
+    def slow(path):  # type: ignore[no-untyped-def]
+        gate.wait(10)
+        return real(path)
+
+    monkeypatch.setattr(model_registry.TurbineTokenizer, "from_dir", staticmethod(slow))
+    store = MemoryStore()
+    fe = Frontend(FrontendConfig(port=0), discovery=MemoryDiscovery(store), client=InProcClient(),
+                  subscriber=InProcEventBus().subscriber())
+    await fe.start()
+
+    def get(path: str, body: bytes | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(fe.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        assert (await asyncio.to_thread(get, "/health"))[1]["status"] == "no_workers"
+        w = Instance(instance_id="w", component="worker", endpoint="generate", address="inproc://w",
+                     model_card=ModelCard(**_card(model_dir)))
+        await MemoryDiscovery(store).register(w)
+        await _wait(lambda: "tiny" in fe.registry.models)
+        code, h = await asyncio.to_thread(get, "/health")
+        assert (code, h["status"], h["loading"], h["models"]) == (200, "loading", ["tiny"], {"tiny": ["w"]})
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1}).encode()
+        code, err = await asyncio.to_thread(get, "/v1/completions", body)
+        assert code == 503 and "loading its tokenizer" in err["error"]["message"]
+        gate.set()
+        await _wait(lambda: _workers(fe) == ["w"])
+        code, h = await asyncio.to_thread(get, "/health")
+        assert (code, h["status"], h["loading"]) == (200, "ok", [])
+    finally:
+        gate.set()
+        await fe.stop()
+
+
 async def test_failing_worker_is_set_aside_with_backoff(model_dir: Path) -> None:
     """A worker whose address refuses connections: requests go elsewhere, it is retried later,
     each failure in a row doubling the time it is skipped."""

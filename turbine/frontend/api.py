@@ -172,8 +172,9 @@ class OpenAIApi:
         models = {m.name: sorted(m.workers) for m in served}
         workers = {i.instance_id: {"model": m.name, "address": i.address, **i.metadata}
                    for m in served for i in m.workers.values()}
-        status = "ok" if models else "no_workers"
-        resp.send(200, _json.encode({"status": status, "models": models, "workers": workers,
+        loading = sorted(m.name for m in served if m.tokenizer is None)  # registered, not servable yet (503)
+        status = "ok" if len(loading) < len(served) else "loading" if served else "no_workers"
+        resp.send(200, _json.encode({"status": status, "models": models, "loading": loading, "workers": workers,
                                      "inflight": self.inflight}))
 
     async def prometheus(self, req: HttpRequest, resp: HttpResponse) -> None:

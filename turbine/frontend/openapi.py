@@ -78,12 +78,15 @@ class CompletionChunk(msgspec.Struct, omit_defaults=True):
 
 
 class Health(msgspec.Struct):
-    """``models``: model -> worker instance ids; ``workers``: instance id -> model, address, metadata."""
+    """``models``: model -> worker instance ids; ``loading``: the models whose workers registered but
+    whose tokenizer the frontend is still loading (their requests answer 503 until then);
+    ``workers``: instance id -> model, address, metadata. ``status``: ok when a model can serve."""
 
-    status: Literal["ok", "no_workers"]
+    status: Literal["ok", "loading", "no_workers"]
     models: dict[str, list[str]]
     workers: dict[str, dict[str, str]]
     inflight: int
+    loading: list[str] = []
 
 
 class OpenApiDocument(msgspec.Struct):
