@@ -179,6 +179,25 @@ def test_decode_splits_cover_the_longest_context_and_balance_mixed_lengths() -> 
     assert decode_split_tokens(1100, 13 * 1100, 13, 2, cpu, 64) >= 1100
 
 
+def test_two_kv_heads_a_program_only_once_the_batch_fills_the_gpu() -> None:
+    from turbine.engine.decode_kernel import (
+        decode_num_splits,
+        decode_split_tokens,
+        decode_tile_tokens,
+        heads_per_program,
+    )
+
+    cpu = torch.device("cpu")  # 8 SMs: 32 programs wanted
+    assert heads_per_program(8, 8, cpu) == 2  # 8 sequences x 4 head pairs fill it
+    assert heads_per_program(8, 7, cpu) == 1  # 28 programs would not: one head a program, splits instead
+    assert heads_per_program(3, 100, cpu) == 1  # 2 does not divide 3 KV heads
+    assert heads_per_program(1, 100, cpu) == 1
+    # the grid's programs and the split's tile follow the same choice
+    assert decode_num_splits(8, 8, cpu) == 1 and decode_num_splits(7, 8, cpu) == 1
+    assert decode_tile_tokens(16, 8, 8, cpu) == 32 and decode_tile_tokens(16, 8, 7, cpu) == 64
+    assert decode_split_tokens(1000, 8 * 1000, 8, 8, cpu, 32) >= 1000  # one split covers each context
+
+
 @needs_triton
 def test_model_forward_with_fused_layers_matches_torch_layers(real_tiny_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The decoder with every fused kernel on (forced on the CPU under the interpreter) computes

@@ -33,10 +33,20 @@ HEADS_FASTEST = True  # launch order of the decode grid (see paged_decode_triton
 BLOCK_N: int | None = None  # tile rows (None: ``decode_block_n``'s choice for the block size)
 # KV heads one program reads together once the batch alone fills the GPU: its loads cover that
 # many neighbouring 256-byte head slices of each cache row (the cache is [block, token, head, dim]).
-# H200, Llama-3-8B heads, ~1.1k context: 2 heads and the heads-fastest grid read batch 256's KV at
-# 4.17 TB/s instead of 4.09 (bench/gpu_perf.py --decode-only); smaller batches keep 1, since halving
-# the programs there costs more splits than the wider loads gain.
+# H200, Llama-3-8B heads, ~1.1k context: 2 heads and the heads-fastest grid take batch 256's decode
+# attention from 276 to 265 us a layer, the measured copy bandwidth (bench/gpu_perf.py --decode-only);
+# smaller batches keep 1, since halving the programs there costs more splits than wider loads gain.
 KV_HEADS_PER_PROGRAM = 2
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def heads_per_program(num_kv_heads: int, num_seqs: int, device: torch.device) -> int:
@@ -49,16 +59,6 @@ def heads_per_program(num_kv_heads: int, num_seqs: int, device: torch.device) ->
     if h > 1 and num_seqs * (num_kv_heads // h) < _WAVES * _sm_count(device):
         return 1
     return h
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -120,7 +120,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     ``split_tokens`` (a [1] device tensor in a CUDA graph) times ``num_splits`` must cover the
     longest context; None derives it with ``decode_split_tokens`` from a host copy of the lengths.
     ``heads_fastest``: launch a sequence's KV-head programs next to each other (grid (Hkv, N, S)),
-    so the programs running at once read neighbouring 256-byte slices of the same cache rows
+    so the programs running at once read neighbouring 256-byte slices of the same cache rows.
     ``kv_heads_per_program`` (h): one program reads h neighbouring KV heads of each token, a tile
     of ``block_n`` (token, head) rows, and computes their h query groups at once; scores across
     heads are masked, so with h * group <= 16 query rows it does no more tensor work than h = 1.
