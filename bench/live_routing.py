@@ -129,11 +129,13 @@ def mocker_config(a: argparse.Namespace) -> MockerConfig:
 
 
 def run_sim(reqs: list[TraceRequest], policy: str, a: argparse.Namespace) -> TraceReport:
-    """`turbine simulate` on the same requests, speed, fleet and mocker config."""
-    base = policy.split(" ")[0]
+    """`turbine simulate` on the same requests, speed, fleet and mocker config (a row of N
+    frontends simulates N, each learning of the others from the workers' load reports)."""
+    base, _, count = policy.partition(" x")
     cfg = SimConfig(workers=a.workers, router={"kv-approx": "kv", "predicted-own-load": "predicted"}.get(base, base),
-                    router_approx=policy == "kv-approx", speed=a.speed, vocab_size=a.vocab_size, seed=0,
-                    mocker=mocker_config(a))
+                    router_approx=base == "kv-approx", speed=a.speed, vocab_size=a.vocab_size, seed=0,
+                    mocker=mocker_config(a), frontends=int(count or 1),
+                    router_own_load_only=base == "predicted-own-load")
     res = simulate(reqs, cfg)
     return summarize_trace(res.results, res.duration_s, slo_ttft_ms=a.slo_ttft, slo_itl_ms=a.slo_itl,
                            ideal_hit_rate=ideal_hit_rate(reqs), meta={"mode": "sim", "router": policy,

@@ -40,6 +40,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-max-queued", type=int, default=0,
                    help="requests a worker may have waiting for their first token; beyond it a request waits in "
                    "the frontend's queue, in arrival order (0 = no limit)")
+    p.add_argument("--frontends", type=int, default=1,
+                   help="frontends in front of the fleet, each with its own router; requests alternate between "
+                   "them and each learns of the others' only from the workers' load reports (aggregated fleets)")
+    p.add_argument("--load-report-ms", type=float, default=10.0,
+                   help="with several frontends: how often every worker's load reaches them (a live worker "
+                   "publishes at most every 10 ms)")
+    p.add_argument("--router-own-load-only", action="store_true",
+                   help="with several frontends: each ignores the load reports (blind to the others' requests)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write PNGs into DIR: TTFT and ITL CDFs, latency vs load over the trace's windows, TTFT "
@@ -67,7 +75,8 @@ def main_from_args(a: argparse.Namespace) -> int:
                         router_max_itl_ms=a.router_max_itl_ms, router_max_queued=a.router_max_queued,
                         seed=a.seed, mocker=mocker, prefill_workers=a.prefill_workers,
                         decode_workers=a.decode_workers, min_remote_prefill_tokens=a.disagg_min_prefill_tokens,
-                        max_prefill_queue_tokens=a.disagg_max_prefill_queue)
+                        max_prefill_queue_tokens=a.disagg_max_prefill_queue, frontends=a.frontends,
+                        load_report_ms=a.load_report_ms, router_own_load_only=a.router_own_load_only)
         TokenSynth(cfg.vocab_size)
         check_plots(a.plots)  # before the run: a missing matplotlib fails now, not after it
     except (ValueError, OSError, PlotUnavailable) as e:

@@ -53,8 +53,10 @@ from turbine.mocker.core import DecodeRun, MockerConfig, MockerCore
 from turbine.protocols.generate import GenerateRequest, SamplingOptions, StopConditions
 from turbine.protocols.kv_transfer import AgentInfo, KvTransferParams, KvTransferRequest
 from turbine.protocols.model_card import WorkerTiming
+from turbine.protocols.load import WorkerLoad
 from turbine.router.policies import POLICIES
 from turbine.router.router import Router
+from turbine.sim.frontends import Frontends
 
 _DEFERRED: Any = object()  # a pending marker: the worker's plain decodes start after the others at t
 _DECLINED = -2  # _arrive: no worker admits the request now
@@ -80,6 +82,11 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     prefill_mocker: MockerConfig | None = None  # the prefill workers' engine, when it differs from ``mocker``
     min_remote_prefill_tokens: int = 512
     max_prefill_queue_tokens: int = 32768
+    # Several frontends, each its own router (sim/frontends.py): requests alternate between them;
+    # each learns of the others' requests from the workers' load reports every ``load_report_ms``.
+    frontends: int = 1
+    load_report_ms: float = 10.0  # a live worker publishes at most every LOAD_MIN_INTERVAL_S
+    router_own_load_only: bool = False  # the frontends ignore the reports (each blind to the others)
 
     def __post_init__(self) -> None:
         if (self.prefill_workers > 0) != (self.decode_workers > 0) or min(self.prefill_workers,
@@ -97,6 +104,12 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"speed must be a positive number, got {self.speed}")
         if self.router_temperature < 0:
             raise ValueError(f"router_temperature must be >= 0, got {self.router_temperature}")
+        if self.frontends < 1:
+            raise ValueError(f"frontends must be >= 1, got {self.frontends}")
+        if self.frontends > 1 and self.disaggregated:
+            raise ValueError("several frontends are simulated for aggregated fleets only")
+        if not (self.load_report_ms > 0 and math.isfinite(self.load_report_ms)):
+            raise ValueError(f"load_report_ms must be a positive number, got {self.load_report_ms}")
 
     @property
     def disaggregated(self) -> bool:
@@ -181,7 +194,7 @@ def make_router(cfg: SimConfig, clock: Callable[[], float], *, queue: bool = Tru
     return Router(cfg.router, block_size=cfg.mocker.block_size, overlap_weight=cfg.overlap_weight,
                   temperature=cfg.router_temperature, approx=cfg.router_approx, seed=cfg.seed, clock=clock,
                   max_itl_s=cfg.router_max_itl_ms / 1e3 if cfg.router_max_itl_ms else math.inf,
-                  max_queued=cfg.router_max_queued if queue else 0)
+                  max_queued=cfg.router_max_queued if queue else 0, shared_load=not cfg.router_own_load_only)
 
 
 def card_timing(mocker: MockerConfig) -> WorkerTiming:
@@ -207,7 +220,9 @@ class Simulator:
         self.arrivals = arrival_offsets_s(self.requests, cfg.speed)
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
-        self.router = make_router(cfg, clock)  # aggregated or decode workers
+        # aggregated or decode workers: the frontend's router, or several frontends' (sim/frontends.py)
+        self.router: Router | Frontends = make_router(cfg, clock) if cfg.frontends == 1 else \
+            Frontends([make_router(cfg, clock) for _ in range(cfg.frontends)])
         self.prefill_router = make_router(cfg, clock, queue=False)
         if cfg.disaggregated:
             self.worker_ids = ([f"prefill-{i}" for i in range(cfg.prefill_workers)]
@@ -256,6 +271,8 @@ class Simulator:
         self._uses_events = cfg.router in ("kv", "predicted") and not cfg.router_approx
         self._ran = False
         self._tie = 0
+        if cfg.frontends > 1:
+            self.at(cfg.load_report_ms / 1e3, self._report_loads)
 
     def _announce(self, worker_id: str, core: MockerCore) -> None:
         """The worker's card reached the router: its KV capacity and timing."""
@@ -267,6 +284,20 @@ class Simulator:
 
     def _on_capacity(self) -> None:
         self._capacity = True
+
+    def _report_loads(self, t: float) -> None:
+        """Every worker's published load reaches every frontend (several frontends only), as
+        ``Worker.current_load`` builds it; again after ``load_report_ms`` while anything is left
+        to happen (a queue alone, with every worker idle, changes no load)."""
+        for w, core in zip(self.worker_ids, self.cores):
+            if w in self.retired:
+                continue
+            s = core.stats()
+            self.router.reported_load(WorkerLoad(
+                worker_id=w, model_name="sim", kv_active_blocks=s.kv_active_blocks, kv_total_blocks=s.kv_total_blocks,
+                num_running=s.num_running, num_waiting=s.num_waiting, prefill_tokens=s.prefill_tokens, ts=t))
+        if self._heap or self._pulls or self._next_arrival < math.inf or t < self.arrivals[-1]:
+            self.at(t + self.cfg.load_report_ms / 1e3, self._report_loads)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SimResult:

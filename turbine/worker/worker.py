@@ -31,7 +31,11 @@ from turbine.transfer.manager import KvTransferManager
 
 log = logging.getLogger("turbine.worker")
 
-LOAD_MIN_INTERVAL_S = 0.05  # coalesce load updates; a heartbeat every LOAD_HEARTBEAT_S regardless
+# Coalesce load updates to one per LOAD_MIN_INTERVAL_S (a heartbeat every LOAD_HEARTBEAT_S regardless).
+# Other frontends learn of a frontend's requests only from these: in the simulator (Mooncake, 8
+# workers, 4x) two frontends' TTFT p50 is 276 ms with 50 ms reports, 185 ms with 10 ms, 170 ms for one
+# frontend; 100 small messages a second per worker cost the frontends next to nothing.
+LOAD_MIN_INTERVAL_S = 0.01
 LOAD_HEARTBEAT_S = 1.0
 
 _req_decoder = msgspec.msgpack.Decoder(GenerateRequest)
