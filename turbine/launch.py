@@ -32,7 +32,7 @@ from turbine.runtime.fleet_token import fleet_token
 from turbine.runtime.request_plane import RequestPlaneClient
 from turbine.transfer.manager import KvTransferManager
 from turbine.transfer.mock import MockTransfer
-from turbine.worker.worker import Worker
+from turbine.worker.worker import LOAD_MIN_INTERVAL_S, Worker
 
 log = logging.getLogger("turbine")
 
@@ -69,6 +69,7 @@ class WorkerOptions:
     context_length: int | None = None  # None: the model's max_position_embeddings
     role: str = "aggregated"  # "aggregated" | "prefill" | "decode" (disaggregated serving)
     kv_transfer: str = "auto"  # the built-in engine's transfer backend: auto | tcp | nixl | cuda_ipc | inproc
+    load_interval_s: float = LOAD_MIN_INTERVAL_S  # the worker's load reports, at most this often
 
 
 ROLES = {"agg": "aggregated", "aggregated": "aggregated", "prefill": "prefill", "decode": "decode"}
@@ -209,7 +210,8 @@ async def start_workers(opts: WorkerOptions, n: int, discovery: Discovery, runti
         engine, card = await asyncio.to_thread(build_engine, opts, tokenizer)
         card = msgspec.structs.replace(card, role=ROLES[opts.role])
         w = Worker(engine, card, discovery=discovery, server=runtime.server(), publisher=runtime.publisher(),
-                   transfer=make_transfer(opts, engine, client, inproc=runtime.inproc))
+                   transfer=make_transfer(opts, engine, client, inproc=runtime.inproc),
+                   load_interval_s=opts.load_interval_s)
         await w.start()
         workers.append(w)
     return workers

@@ -114,3 +114,15 @@ def test_planner_local_workers_join_the_planners_discovery() -> None:
     assert cmd[cmd.index("worker") + 1:] == ["--discovery-dir", "/tmp/d", "--role", "agg"]
     cmd = _parse(["worker", "--model", "m", *cmd[cmd.index("worker") + 1:]])  # what the worker parses
     assert str(cmd.discovery_dir) == "/tmp/d"
+
+
+@pytest.mark.parametrize("value,ok", [("0", False), ("-5", False), ("1001", False), ("2.5", True), ("1000", True)])
+def test_load_interval_is_checked_and_reaches_the_workers(value: str, ok: bool, model_dir) -> None:  # type: ignore[no-untyped-def]
+    from turbine.cli import _worker_options
+
+    args = _parse(["worker", "--model", str(model_dir), "--discovery-dir", "d", "--load-interval-ms", value])
+    if not ok:
+        with pytest.raises(SystemExit, match="--load-interval-ms must be in"):
+            _worker_options(args)
+        return
+    assert _worker_options(args).load_interval_s == pytest.approx(float(value) / 1e3)

@@ -60,6 +60,7 @@ class FrontendMetrics:
                              ["model", "worker"], registry=r)
         self.workers = Gauge("turbine_frontend_workers", "Workers serving the model", ["model"], registry=r)
         self.tiers: dict[tuple[str, str, str], TierLoad] = {}  # (model, worker, tier) -> its last report
+        self._worker_gauges: dict[tuple[str, str], tuple[Any, ...]] = {}  # (model, worker) -> its 4 children
         r.register(_TierCollector(self.tiers))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self._models: dict[str, ModelMetrics] = {}
@@ -78,15 +79,23 @@ class FrontendMetrics:
         self.requests.labels(model, endpoint, str(status)).inc()
 
     def worker_load(self, load: WorkerLoad) -> None:
+        """A worker's load report (up to ~100 a second each): its gauges' children are looked up
+        once per worker, not on every report (``labels()`` was most of a report's cost)."""
         key = (load.model_name, load.worker_id)
-        self.kv_active.labels(*key).set(load.kv_active_blocks)
-        self.kv_total.labels(*key).set(load.kv_total_blocks)
-        self.running.labels(*key).set(load.num_running)
-        self.waiting.labels(*key).set(load.num_waiting)
+        gauges = self._worker_gauges.get(key)
+        if gauges is None:
+            gauges = self._worker_gauges[key] = tuple(g.labels(*key) for g in (self.kv_active, self.kv_total,
+                                                                                self.running, self.waiting))
+        kv_active, kv_total, running, waiting = gauges
+        kv_active.set(load.kv_active_blocks)
+        kv_total.set(load.kv_total_blocks)
+        running.set(load.num_running)
+        waiting.set(load.num_waiting)
         for t in load.tiers:
             self.tiers[(*key, t.tier)] = t
 
     def worker_gone(self, model: str, worker_id: str) -> None:
+        self._worker_gauges.pop((model, worker_id), None)
         for g in (self.kv_active, self.kv_total, self.running, self.waiting):
             try:
                 g.remove(model, worker_id)
