@@ -69,6 +69,7 @@ class Worker:
         self.own_server = own_server
         self.transfer = transfer  # disaggregation: pulls this worker runs, the KV it holds for peers
         self.load_interval_s = load_interval_s
+        self.load_reports = 0  # published (changes and heartbeats)
         self.address = ""
         self._load_dirty = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
@@ -183,10 +184,22 @@ class Worker:
                           tiers=list(s.tiers))
 
     async def _publish_load_loop(self) -> None:
+        """After a change (KV events mark the load dirty), at most every ``load_interval_s``: the
+        load, when it differs from the last one published (a decode step that grew no block
+        changes nothing a router reads), and once a second regardless (the heartbeat)."""
         assert self.publisher is not None
+        last: tuple[object, ...] | None = None
+        last_sent = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._load_dirty.wait(), LOAD_HEARTBEAT_S)
             self._load_dirty.clear()
-            self._last_seq = self.publisher.publish("load", _encoder.encode(self.current_load()))
+            load = self.current_load()
+            seen = (load.kv_active_blocks, load.kv_total_blocks, load.num_running, load.num_waiting,
+                    load.prefill_tokens, load.tiers)
+            now = time.monotonic()
+            if seen != last or now - last_sent >= LOAD_HEARTBEAT_S:
+                self._last_seq = self.publisher.publish("load", _encoder.encode(load))
+                last, last_sent = seen, now
+                self.load_reports += 1
             await asyncio.sleep(self.load_interval_s)
