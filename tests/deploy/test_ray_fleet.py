@@ -106,6 +106,16 @@ def _metrics(url: str) -> str:
         return r.read().decode()
 
 
+def _running(metrics: str) -> dict[str, float]:
+    """Streams running on each worker, from the frontend's gauges of the workers' load reports."""
+    out = {}
+    for line in metrics.splitlines():
+        m = re.match(r'turbine_worker_requests_running\{.*worker="([^"]+)".*\} (\S+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -132,7 +142,15 @@ def test_serve_on_ray_and_a_killed_worker_actor_is_replaced(cluster: RayCluster,
 
         with Load(url, concurrency=6) as load:
             load.wait_ok(12)
-            victim_id, victim = next(iter(before.items()))
+            # the worker with streams on it (the load's repeated prompt may all go to its prefix's holder)
+            busy: dict[str, float] = {}
+            deadline = time.monotonic() + 30
+            while not any(busy.values()) and time.monotonic() < deadline:
+                busy = _running(_metrics(url))
+                time.sleep(0.05)
+            victim_id = max(before, key=lambda w: busy.get(w, 0.0))
+            assert busy.get(victim_id), f"no worker reports running streams under load: {busy}"
+            victim = before[victim_id]
             pid = int(victim["pid"])
             os.kill(pid, signal.SIGKILL)  # the worker actor's whole process
             t_kill = time.monotonic()
