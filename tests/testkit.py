@@ -68,12 +68,28 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         if self.dep is not None:
-            asyncio.run_coroutine_threadsafe(self.dep.stop(grace_s=0), self.loop).result(timeout=30)
+            fut = asyncio.run_coroutine_threadsafe(self.dep.stop(grace_s=0), self.loop)
+            try:
+                fut.result(timeout=30)
+            except TimeoutError:
+                _dump_stacks(self.loop)  # where shutdown hangs: every thread, and the loop's tasks
+                raise
         pending = asyncio.run_coroutine_threadsafe(_pending_tasks(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
         assert not pending, f"tasks left running after shutdown: {pending}"
+
+
+def _dump_stacks(loop: asyncio.AbstractEventLoop) -> None:
+    import faulthandler
+    import io
+
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    for t in list(asyncio.all_tasks(loop)):  # read from another thread: a best-effort picture
+        buf = io.StringIO()
+        t.print_stack(file=buf)
+        print(buf.getvalue(), file=sys.stderr)
 
 
 async def _pending_tasks() -> list[str]:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from turbine.router.policies import POLICIES
+from turbine.router.cli_args import add_routing_args
 
 
 def _add_engine_args(p: argparse.ArgumentParser, *, builtin: bool = True) -> None:
@@ -79,24 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--router", default="predicted", choices=POLICIES,
-                   help="routing policy: kv = the worker holding most of the prompt's KV blocks, weighed against "
-                   "load (Dynamo's cost); predicted = the lowest predicted TTFT on each worker's own timing model "
-                   "(prefix hits, queued prefill, decode batch)")
-    p.add_argument("--router-max-itl-ms", type=float, default=0.0,
-                   help="predicted routing: keep a prefill off workers whose running requests' steps it would "
-                   "stretch beyond this, when another worker can take it (0 = no guard)")
-    p.add_argument("--router-max-queued", type=int, default=0,
-                   help="requests a worker may have waiting for their first token; beyond it requests wait in the "
-                   "frontend's queue, in arrival order (0 = no limit)")
+    add_routing_args(p)
     p.add_argument("--router-queue-size", type=int, default=1024,
                    help="requests that may wait in that queue; beyond it: 503 with Retry-After")
-    p.add_argument("--router-own-load-only", action="store_true",
-                   help="ignore the load workers report beyond this frontend's own requests (other frontends')")
-    p.add_argument("--router-approx", action="store_true",
-                   help="kv routing without worker events: remember where prefixes were sent (TTL)")
-    p.add_argument("--router-temperature", type=float, default=0.0,
-                   help="0 = always the cheapest worker; >0 samples workers by softmax of their cost")
     p.add_argument("--kv-overlap-weight", type=float, default=1.0,
                    help="weight of prefill work (blocks to compute) against decode load in the kv cost")
     p.add_argument("--kv-host-weight", type=float, default=0.8,

@@ -144,6 +144,35 @@ async def test_a_crashing_step_ends_streams_with_an_error(make_core) -> None:  #
     await eng.stop()
 
 
+async def test_a_step_that_never_ends_does_not_hang_stop(make_core, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    from turbine.engine import builtin_engine
+
+    monkeypatch.setattr(builtin_engine, "_STOP_WAIT_S", 0.6)
+    eng = BuiltinEngine.from_core(make_core())
+    stuck, release = threading.Event(), threading.Event()
+
+    def hang(*args):  # type: ignore[no-untyped-def]
+        stuck.set()
+        release.wait(30)
+        raise RuntimeError("released")
+
+    eng.core.model.forward = hang
+    try:
+        await eng.start()
+        stream = eng.generate(greedy("a", PROMPT, 4))
+        first = asyncio.ensure_future(anext(stream))
+        assert await asyncio.to_thread(stuck.wait, 10)
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="turbine.engine.builtin_engine"):
+            await eng.stop()
+        assert time.monotonic() - t0 < 5
+        assert (await asyncio.wait_for(first, 5)).finish_reason == "abort"  # the client is not left waiting
+        assert "step thread did not stop" in caplog.text and "in hang" in caplog.text  # where it sits, logged
+    finally:
+        release.set()
+        del eng.core.model.forward
+
+
 async def test_engine_from_a_model_directory(real_tiny_dir) -> None:  # type: ignore[no-untyped-def]
     eng = BuiltinEngine(real_tiny_dir, device="cpu", block_size=8, num_gpu_blocks=64, max_num_seqs=4,
                         max_num_batched_tokens=64, context_length=256)

@@ -45,8 +45,24 @@ def state(ix: KvIndexer) -> tuple[dict[str, dict[int, int]], dict[int, frozenset
             {w: len(t) for w, t in ix._tiers.items() if t})
 
 
+_earlier: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads_from_earlier_suites() -> None:
+    """Applier threads that another suite's failed shutdown left behind are its failure, not
+    this module's: these tests check only for threads they started."""
+    _earlier.clear()
+    _earlier.update(_applier_threads())
+
+
+def _applier_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("kv-event-applier")}
+
+
 def no_applier_threads() -> bool:
-    return not any(t.name.startswith("kv-event-applier") for t in threading.enumerate())
+    """No applier thread this test started is still alive."""
+    return not (_applier_threads() - _earlier)
 
 
 class Chains:

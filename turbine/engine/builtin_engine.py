@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
+import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,6 +43,7 @@ _MAX_PENDING = 4  # step results the loop has not delivered yet before the step 
 # Before launching, the step thread lets the loop hand out the last step's tokens (at most this
 # long; the device still runs the step in flight meanwhile): see BuiltinEngine._run.
 _SETTLE_WAIT_S = 0.01
+_STOP_WAIT_S = 120.0  # a step in flight (a long prefill, a graph capture) ends well within this
 
 
 class BuiltinEngine(KvTransferEndpoints):
@@ -118,7 +121,12 @@ class BuiltinEngine(KvTransferEndpoints):
             self._stopping.set()
             self._wake.set()
             # after a rank failure the step thread may sit in a broken collective until its timeout
-            await asyncio.to_thread(thread.join, 10.0 if self.failure is not None else None)
+            limit = 10.0 if self.failure is not None else _STOP_WAIT_S
+            if not await _joined(thread, limit):
+                log.error("the engine's step thread did not stop within %.0f s; leaving it (and the KV cache "
+                          "it may still use) to the process's exit", limit)
+                self._hub.finish_all("abort")
+                return
         for t in list(self._onboards):
             with contextlib.suppress(BaseException):
                 await t  # a copy in flight finishes (threads cannot be cancelled)
@@ -261,6 +269,23 @@ class BuiltinEngine(KvTransferEndpoints):
         self._hub.deliver(result)
         # after the consumers this delivery woke (FIFO): then the step thread may launch again
         self._loop.call_soon(self._settled.set)  # type: ignore[union-attr]
+
+
+async def _joined(thread: threading.Thread, limit_s: float, report_s: float | None = None) -> bool:
+    """Join a thread for at most ``limit_s``; each ``report_s`` it is still running, log where it is
+    (a step that does not end is a bug to find, not a hang to sit in)."""
+    report_s = report_s or min(10.0, limit_s / 2)
+    waited = 0.0
+    while waited < limit_s:
+        chunk = min(report_s, limit_s - waited)
+        await asyncio.to_thread(thread.join, chunk)
+        if not thread.is_alive():
+            return True
+        waited += chunk
+        frame = sys._current_frames().get(thread.ident or -1)
+        log.warning("engine step thread still running after %.0f s of stop:\n%s", waited,
+                    "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)")
+    return False
 
 
 async def _aborted() -> AsyncIterator[GenerateDelta]:

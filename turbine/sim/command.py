@@ -12,7 +12,7 @@ from turbine.bench.replay import add_trace_args, check_plots, write_outputs
 from turbine.bench.report import PlotUnavailable, summarize_trace
 from turbine.bench.trace import TokenSynth, ideal_hit_rate, load_trace
 from turbine.mocker.core import ASYNC_SCHEDULING_FLAGS, MockerConfig
-from turbine.router.policies import POLICIES
+from turbine.router.cli_args import add_routing_args
 from turbine.sim.simulator import SimConfig, simulate
 
 
@@ -28,26 +28,13 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disagg-max-prefill-queue", type=int, default=32768,
                    help="disaggregated: prefill on the decode worker when every prefill worker has this many "
                    "prompt tokens queued")
-    p.add_argument("--router", default="predicted", choices=POLICIES,
-                   help="routing policy (as `turbine serve --router`; kv = Dynamo's cost, for comparisons)")
-    p.add_argument("--router-approx", action="store_true",
-                   help="kv routing without KV events (the router predicts caches from its own decisions)")
-    p.add_argument("--router-temperature", type=float, default=0.0,
-                   help="kv routing: sample workers by softmax over costs (0 = pick the cheapest)")
-    p.add_argument("--router-max-itl-ms", type=float, default=0.0,
-                   help="predicted routing: keep a prefill off workers whose running requests' steps it would "
-                   "stretch beyond this, when another worker can take it (0 = no guard)")
-    p.add_argument("--router-max-queued", type=int, default=0,
-                   help="requests a worker may have waiting for their first token; beyond it a request waits in "
-                   "the frontend's queue, in arrival order (0 = no limit)")
+    add_routing_args(p)
     p.add_argument("--frontends", type=int, default=1,
                    help="frontends in front of the fleet, each with its own router; requests alternate between "
                    "them and each learns of the others' only from the workers' load reports (aggregated fleets)")
     p.add_argument("--load-report-ms", type=float, default=10.0,
                    help="with several frontends: how often every worker's load reaches them (a live worker "
                    "publishes at most every 10 ms)")
-    p.add_argument("--router-own-load-only", action="store_true",
-                   help="with several frontends: each ignores the load reports (blind to the others' requests)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write PNGs into DIR: TTFT and ITL CDFs, latency vs load over the trace's windows, TTFT "
