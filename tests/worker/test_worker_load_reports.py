@@ -62,6 +62,22 @@ async def test_unchanged_load_is_not_republished_but_a_heartbeat_is(monkeypatch)
             await task
 
 
+async def test_a_cancel_that_lands_as_the_load_turns_dirty_stops_the_loop() -> None:
+    """The shutdown hang CI met: with ``asyncio.wait_for`` around the dirty-event wait, Python
+    3.11 dropped a cancellation arriving in the same loop turn as a KV event, and
+    ``Worker.stop`` waited for the loop forever."""
+    stats = EngineStats(kv_active_blocks=0, kv_total_blocks=100, num_running=0, num_waiting=0)
+    w = Worker(types.SimpleNamespace(stats=lambda: stats), types.SimpleNamespace(model_name="tiny"),  # type: ignore[arg-type]
+               discovery=None, server=None, publisher=_Publisher(), worker_id="w", load_interval_s=0.001)  # type: ignore[arg-type]
+    for _ in range(20):
+        task = asyncio.create_task(w._publish_load_loop())
+        await asyncio.sleep(0.003)  # it published, slept its interval, and waits for dirt again
+        w._load_dirty.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        assert done and task.cancelled()
+
+
 def test_the_interval_is_checked() -> None:
     with pytest.raises(ValueError, match="load_interval_s"):
         Worker(None, None, discovery=None, server=None, load_interval_s=0)  # type: ignore[arg-type]

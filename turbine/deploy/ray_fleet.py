@@ -77,7 +77,8 @@ class RayFleet:
 
     async def _ready(self, handle: Any, what: str, resources: str) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(handle.info.remote(), self.placement.start_timeout_s)
+            async with asyncio.timeout(self.placement.start_timeout_s):
+                return await handle.info.remote()
         except TimeoutError:
             ray.kill(handle, no_restart=True)
             raise RuntimeError(f"{what} did not start within {self.placement.start_timeout_s:.0f} s: does a node "

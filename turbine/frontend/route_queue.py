@@ -71,7 +71,8 @@ class RouteQueue:
                 if remaining is not None and remaining <= 0:
                     raise ApiError(504, "the request timed out waiting for a worker to admit it")
                 try:
-                    await asyncio.wait_for(ev.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # not wait_for: see runtime/tasks.py
+                        await ev.wait()
                 except TimeoutError:
                     raise ApiError(504, "the request timed out waiting for a worker to admit it") from None
         finally:

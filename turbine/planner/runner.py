@@ -131,7 +131,8 @@ class PlannerRunner:
         interval = self.planner.cfg.interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: see runtime/tasks.py
+                    await stop.wait()
             if stop.is_set():
                 break
             try:

@@ -54,7 +54,8 @@ from turbine.runtime.discovery import (
     check_instance,
     select,
 )
-from turbine.runtime.etcd_client import ERRORS, Connection, lease_not_found, stop_tasks, text
+from turbine.runtime.etcd_client import ERRORS, Connection, lease_not_found, text
+from turbine.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("turbine.runtime")
 
@@ -167,7 +168,7 @@ class EtcdDiscovery:
         if self._closed:
             return
         self._closed = True
-        await stop_tasks([t for t in (self._keeper, self._follower) if t is not None], self.timeout_s)
+        await cancel_and_wait([t for t in (self._keeper, self._follower) if t is not None], self.timeout_s)
         lease, self._lease = self._lease, None
         if lease is not None:
             try:

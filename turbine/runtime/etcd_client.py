@@ -7,8 +7,9 @@ bounded even where aetcd or Python 3.11's asyncio drop a cancellation.
 - ``close_bounded``: a client's close runs in a task of its own, waited for at most a given
   time. aetcd's watcher catches the CancelledError of the stream task it awaits on close, so a
   timeout around the close could be swallowed and the caller would wait on nothing.
-- ``stop_tasks``: cancel until done. Python 3.11's ``asyncio.wait_for`` (in aetcd's watch
-  creation) drops a cancellation that lands as its inner wait completes.
+- Tasks that wait on aetcd stop through ``runtime.tasks.cancel_and_wait`` (cancel until done):
+  Python 3.11's ``asyncio.wait_for`` in aetcd's watch creation drops a cancellation that lands
+  as its inner wait completes.
 """
 from __future__ import annotations
 
@@ -33,24 +34,6 @@ _CHANNEL_OPTIONS = {
     "grpc.http2.max_pings_without_data": 0,
 }
 ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)  # etcd out of reach, or refusing
-
-
-async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
-    """Cancel the tasks and wait for them, cancelling again while they run: Python 3.11's
-    ``asyncio.wait_for`` (inside aetcd's watch creation) drops a cancellation that lands as its
-    inner wait completes, and the task would then wait on its watch forever."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    for t in pending:
-        log.warning("etcd: %s did not stop within %g s", t.get_coro(), timeout_s)
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            log.warning("etcd: %s failed: %r", t.get_coro(), t.exception())
 
 
 teardowns: set[asyncio.Task[None]] = set()  # client closes that outlived their wait (kept referenced)

@@ -77,7 +77,8 @@ class HealthServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 head = b""
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
@@ -91,7 +92,8 @@ class HealthServer:
             writer.write(f"HTTP/1.1 {code} {_REASONS[code]}\r\ncontent-type: application/json\r\n"
                          f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
                          + (b"" if method == "HEAD" else payload))
-            await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -27,6 +27,7 @@ from turbine.runtime import tracing
 from turbine.runtime.discovery import Discovery, Instance
 from turbine.runtime.events import EventPublisher
 from turbine.runtime.request_plane import RequestContext, RequestPlaneServer
+from turbine.runtime.tasks import cancel_and_wait
 from turbine.transfer.manager import KvTransferManager
 
 log = logging.getLogger("turbine.worker")
@@ -120,9 +121,7 @@ class Worker:
             await self.discovery.unregister(self.worker_id)
         await self.engine.stop()
         if self._load_task is not None:
-            self._load_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._load_task
+            await cancel_and_wait([self._load_task], timeout_s=5.0)
         if self.own_server:
             await self.server.stop()
         if self.transfer is not None:
@@ -192,7 +191,8 @@ class Worker:
         last_sent = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._load_dirty.wait(), LOAD_HEARTBEAT_S)
+                async with asyncio.timeout(LOAD_HEARTBEAT_S):  # not wait_for: see runtime/tasks.py
+                    await self._load_dirty.wait()
             self._load_dirty.clear()
             load = self.current_load()
             seen = (load.kv_active_blocks, load.kv_total_blocks, load.num_running, load.num_waiting,

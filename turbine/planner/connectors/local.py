@@ -108,7 +108,8 @@ class LocalProcessConnector:
 
     async def _reap(self, p: _Proc) -> None:
         try:
-            await asyncio.wait_for(p.proc.wait(), self.drain_timeout_s + KILL_GRACE_S)
+            async with asyncio.timeout(self.drain_timeout_s + KILL_GRACE_S):
+                await p.proc.wait()
             self.drained += 1
             log.info("%s worker pid %d drained and exited (%s)", p.pool, p.proc.pid, p.proc.returncode)
         except TimeoutError:
@@ -125,7 +126,8 @@ class LocalProcessConnector:
     async def wait_drained(self, timeout_s: float) -> None:
         """Until every draining worker has exited."""
         if self._reapers:
-            await asyncio.wait_for(asyncio.gather(*list(self._reapers), return_exceptions=True), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*list(self._reapers), return_exceptions=True)
 
     async def close(self) -> None:
         for p in list(self._procs):
