@@ -62,6 +62,31 @@ async def test_unchanged_load_is_not_republished_but_a_heartbeat_is(monkeypatch)
             await task
 
 
+async def test_a_busy_worker_reports_admissions_and_finishes_that_no_kv_event_marks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A short prompt fills no block: its admission (waiting -> running) and its end come with no
+    KV event, yet a router must see them within the interval, not at the next heartbeat."""
+    monkeypatch.setattr(worker_mod, "LOAD_HEARTBEAT_S", 30.0)
+    stats = {"s": EngineStats(kv_active_blocks=1, kv_total_blocks=100, num_running=0, num_waiting=1)}
+    pub = _Publisher()
+    w = Worker(types.SimpleNamespace(stats=lambda: stats["s"]), types.SimpleNamespace(model_name="tiny"),  # type: ignore[arg-type]
+               discovery=None, server=None, publisher=pub, worker_id="w", load_interval_s=0.005)  # type: ignore[arg-type]
+    task = asyncio.create_task(w._publish_load_loop())
+    try:
+        w._load_dirty.set()  # the request arrived
+        await _until(lambda: len(pub.loads) == 1)
+        stats["s"] = stats["s"]._replace(num_running=1, num_waiting=0)  # admitted: no event, no dirt
+        await _until(lambda: pub.loads[-1].num_running == 1, timeout=2.0)
+        stats["s"] = stats["s"]._replace(num_running=0, kv_active_blocks=0)  # finished
+        await _until(lambda: pub.loads[-1].num_running == 0, timeout=2.0)
+        n = len(pub.loads)
+        await asyncio.sleep(0.05)  # idle again: it waits for dirt, publishing nothing new
+        assert len(pub.loads) == n
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_a_cancel_that_lands_as_the_load_turns_dirty_stops_the_loop() -> None:
     """The shutdown hang CI met: with ``asyncio.wait_for`` around the dirty-event wait, Python
     3.11 dropped a cancellation arriving in the same loop turn as a KV event, and

@@ -183,16 +183,19 @@ class Worker:
                           tiers=list(s.tiers))
 
     async def _publish_load_loop(self) -> None:
-        """After a change (KV events mark the load dirty), at most every ``load_interval_s``: the
-        load, when it differs from the last one published (a decode step that grew no block
-        changes nothing a router reads), and once a second regardless (the heartbeat)."""
+        """At most every ``load_interval_s``: the load, when it differs from the last one
+        published (a decode step that grew no block changes nothing a router reads), and once a
+        second regardless (the heartbeat). While requests run or wait the engine's state moves
+        without a KV event (a request admitted, one finished): it is read every interval. An idle
+        worker sleeps until a request or a KV event marks its load dirty."""
         assert self.publisher is not None
         last: tuple[object, ...] | None = None
         last_sent = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LOAD_HEARTBEAT_S):  # not wait_for: see runtime/tasks.py
-                    await self._load_dirty.wait()
+            if last is None or not (last[2] or last[3]):  # idle: nothing moves until something arrives
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LOAD_HEARTBEAT_S):  # not wait_for: see runtime/tasks.py
+                        await self._load_dirty.wait()
             self._load_dirty.clear()
             load = self.current_load()
             seen = (load.kv_active_blocks, load.kv_total_blocks, load.num_running, load.num_waiting,
