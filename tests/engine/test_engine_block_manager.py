@@ -43,11 +43,12 @@ class EventModel:
                 assert len(ev.token_ids) == self.block_size * len(ev.block_hashes)
                 # The hashes must be the chain of the tokens (what a router recomputes). The
                 # event carries no LoRA name, so the model tries the adapters the tests use.
-                assert any(
-                    block_hashes(ev.token_ids, self.block_size, lora, parent=ev.parent_block_hash).sequence
-                    == ev.block_hashes
-                    for lora in (None, "x")
-                )
+                chains = [bh for lora in (None, "x")
+                          if (bh := block_hashes(ev.token_ids, self.block_size, lora,
+                                                 parent=ev.parent_block_hash)).sequence == ev.block_hashes]
+                assert chains
+                # the local hashes it carries (the router chains them instead of hashing tokens)
+                assert ev.local_hashes is None or ev.local_hashes == chains[0].local
                 for h in ev.block_hashes:
                     assert h not in self.hashes, "block registered twice"
                     self.hashes.add(h)
@@ -169,6 +170,25 @@ def test_duplicate_computation_registers_once() -> None:
     bm.free(a)
     assert bm.num_cached_blocks == 2
     bm.check_integrity()
+
+
+def test_stored_events_carry_the_blocks_local_hashes_unless_they_were_adopted() -> None:
+    bm = KVBlockManager(32, 4)
+    a = seq("a", list(range(13)), lora="x")
+    admit_and_compute(bm, a)
+    (ev,) = bm.take_events()
+    assert ev.local_hashes == block_hashes(list(range(12)), 4, "x").local and len(ev.local_hashes) == 3
+    a.token_ids.extend([50, 51, 52])  # decode fills block 3: an event of that block alone
+    a.num_computed_tokens = 16
+    assert bm.allocate_slots(a, 3)
+    bm.register_full_blocks(a)
+    (ev,) = bm.take_events()
+    assert ev.local_hashes == block_hashes(list(range(13)) + [50, 51, 52], 4, "x").local[3:]
+    b = seq("b", list(range(100, 109)))
+    b.adopt_block_hashes(4, block_hashes(list(range(100, 109)), 4).sequence)  # a caller's hashes
+    admit_and_compute(bm, b)
+    (ev,) = bm.take_events()
+    assert ev.local_hashes is None and len(ev.block_hashes) == 2  # the router hashes the tokens
 
 
 def test_clear_forgets_the_cache_but_not_the_holders() -> None:

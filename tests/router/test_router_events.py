@@ -9,7 +9,7 @@ from turbine.engine.block_manager import KVBlockManager
 from turbine.engine.sequence import Sequence
 from turbine.protocols.generate import StopConditions
 from turbine.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, enc_hook
-from turbine.router.indexer import KvIndexer
+from turbine.router.indexer import KvIndexer, hash_blocks
 from turbine.router.kv_event_decoder import (
     KvEventDecoder,
     block_hash_to_int,
@@ -167,7 +167,8 @@ def test_engine_events_hold_token_arrays_and_the_wire_holds_lists() -> None:
     with pytest.raises(TypeError):
         msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[ev]))  # no hook: arrays are not msgpack
     (wire,) = KvEventDecoder().decode(enc.encode(KVEventBatch(ts=0.0, events=[ev]))).events
-    assert wire == BlockStored(ev.block_hashes, None, list(range(100, 108)), 4)
+    assert wire == BlockStored(ev.block_hashes, None, list(range(100, 108)), 4,
+                               local_hashes=hash_blocks(list(range(100, 108)), 4))  # the engine's, carried
     a, b = KvIndexer(4), KvIndexer(4)
     assert a.apply("w", ev) and b.apply("w", wire)
     assert a.find_matches_for_tokens(list(range(100, 112))) == b.find_matches_for_tokens(list(range(100, 112))) == {"w": 2}

@@ -284,7 +284,8 @@ class KVBlockManager:
             parent = hashes[start - 1] if start else None
             reg.store(blocks, new, parent, start, packed)
             h2b.update(zip(new, blocks))
-            self._events.append(BlockStored(new, parent, tokens[start * bs : n_full * bs], bs))
+            self._events.append(BlockStored(new, parent, tokens[start * bs : n_full * bs], bs,
+                                            local_hashes=seq.local_hashes(start, n_full)))
             return
         run: list[SequenceHash] = []  # a chain of new blocks: one BlockStored event
         run_start = start
@@ -293,7 +294,8 @@ class KVBlockManager:
             h = hashes[i]
             if h in h2b:  # duplicate computation: another block already holds this prefix
                 if run:
-                    self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : i * bs], bs))
+                    self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : i * bs], bs,
+                                                    local_hashes=seq.local_hashes(run_start, i)))
                     run = []
                 run_parent = h
                 run_start = i + 1
@@ -303,7 +305,8 @@ class KVBlockManager:
             h2b[h] = b
             run.append(h)
         if run:
-            self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : n_full * bs], bs))
+            self._events.append(BlockStored(run, run_parent, tokens[run_start * bs : n_full * bs], bs,
+                                            local_hashes=seq.local_hashes(run_start, n_full)))
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (idempotent). Cached blocks stay reusable until evicted.

@@ -24,7 +24,7 @@ from array import array
 from typing import Any
 
 from turbine.protocols.generate import FinishReason, SamplingOptions, StopConditions
-from turbine.protocols.block_hashing import SequenceHash, chain_hashes_u32, lora_seed
+from turbine.protocols.block_hashing import LocalBlockHash, SequenceHash, chain_hashes_u32, lora_seed
 
 
 # An output token the device has sampled (or will) but the host has not read yet: the largest u32,
@@ -84,6 +84,8 @@ class Sequence:
         "_hash_block_size",
         "_hash_seed",
         "_block_hashes",
+        "_local_hashes",
+        "_locals_start",
         "_u32",
     )
 
@@ -129,6 +131,9 @@ class Sequence:
         self._hash_block_size = 0
         self._hash_seed = lora_seed(lora_name)
         self._block_hashes: list[SequenceHash] = []
+        # the local hashes of blocks _locals_start.. (blocks hashed here; adopted ones have none)
+        self._local_hashes: list[LocalBlockHash] = []
+        self._locals_start = 0
         # token_ids[:len(_u32)] as u32: the hashes' input, cached blocks' contents (token_ids itself
         # when it is an array)
         self._u32 = self.token_ids if type(self.token_ids) is array else array("I")
@@ -224,8 +229,15 @@ class Sequence:
                 self._pack_to(n_full * block_size)
             with memoryview(self._u32) as view, view.cast("B") as raw:
                 hashes += chain_hashes_u32(raw[done * block_size * 4 : n_full * block_size * 4], block_size,
-                                           self._hash_seed, hashes[-1] if hashes else None)
+                                           self._hash_seed, hashes[-1] if hashes else None, self._local_hashes)
         return hashes
+
+    def local_hashes(self, start: int, end: int) -> list[LocalBlockHash] | None:
+        """The local hashes of full blocks ``start:end`` (already hashed by ``block_hashes``), for
+        KV events; None when some were adopted rather than hashed here."""
+        if start < self._locals_start:
+            return None
+        return self._local_hashes[start - self._locals_start : end - self._locals_start]
 
     def adopt_block_hashes(self, block_size: int, hashes: list[SequenceHash]) -> None:
         """Take the sequence hashes of the prompt's first full blocks from a caller that has them,
@@ -237,6 +249,7 @@ class Sequence:
         n = min(len(hashes), self.num_prompt_tokens // block_size)
         self._hash_block_size = block_size
         self._block_hashes = list(hashes[:n])
+        self._locals_start = n
         self._pack_to(n * block_size)  # a list's u32 copy covers every hashed block
 
     def hashed_tokens_u32(self) -> array:

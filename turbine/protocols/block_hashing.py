@@ -46,16 +46,22 @@ def chain_hash(parent: SequenceHash | None, local: LocalBlockHash) -> SequenceHa
 
 
 def chain_hashes_u32(packed: memoryview, block_size: int, seed: int = HASH_SEED,
-                     parent: SequenceHash | None = None) -> list[SequenceHash]:
+                     parent: SequenceHash | None = None,
+                     locals_out: list[LocalBlockHash] | None = None) -> list[SequenceHash]:
     """Sequence hashes of the blocks of ``packed`` (token ids as little-endian u32 bytes, whole
     blocks), continuing the chain after ``parent``: the values of ``local_block_hash`` and
-    ``chain_hash`` block by block, with one xxh3 call per hash and no per-block conversion."""
+    ``chain_hash`` block by block, with one xxh3 call per hash and no per-block conversion.
+    ``locals_out``: also append each block's local hash there (a worker's KV events carry them,
+    so the router need not hash the tokens again)."""
     step = 4 * block_size
     h = xxhash.xxh3_64_intdigest
     out: list[SequenceHash] = []
     append = out.append
+    keep = locals_out.append if locals_out is not None else None
     for off in range(0, len(packed) - step + 1, step):
         local = h(packed[off : off + step], seed)
+        if keep is not None:
+            keep(local)  # type: ignore[arg-type]
         parent = local if parent is None else h(_PACK_CHAIN(parent, local), HASH_SEED)  # type: ignore[assignment]
         append(parent)  # type: ignore[arg-type]
     return out

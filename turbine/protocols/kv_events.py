@@ -3,7 +3,7 @@
 On the wire (ZMQ PUB): frames ``[topic, seq (8-byte big-endian), msgpack(KVEventBatch)]``.
 Engines queue these events; the worker drains them, batches them and numbers the batches.
 ``block_hashes`` are sequence (chained) hashes; the router recomputes local hashes from
-``token_ids``.
+``token_ids``, unless the event carries them (``local_hashes``: Turbine's engines do).
 
 In process, Turbine's engines hand out ``BlockStored.token_ids`` as a u32 ``array("I")`` (a slice
 of the sequence's own tokens: no int objects); encoders of these events pass ``enc_hook`` (below),
@@ -36,6 +36,9 @@ class BlockStored(KVCacheEvent):
     medium: str | None = None
     # Newer vLLM appends the adapter name (array position 7); it salts the router's local hashes.
     lora_name: str | None = None
+    # Turbine's extension (position 8, absent from vLLM's events): each block's local hash, which
+    # Turbine's engines compute anyway; a router takes them instead of hashing ``token_ids``.
+    local_hashes: list[int] | None = None
 
 
 class BlockRemoved(KVCacheEvent):

@@ -149,7 +149,8 @@ class KvIndexer:
 
     def _stored(self, worker_id: str, ev: BlockStored) -> bool:
         """``apply`` of a BlockStored: pack its tokens once, then one loop hashes each block and
-        chains its path id (no list of local hashes, no second pass)."""
+        chains its path id (no list of local hashes, no second pass). An event that carries its
+        blocks' local hashes (Turbine's engines send them) skips the packing and hashing."""
         hashes = ev.block_hashes
         n = len(hashes)
         bs = self.block_size
@@ -160,6 +161,11 @@ class KvIndexer:
         if len(tokens) != n * bs:
             raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but "
                              f"{len(tokens)} tokens (block size {bs})")
+        locs = ev.local_hashes
+        if locs is not None:
+            if len(locs) != n:
+                raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but {len(locs)} local hashes")
+            return self._stored_local(worker_id, ev, locs)
         if type(tokens) is list:  # off the wire (_pack_u32, inlined)
             arr = array("I")
             try:
@@ -193,6 +199,28 @@ class KvIndexer:
             blocks = self._add_worker(worker_id)
         medium = ev.medium
         self._place(worker_id, blocks, cids, hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
+        return True
+
+    def _stored_local(self, worker_id: str, ev: BlockStored, locs: list[int]) -> bool:
+        """``_stored`` of an event with its local hashes: chain the path ids, nothing to hash."""
+        blocks = self._blocks.get(worker_id)
+        parent = ev.parent_block_hash
+        if parent is None:
+            nid = ROOT
+        else:
+            nid = blocks.get(parent) if blocks is not None else None
+            if nid is None:
+                self.unplaced_events += 1
+                return False
+        cids = []
+        append = cids.append
+        for lh in locs:
+            nid = hash((nid, lh))
+            append(nid)
+        if blocks is None:
+            blocks = self._add_worker(worker_id)
+        medium = ev.medium
+        self._place(worker_id, blocks, cids, ev.block_hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
         return True
 
     def store(self, worker_id: str, parent_hash: int | None, local_hashes: Sequence[int],

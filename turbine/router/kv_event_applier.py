@@ -291,9 +291,10 @@ def _split(ev: BlockStored | BlockRemoved) -> list[BlockStored | BlockRemoved]:
         return [BlockRemoved(block_hashes=hashes[i : i + k], medium=ev.medium) for i in range(0, len(hashes), k)]
     bs = ev.block_size
     toks = ev.token_ids
-    if len(toks) != len(hashes) * bs:
+    locs = ev.local_hashes
+    if len(toks) != len(hashes) * bs or (locs is not None and len(locs) != len(hashes)):
         return [ev]  # malformed: let the index reject it whole
     return [BlockStored(block_hashes=hashes[i : i + k], parent_block_hash=ev.parent_block_hash if i == 0 else hashes[i - 1],
                         token_ids=toks[i * bs : (i + k) * bs], block_size=bs, lora_id=ev.lora_id, medium=ev.medium,
-                        lora_name=ev.lora_name)
+                        lora_name=ev.lora_name, local_hashes=None if locs is None else locs[i : i + k])
             for i in range(0, len(hashes), k)]
