@@ -189,6 +189,14 @@ def test_stored_events_carry_the_blocks_local_hashes_unless_they_were_adopted() 
     admit_and_compute(bm, b)
     (ev,) = bm.take_events()
     assert ev.local_hashes is None and len(ev.block_hashes) == 2  # the router hashes the tokens
+    c = seq("c", list(range(200, 209)))
+    given = block_hashes(list(range(200, 209)), 4)
+    c.adopt_block_hashes(4, given.sequence, given.local)  # the simulator has both from its trace
+    admit_and_compute(bm, c)
+    (ev,) = bm.take_events()
+    assert ev.local_hashes == given.local
+    with pytest.raises(ValueError, match="local hashes"):
+        seq("d", list(range(9))).adopt_block_hashes(4, given.sequence, given.local[:1])
 
 
 def test_clear_forgets_the_cache_but_not_the_holders() -> None:

@@ -239,17 +239,24 @@ class Sequence:
             return None
         return self._local_hashes[start - self._locals_start : end - self._locals_start]
 
-    def adopt_block_hashes(self, block_size: int, hashes: list[SequenceHash]) -> None:
+    def adopt_block_hashes(self, block_size: int, hashes: list[SequenceHash],
+                           local_hashes: list[LocalBlockHash] | None = None) -> None:
         """Take the sequence hashes of the prompt's first full blocks from a caller that has them,
         computed from these very tokens for ``block_size`` and this sequence's LoRA seed (the
         values ``block_hashes`` would give; the caller vouches): spares hashing the prompt again.
+        ``local_hashes``: their local hashes too, if the caller has them (KV events carry them).
         Only before the sequence was hashed."""
         if self._block_hashes or (self._hash_block_size and self._hash_block_size != block_size):
             raise ValueError(f"sequence {self.request_id!r} is already hashed")
         n = min(len(hashes), self.num_prompt_tokens // block_size)
+        if local_hashes is not None and len(local_hashes) < n:
+            raise ValueError(f"sequence {self.request_id!r}: {len(local_hashes)} local hashes for {n} blocks")
         self._hash_block_size = block_size
         self._block_hashes = list(hashes[:n])
-        self._locals_start = n
+        if local_hashes is None:
+            self._locals_start = n
+        else:
+            self._local_hashes = list(local_hashes[:n])
         self._pack_to(n * block_size)  # a list's u32 copy covers every hashed block
 
     def hashed_tokens_u32(self) -> array:

@@ -199,17 +199,18 @@ class MockerCore:
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerateRequest, arrival_time: float | None = None, *,
                     prompt_u32: array | None = None, block_hashes: list[int] | None = None,
-                    ids_in_vocab: bool = False) -> None:
+                    local_hashes: list[int] | None = None, ids_in_vocab: bool = False) -> None:
         """Queue a request; ValueError if it is malformed or can never fit this engine.
         ``prompt_u32``: the caller's copy of ``request.token_ids`` as ``array("I")``, if it has one
         (spares packing them). ``block_hashes``: the sequence hashes (``turbine.protocols.block_hashing``) of
         the prompt's full blocks at this core's block size and the request's LoRA seed, if the
-        caller has them (spares hashing the prompt). ``ids_in_vocab``: the caller made the prompt
+        caller has them (spares hashing the prompt), and ``local_hashes`` their local hashes (its
+        KV events carry them). ``ids_in_vocab``: the caller made the prompt
         from ids below this core's vocabulary size (spares checking them). The caller vouches for
         all three."""
         seq = Sequence.from_request(request, arrival_time)
         if block_hashes is not None:
-            seq.adopt_block_hashes(self.config.block_size, block_hashes)
+            seq.adopt_block_hashes(self.config.block_size, block_hashes, local_hashes)  # type: ignore[arg-type]
         tokens = request.token_ids
         if tokens and not ids_in_vocab:
             try:

@@ -480,7 +480,7 @@ class Simulator:
             stop=StopConditions(max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True),
             predicted_overlap_blocks=decision_.overlap_blocks,
         )
-        return self._add(w, gen, tr, self.router, ids, hashes and hashes[1])
+        return self._add(w, gen, tr, self.router, ids, hashes)
 
     def _decide(self, ids: Any) -> str:
         loads = self.prefill_router.loads.workers
@@ -489,12 +489,15 @@ class Simulator:
         return decide(len(ids), cached, queued, self.disagg)
 
     def _add(self, w: int, gen: GenerateRequest, tr: _Track, router: Router, ids: Any = None,
-             block_hashes: list[int] | None = None) -> int:
-        """``block_hashes``: the prompt's sequence hashes at block size ``cfg.mocker.block_size``, if known."""
+             block_hashes: tuple[list[int], list[int]] | None = None) -> int:
+        """``block_hashes``: the prompt's (local, sequence) hashes at block size
+        ``cfg.mocker.block_size``, if known."""
         core = self.cores[w]
-        hashes = block_hashes if core.config.block_size == self.cfg.mocker.block_size else None
+        same = block_hashes and core.config.block_size == self.cfg.mocker.block_size
         try:
-            core.add_request(gen, arrival_time=self.now, prompt_u32=ids, block_hashes=hashes,
+            core.add_request(gen, arrival_time=self.now, prompt_u32=ids,
+                             block_hashes=block_hashes[1] if same else None,  # type: ignore[index]
+                             local_hashes=block_hashes[0] if same else None,  # type: ignore[index]
                              ids_in_vocab=ids is not None and self.synth.vocab_size <= core.vocab_size)
         except ValueError as e:  # can never run on this engine (context, KV capacity)
             router.finished(gen.request_id)
