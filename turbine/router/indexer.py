@@ -162,11 +162,11 @@ class KvIndexer:
             raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but "
                              f"{len(tokens)} tokens (block size {bs})")
         locs = ev.local_hashes
+        buf = None
         if locs is not None:
             if len(locs) != n:
                 raise ValueError(f"worker {worker_id!r}: BlockStored has {n} hashes but {len(locs)} local hashes")
-            return self._stored_local(worker_id, ev, locs)
-        if type(tokens) is list:  # off the wire (_pack_u32, inlined)
+        elif type(tokens) is list:  # off the wire (_pack_u32, inlined)
             arr = array("I")
             try:
                 arr.fromlist(tokens)
@@ -184,43 +184,24 @@ class KvIndexer:
             if nid is None:
                 self.unplaced_events += 1
                 return False
-        name = ev.lora_name
-        if name is None and ev.lora_id is not None:
-            name = f"lora_id:{ev.lora_id}"  # no name: a namespace no request matches
-        seed = HASH_SEED if name is None else self.seed(name)
-        h = xxhash.xxh3_64_intdigest
-        cids = []
-        append = cids.append
-        slices = self._slices.get(n)
-        for sl in slices if slices is not None else self._block_slices(n):
-            nid = hash((nid, h(buf[sl], seed)))
-            append(nid)
+        if buf is None:
+            cids = self.path_ids(locs, nid)  # type: ignore[arg-type]
+        else:
+            name = ev.lora_name
+            if name is None and ev.lora_id is not None:
+                name = f"lora_id:{ev.lora_id}"  # no name: a namespace no request matches
+            seed = HASH_SEED if name is None else self.seed(name)
+            h = xxhash.xxh3_64_intdigest
+            cids = []
+            append = cids.append
+            slices = self._slices.get(n)
+            for sl in slices if slices is not None else self._block_slices(n):
+                nid = hash((nid, h(buf[sl], seed)))
+                append(nid)
         if blocks is None:
             blocks = self._add_worker(worker_id)
         medium = ev.medium
         self._place(worker_id, blocks, cids, hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
-        return True
-
-    def _stored_local(self, worker_id: str, ev: BlockStored, locs: list[int]) -> bool:
-        """``_stored`` of an event with its local hashes: chain the path ids, nothing to hash."""
-        blocks = self._blocks.get(worker_id)
-        parent = ev.parent_block_hash
-        if parent is None:
-            nid = ROOT
-        else:
-            nid = blocks.get(parent) if blocks is not None else None
-            if nid is None:
-                self.unplaced_events += 1
-                return False
-        cids = []
-        append = cids.append
-        for lh in locs:
-            nid = hash((nid, lh))
-            append(nid)
-        if blocks is None:
-            blocks = self._add_worker(worker_id)
-        medium = ev.medium
-        self._place(worker_id, blocks, cids, ev.block_hashes, GPU_TIER if medium is None else TIER_BITS.get(medium, GPU_TIER))
         return True
 
     def store(self, worker_id: str, parent_hash: int | None, local_hashes: Sequence[int],
