@@ -23,6 +23,7 @@ Three questions, each timed on the device in one process:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -117,29 +118,45 @@ def kv_setup(dev: torch.device, layers: int, gen: torch.Generator) -> list[dict[
     return out
 
 
-def paged_read(dev: torch.device, kv: dict[str, torch.Tensor]) -> dict[str, Any]:
+@functools.cache
+def read_split_kernel():  # type: ignore[no-untyped-def]
+    """A kernel that only reads paged K and V (and sums them): program (head group, sequence,
+    split) reads split ``split`` of ``per`` tokens of its sequence's context, ``HEADS`` KV heads at
+    a time in tiles of ``TILE`` tokens, with any cache strides. The access pattern without the math."""
     import triton
     import triton.language as tl
 
-    from turbine.engine.decode_kernel import paged_decode_triton
-
     @triton.jit
-    def read_pages(k_ptr, v_ptr, bt_ptr, out_ptr, ctx, sk_blk, sk_tok, sbt, HKV: tl.constexpr,
-                   HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr):
+    def read_split(k_ptr, v_ptr, bt_ptr, out_ptr, ctx, per, sk_blk, sk_tok, sk_head, sbt, HKV: tl.constexpr,
+                   HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                   SPLITS: tl.constexpr):
         g = tl.program_id(0)
         seq = tl.program_id(1).to(tl.int64)
+        sp = tl.program_id(2)
         r = tl.arange(0, TILE * HEADS)
         tok_r, head_r = r // HEADS, r % HEADS
         d = tl.arange(0, D)
         acc = tl.zeros([TILE * HEADS, D], tl.float32)
-        for start in range(0, ctx, TILE):
+        if SPLITS == 1:  # whole contexts from token 0 (the loop's alignment known at compile time)
+            lo = 0
+            hi = ctx
+        else:
+            lo = sp * per
+            hi = tl.minimum(lo + per, ctx)
+        for start in range(lo, hi, TILE):
             tok = start + tok_r
-            ok = tok < ctx
+            ok = tok < hi
             blk = tl.load(bt_ptr + seq * sbt + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-            row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + (g * HEADS + head_r) * D
+            row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + (g * HEADS + head_r) * sk_head
             acc += tl.load(k_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             acc += tl.load(v_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(out_ptr + (seq * HKV // HEADS + g), tl.sum(tl.sum(acc, 1), 0))
+        tl.store(out_ptr + (seq * HKV // HEADS + g) * SPLITS + sp, tl.sum(tl.sum(acc, 1), 0))
+
+    return read_split
+
+
+def paged_read(dev: torch.device, kv: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from turbine.engine.decode_kernel import paged_decode_triton
 
     k, v, tables = kv["k"], kv["v"], kv["tables"]
     kv_bytes = 2 * BATCH * CTX * HKV * D * 2
@@ -156,9 +173,9 @@ def paged_read(dev: torch.device, kv: dict[str, torch.Tensor]) -> dict[str, Any]
     out = torch.empty(BATCH * HKV, device=dev, dtype=torch.float32)
     for heads, tile, warps, stages in ((2, 32, 4, 3), (2, 32, 4, 4), (8, 16, 8, 3), (8, 16, 8, 4), (4, 32, 8, 3),
                                        (1, 64, 4, 3)):
-        ms = bench_ms(lambda h=heads, t=tile, w=warps, s=stages: read_pages[(HKV // h, BATCH)](
-            k, v, tables, out, CTX, k.stride(0), k.stride(1), tables.stride(0), HKV=HKV, HEADS=h, TILE=t,
-            BLOCK_SIZE=BS, D=D, num_warps=w, num_stages=s))
+        ms = bench_ms(lambda h=heads, t=tile, w=warps, s=stages: read_split_kernel()[(HKV // h, BATCH, 1)](
+            k, v, tables, out, CTX, CTX, k.stride(0), k.stride(1), k.stride(2), tables.stride(0), HKV=HKV, HEADS=h,
+            TILE=t, BLOCK_SIZE=BS, D=D, SPLITS=1, num_warps=w, num_stages=s))
         res["read_only"].append({"heads": heads, "tile_tokens": tile, "warps": warps, "stages": stages,
                                  "us": round(ms * 1e3, 1), "GBps": round(kv_bytes / ms / 1e6, 1)})
     return res
@@ -169,32 +186,7 @@ def layouts(dev: torch.device) -> dict[str, Any]:
     (contexts split to keep enough programs), block tables in order instead of shuffled, a
     head-major page ([block, head, token, dim]: a head's page is one contiguous run) and bigger
     pages; read-only kernels and the decode kernel itself (which takes any cache strides)."""
-    import triton
-    import triton.language as tl
-
     from turbine.engine.decode_kernel import paged_decode_triton
-
-    @triton.jit
-    def read_split(k_ptr, v_ptr, bt_ptr, out_ptr, ctx, per, sk_blk, sk_tok, sk_head, sbt, HKV: tl.constexpr,
-                   HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                   SPLITS: tl.constexpr):
-        g = tl.program_id(0)
-        seq = tl.program_id(1).to(tl.int64)
-        sp = tl.program_id(2)
-        r = tl.arange(0, TILE * HEADS)
-        tok_r, head_r = r // HEADS, r % HEADS
-        d = tl.arange(0, D)
-        acc = tl.zeros([TILE * HEADS, D], tl.float32)
-        lo = sp * per
-        hi = tl.minimum(lo + per, ctx)
-        for start in range(lo, hi, TILE):
-            tok = start + tok_r
-            ok = tok < hi
-            blk = tl.load(bt_ptr + seq * sbt + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-            row = blk * sk_blk + (tok % BLOCK_SIZE) * sk_tok + (g * HEADS + head_r) * sk_head
-            acc += tl.load(k_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.load(v_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(out_ptr + (seq * HKV // HEADS + g) * SPLITS + sp, tl.sum(tl.sum(acc, 1), 0))
 
     kv_bytes = 2 * BATCH * CTX * HKV * D * 2
     lens = torch.full((BATCH,), CTX, device=dev, dtype=torch.int32)
@@ -220,7 +212,7 @@ def layouts(dev: torch.device) -> dict[str, Any]:
                     per = -(-CTX // splits)
                     try:
                         ms = bench_ms(lambda h=heads, t=tile, w=warps, s=stages, sp=splits, p=per, kk=k, vv=v,
-                                      tb=tables: read_split[(HKV // h, BATCH, sp)](
+                                      tb=tables: read_split_kernel()[(HKV // h, BATCH, sp)](
                             kk, vv, tb, out, CTX, p, kk.stride(0), kk.stride(1), kk.stride(2), tb.stride(0),
                             HKV=HKV, HEADS=h, TILE=t, BLOCK_SIZE=bs, D=D, SPLITS=sp, num_warps=w, num_stages=s))
                         res["read"].append({"bs": bs, "layout": layout, "tables": tname, "heads": heads, "tile": tile,
